@@ -1,0 +1,247 @@
+"""Resolve plans + block ids of a batch of requests into absolute segment tables.
+
+Each rank's cache is one flat byte buffer (like vLLM's single backing allocation): layer `l`, block `b`
+starts at `(l * num_blocks + b) * page_bytes`. A segment table is an int64 array with one row per copy::
+
+    (src_offset, dst_offset, rows, row_bytes, src_stride, dst_stride)      # SEGMENT_COLUMNS
+
+Staging, per prefill rank `p`: chunks (request i, decode rank d) back to back, each chunk the pair's
+`PackedLayout`. Receive staging, per decode rank `d`: chunks (request i, prefill rank p) likewise. A
+transfer unit moves a byte range of a chunk from `p`'s staging to the same range of `d`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.plan import STAGING_ALIGN, PackedLayout, Piece, TransferPlan
+
+SEGMENT_COLUMNS = ("src_offset", "dst_offset", "rows", "row_bytes", "src_stride", "dst_stride")
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Where each (layer, block) page sits in one rank's flat cache buffer."""
+
+    num_layers: int
+    num_blocks: int
+    page_bytes: int
+
+    @classmethod
+    def of(cls, layout: RankLayout, num_blocks: int) -> CacheGeometry:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks} must be >= 1")
+        return cls(len(layout.spec.layers), num_blocks, layout.page_bytes)
+
+    @property
+    def layer_stride(self) -> int:
+        return self.num_blocks * self.page_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_layers * self.layer_stride
+
+    def block_offset(self, layer: int, block: int) -> int:
+        return layer * self.layer_stride + block * self.page_bytes
+
+
+@dataclass(frozen=True)
+class RequestBlocks:
+    """A request's block ids on one side: its running-state block (all state layers) and KV blocks."""
+
+    state: int | None
+    kv: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One transfer unit: one descriptor, `nbytes` from prefill staging to decode receive staging."""
+
+    request: int
+    src_rank: int
+    dst_rank: int
+    src_offset: int  # in the prefill rank's staging
+    dst_offset: int  # in the decode rank's receive staging
+    nbytes: int
+
+
+def _pair_arrays(layout: PackedLayout) -> dict[str, np.ndarray]:
+    ps: Sequence[Piece] = layout.pieces
+    return {
+        "layer": np.array([p.layer for p in ps], dtype=np.int64),
+        "is_kv": np.array([p.component == "kv" for p in ps], dtype=bool),
+        "src_block": np.array([p.src_block for p in ps], dtype=np.int64),
+        "dst_block": np.array([p.dst_block for p in ps], dtype=np.int64),
+        "src_off": np.array([p.src.offset for p in ps], dtype=np.int64),
+        "dst_off": np.array([p.dst.offset for p in ps], dtype=np.int64),
+        "rows": np.array([p.src.rows for p in ps], dtype=np.int64),
+        "row_bytes": np.array([p.src.row_bytes for p in ps], dtype=np.int64),
+        "src_stride": np.array([p.src.stride for p in ps], dtype=np.int64),
+        "dst_stride": np.array([p.dst.stride for p in ps], dtype=np.int64),
+        "stage_off": np.array(layout.offsets, dtype=np.int64),
+    }
+
+
+def _block_ids(arr: dict[str, np.ndarray], which: str, blocks: RequestBlocks) -> np.ndarray:
+    kv = np.asarray(blocks.kv, dtype=np.int64)
+    idx = arr[f"{which}_block"]
+    state = -1 if blocks.state is None else blocks.state
+    return np.where(arr["is_kv"], kv[idx] if kv.size else 0, state)
+
+
+class BatchPlan:
+    """Segment tables and transfer units for a batch of requests between all prefill and decode ranks."""
+
+    def __init__(
+        self,
+        plans: Sequence[TransferPlan],
+        prefill_blocks: Sequence[RequestBlocks],
+        decode_blocks: Sequence[RequestBlocks],
+        prefill_num_blocks: int,
+        decode_num_blocks: int,
+        template: TransferPlan | None = None,
+    ) -> None:
+        """`template` fixes the TP pair and layouts when the batch may be empty (else plans[0])."""
+        if not (len(plans) == len(prefill_blocks) == len(decode_blocks)):
+            raise ValueError(
+                f"got {len(plans)} plans, {len(prefill_blocks)} prefill and {len(decode_blocks)} decode block lists"
+            )
+        self.plans = list(plans)
+        self.prefill_blocks = list(prefill_blocks)
+        self.decode_blocks = list(decode_blocks)
+        ref = template or (plans[0] if plans else None)
+        if ref is None:
+            raise ValueError("an empty batch needs a template plan")
+        for plan in self.plans:
+            if (plan.prefill_tp, plan.decode_tp) != (ref.prefill_tp, ref.decode_tp) or plan.spec != ref.spec:
+                raise ValueError("all requests of a batch must share the model and the TP pair")
+        self.prefill_tp, self.decode_tp = ref.prefill_tp, ref.decode_tp
+        self.prefill_geom = CacheGeometry.of(ref.prefill[0], prefill_num_blocks)
+        self.decode_geom = CacheGeometry.of(ref.decode[0], decode_num_blocks)
+        for side, blocks, n in (
+            ("prefill", self.prefill_blocks, prefill_num_blocks),
+            ("decode", self.decode_blocks, decode_num_blocks),
+        ):
+            validate_blocks(self.plans, side, blocks, n)
+        # Staging offsets of each (request, pair) chunk, on both sides.
+        self.stage_base: dict[tuple[int, int, int], int] = {}  # (i, p, d) -> offset in p's staging
+        self.recv_base: dict[tuple[int, int, int], int] = {}  # (i, p, d) -> offset in d's receive staging
+        stage_end = [0] * self.prefill_tp
+        recv_end = [0] * self.decode_tp
+        for i, plan in enumerate(self.plans):
+            for (p, d), lay in sorted(plan.staging.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                self.stage_base[(i, p, d)] = stage_end[p]
+                stage_end[p] = _align(stage_end[p] + lay.nbytes)
+            for (p, d), lay in sorted(plan.staging.items()):
+                self.recv_base[(i, p, d)] = recv_end[d]
+                recv_end[d] = _align(recv_end[d] + lay.nbytes)
+        self.stage_bytes = stage_end
+        self.recv_bytes = recv_end
+
+    @cached_property
+    def _arrays(self) -> dict[int, dict[tuple[int, int], dict[str, np.ndarray]]]:
+        memo: dict[int, dict] = {}
+        for plan in self.plans:
+            if id(plan) not in memo:
+                memo[id(plan)] = {pair: _pair_arrays(lay) for pair, lay in plan.staging.items()}
+        return memo
+
+    def _tables(self, rank: int, side: str) -> list[tuple[int, int, int, dict, np.ndarray, np.ndarray]]:
+        out = []
+        for i, plan in enumerate(self.plans):
+            for (p, d), arr in self._arrays[id(plan)].items():
+                if (p if side == "prefill" else d) != rank:
+                    continue
+                src_ids = _block_ids(arr, "src", self.prefill_blocks[i])
+                dst_ids = _block_ids(arr, "dst", self.decode_blocks[i])
+                out.append((i, p, d, arr, src_ids, dst_ids))
+        return out
+
+    def pack_table(self, src_rank: int) -> np.ndarray:
+        """Prefill rank `src_rank`: cache -> staging, for every request and decode rank."""
+        g, parts = self.prefill_geom, []
+        for i, p, d, a, src_ids, _ in self._tables(src_rank, "prefill"):
+            src = a["layer"] * g.layer_stride + src_ids * g.page_bytes + a["src_off"]
+            dst = self.stage_base[(i, p, d)] + a["stage_off"]
+            parts.append(np.stack([src, dst, a["rows"], a["row_bytes"], a["src_stride"], a["row_bytes"]], axis=1))
+        return _concat(parts)
+
+    def unpack_table(self, dst_rank: int) -> np.ndarray:
+        """Decode rank `dst_rank`: receive staging -> cache, for every request and prefill rank."""
+        g, parts = self.decode_geom, []
+        for i, p, d, a, _, dst_ids in self._tables(dst_rank, "decode"):
+            src = self.recv_base[(i, p, d)] + a["stage_off"]
+            dst = a["layer"] * g.layer_stride + dst_ids * g.page_bytes + a["dst_off"]
+            parts.append(np.stack([src, dst, a["rows"], a["row_bytes"], a["row_bytes"], a["dst_stride"]], axis=1))
+        return _concat(parts)
+
+    def strided_table(self, dst_rank: int) -> list[tuple[int, np.ndarray]]:
+        """Strided (baseline) mode for decode rank `dst_rank`: per source rank, a table of 1-D runs
+        (cache -> cache), one row per NIXL descriptor."""
+        gp, gd = self.prefill_geom, self.decode_geom
+        by_src: dict[int, list[np.ndarray]] = {}
+        for _, p, _, a, src_ids, dst_ids in self._tables(dst_rank, "decode"):
+            src = a["layer"] * gp.layer_stride + src_ids * gp.page_bytes + a["src_off"]
+            dst = a["layer"] * gd.layer_stride + dst_ids * gd.page_bytes + a["dst_off"]
+            # One row per contiguous run: expand multi-row pieces.
+            reps = a["rows"]
+            r = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
+            s = np.repeat(src, reps) + r * np.repeat(a["src_stride"], reps)
+            t = np.repeat(dst, reps) + r * np.repeat(a["dst_stride"], reps)
+            n = np.repeat(a["row_bytes"], reps)
+            one = np.ones_like(n)
+            by_src.setdefault(p, []).append(np.stack([s, t, one, n, n, n], axis=1))
+        return [(p, _concat(v)) for p, v in sorted(by_src.items())]
+
+    def transfers(self, dst_rank: int | None = None) -> list[Transfer]:
+        """Packed-mode transfer units (one descriptor each), optionally for one decode rank."""
+        out = []
+        for i, plan in enumerate(self.plans):
+            for (p, d), lay in sorted(plan.staging.items()):
+                if dst_rank is not None and d != dst_rank:
+                    continue
+                sb, rb = self.stage_base[(i, p, d)], self.recv_base[(i, p, d)]
+                out += [Transfer(i, p, d, sb + a, rb + a, b - a) for a, b in lay.units]
+        return out
+
+
+def _align(n: int) -> int:
+    return cdiv(n, STAGING_ALIGN) * STAGING_ALIGN
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 6), dtype=np.int64)
+
+
+def validate_blocks(plans: Sequence[TransferPlan], side: str, blocks: Sequence[RequestBlocks], num_blocks: int) -> None:
+    """Every id in range, the right number of KV blocks per request, no decode block written twice."""
+    seen_state: dict[int, int] = {}
+    seen_kv: dict[int, int] = {}
+    for i, (plan, rb) in enumerate(zip(plans, blocks)):
+        has_state = bool(plan.spec.state_layers)
+        if has_state and rb.state is None:
+            raise ValueError(f"{side} request {i}: the model has state layers but no state block id was given")
+        ids = ([rb.state] if has_state else []) + list(rb.kv)
+        for b in ids:
+            if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or not 0 <= b < num_blocks:
+                raise ValueError(f"{side} request {i}: block id {b!r} out of range [0, {num_blocks})")
+        want = plan.num_kv_blocks(side)
+        if len(rb.kv) != want:
+            raise ValueError(
+                f"{side} request {i}: {len(rb.kv)} kv block ids for {plan.tokens} tokens (expected {want})"
+            )
+        if len(set(rb.kv)) != len(rb.kv):
+            raise ValueError(f"{side} request {i}: duplicate kv block ids {sorted(rb.kv)}")
+        if side != "decode":
+            continue  # prefill blocks are only read: sharing them between requests is fine
+        for b, seen, what in ([(rb.state, seen_state, "state")] if has_state else []) + [
+            (k, seen_kv, "kv") for k in rb.kv
+        ]:
+            if b in seen:
+                raise ValueError(f"decode requests {seen[b]} and {i} both write {what} block {b}")
+            seen[b] = i

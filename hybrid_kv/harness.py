@@ -1,0 +1,148 @@
+"""In-process P -> D runs against the oracle: fill prefill pages, move, verify every decode byte.
+
+Used by the tests, `hybrid-kv repack` and the benchmarks. Prefill and decode caches are flat byte buffers
+(one per rank); decode caches start as random bytes so that an unwritten destination cannot pass, and
+the expected decode caches are that same background with only the oracle's shards written in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hybrid_kv import ops
+from hybrid_kv.batch import BatchPlan, RequestBlocks
+from hybrid_kv.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
+from hybrid_kv.plan import TransferPlan
+
+STAGING_POISON = 0xAB
+
+
+@dataclass
+class Timings:
+    pack_s: float = 0.0
+    move_s: float = 0.0
+    unpack_s: float = 0.0
+    launches: int = 0
+
+
+def random_blocks(
+    plan_by_req: Sequence[TransferPlan], side: str, num_blocks: int, rng: np.random.Generator
+) -> list[RequestBlocks]:
+    """Distinct random block ids per request (a random permutation: interleaved, out of order)."""
+    perm_state = rng.permutation(num_blocks).tolist()
+    perm_kv = rng.permutation(num_blocks).tolist()
+    out, k = [], 0
+    for i, plan in enumerate(plan_by_req):
+        n = plan.num_kv_blocks(side)
+        state = int(perm_state[i]) if plan.spec.state_layers else None
+        out.append(RequestBlocks(state, tuple(int(b) for b in perm_kv[k : k + n])))
+        k += n
+    return out
+
+
+@dataclass
+class Harness:
+    """One batch of requests between all prefill and all decode ranks of `plan`'s TP pair."""
+
+    plan: TransferPlan
+    tokens: Sequence[int]
+    seed: int = 0
+    device: str = "cpu"
+    spare_blocks: int = 2  # blocks no request uses: must stay untouched
+    batch: BatchPlan = field(init=False)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        gen = np.random.default_rng(self.seed + 1)
+        plans = [self.plan.for_tokens(t) for t in self.tokens]
+        need_p = max([len(self.tokens)] + [sum(p.num_kv_blocks("prefill") for p in plans)])
+        need_d = max([len(self.tokens)] + [sum(p.num_kv_blocks("decode") for p in plans)])
+        self.num_blocks_p = need_p + self.spare_blocks
+        self.num_blocks_d = need_d + self.spare_blocks
+        pb = random_blocks(plans, "prefill", self.num_blocks_p, rng)
+        db = random_blocks(plans, "decode", self.num_blocks_d, rng)
+        self.batch = BatchPlan(plans, pb, db, self.num_blocks_p, self.num_blocks_d, template=self.plan)
+        gp, gd = self.batch.prefill_geom, self.batch.decode_geom
+        prefill = [random_bytes(gp.nbytes, gen) for _ in range(self.plan.prefill_tp)]
+        decode = [random_bytes(gd.nbytes, gen) for _ in range(self.plan.decode_tp)]
+        expected = [d.clone() for d in decode]
+        bs_p, bs_d = self.plan.prefill[0].block_size, self.plan.decode[0].block_size
+        for i, t in enumerate(self.tokens):
+            filled, moved = kv_tokens_written(t, bs_p, bs_d)
+            g = random_global_state(self.plan.spec, filled, gen)
+            for lay, cache in zip(self.plan.prefill, prefill):
+                write_shards(cache, lay, self.num_blocks_p, g, pb[i].state, list(pb[i].kv), filled)
+            for lay, cache in zip(self.plan.decode, expected):
+                write_shards(cache, lay, self.num_blocks_d, g, db[i].state, list(db[i].kv), moved)
+        self.prefill_caches = [c.to(self.device) for c in prefill]
+        self.decode_caches = [c.to(self.device) for c in decode]
+        self.expected = expected
+
+    # ---- runs -------------------------------------------------------------------------------------------
+
+    def run_packed(self, backend: str | None = None) -> Timings:
+        """Pack on every prefill rank, move each transfer unit, unpack on every decode rank."""
+        b, tm, dev = self.batch, Timings(), self.device
+        staging = [torch.full((n,), STAGING_POISON, dtype=torch.uint8, device=dev) for n in b.stage_bytes]
+        recv = [torch.full((n,), STAGING_POISON, dtype=torch.uint8, device=dev) for n in b.recv_bytes]
+        t0 = _now(dev)
+        for p in range(b.prefill_tp):
+            ops.pack(self.prefill_caches[p], staging[p], b.pack_table(p), backend=backend)
+            tm.launches += 1
+        t1 = _now(dev)
+        for x in b.transfers():  # stands in for the NIXL READ of each unit
+            recv[x.dst_rank][x.dst_offset : x.dst_offset + x.nbytes] = staging[x.src_rank][
+                x.src_offset : x.src_offset + x.nbytes
+            ]
+        t2 = _now(dev)
+        for d in range(b.decode_tp):
+            ops.unpack(recv[d], self.decode_caches[d], b.unpack_table(d), backend=backend)
+            tm.launches += 1
+        t3 = _now(dev)
+        tm.pack_s, tm.move_s, tm.unpack_s = t1 - t0, t2 - t1, t3 - t2
+        return tm
+
+    def run_strided(self, backend: str | None = None) -> Timings:
+        """The baseline: every contiguous run copied page to page (one descriptor each)."""
+        tm = Timings()
+        t0 = _now(self.device)
+        for d in range(self.batch.decode_tp):
+            for p, table in self.batch.strided_table(d):
+                ops.copy_segments(self.prefill_caches[p], self.decode_caches[d], table, backend=backend)
+                tm.launches += 1
+        tm.move_s = _now(self.device) - t0
+        return tm
+
+    # ---- checks -----------------------------------------------------------------------------------------
+
+    def mismatches(self, limit: int = 5) -> list[str]:
+        """Where decode caches differ from the oracle, as (rank, layer, block, page offset) ranges."""
+        out = []
+        g = self.batch.decode_geom
+        for d, (got, want) in enumerate(zip(self.decode_caches, self.expected)):
+            diff = torch.nonzero(got.cpu() != want).flatten()
+            if diff.numel():
+                first = int(diff[0])
+                layer, rest = divmod(first, g.layer_stride)
+                block, off = divmod(rest, g.page_bytes)
+                out.append(
+                    f"decode rank {d}: {diff.numel()} bytes differ; first at layer {layer} block {block} "
+                    f"page offset {off}"
+                )
+            if len(out) >= limit:
+                break
+        return out
+
+    def verify(self) -> bool:
+        return not self.mismatches(limit=1)
+
+
+def _now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()

@@ -1,0 +1,107 @@
+"""pack / unpack: execute a segment table (see `hybrid_kv.batch`) between two flat byte buffers.
+
+Backends:
+* ``torch``  - the reference: one strided-view copy per segment (any device).
+* ``triton`` - one kernel launch for the whole table (`hybrid_kv.kernels.segment_copy`); natively on
+  CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Selection: the ``backend`` argument, else ``HYBRID_KV_BACKEND=triton|torch``, else triton for CUDA
+tensors and torch for CPU tensors. A backend that cannot run is an error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+BACKENDS = ("triton", "torch")
+ENV_BACKEND = "HYBRID_KV_BACKEND"
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor (never a copy: writes must land in `t`)."""
+    if not t.is_contiguous():
+        raise ValueError(f"buffer of shape {tuple(t.shape)} is not contiguous; pass a contiguous tensor")
+    return t.view(torch.uint8).reshape(-1) if t.dtype != torch.uint8 else t.reshape(-1)
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    name = backend or os.environ.get(ENV_BACKEND) or ("triton" if device.type == "cuda" else "torch")
+    if name not in BACKENDS:
+        raise ValueError(f"backend {name!r} (from {'argument' if backend else ENV_BACKEND}) is not one of {BACKENDS}")
+    if name == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("backend 'triton' needs the triton package: pip install 'hybrid-kv[triton]'") from e
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before hybrid_kv is imported "
+                "(or use backend 'torch')"
+            )
+    return name
+
+
+def check_table(table: np.ndarray | torch.Tensor, src_bytes: int, dst_bytes: int) -> np.ndarray:
+    """Validate a segment table against both buffers before any byte is written."""
+    t = table.cpu().numpy() if isinstance(table, torch.Tensor) else np.asarray(table)
+    if t.ndim != 2 or t.shape[1] != 6:
+        raise ValueError(f"segment table must have shape (n, 6), got {t.shape}")
+    t = t.astype(np.int64, copy=False)
+    if len(t) == 0:
+        return t
+    src, dst, rows, rb, ss, ds = t.T
+    if (rows < 0).any() or (rb < 0).any() or (src < 0).any() or (dst < 0).any():
+        raise ValueError("segment table has negative offsets, rows or row_bytes")
+    nonempty = (rows > 0) & (rb > 0)
+    src_end = np.where(nonempty, src + (rows - 1) * ss + rb, 0)
+    dst_end = np.where(nonempty, dst + (rows - 1) * ds + rb, 0)
+    if src_end.max() > src_bytes:
+        i = int(src_end.argmax())
+        raise ValueError(f"segment {i} reads up to byte {int(src_end[i])} of a {src_bytes}-byte source")
+    if dst_end.max() > dst_bytes:
+        i = int(dst_end.argmax())
+        raise ValueError(f"segment {i} writes up to byte {int(dst_end[i])} of a {dst_bytes}-byte destination")
+    return t
+
+
+def copy_segments(
+    src: torch.Tensor, dst: torch.Tensor, table: np.ndarray | torch.Tensor, *, backend: str | None = None
+) -> None:
+    """dst[dst_off + r*dst_stride : +row_bytes] = src[src_off + r*src_stride : +row_bytes] for every row."""
+    s, d = as_bytes(src), as_bytes(dst)
+    if s.device != d.device:
+        raise ValueError(f"source on {s.device} but destination on {d.device}")
+    t = check_table(table, s.numel(), d.numel())
+    name = resolve_backend(backend, d.device)
+    if len(t) == 0:
+        return
+    if name == "torch":
+        _copy_torch(s, d, t)
+    else:
+        from hybrid_kv.kernels.segment_copy import copy_segments_triton
+
+        copy_segments_triton(s, d, torch.from_numpy(t).to(d.device))
+
+
+def pack(cache: torch.Tensor, staging: torch.Tensor, table: np.ndarray, *, backend: str | None = None) -> None:
+    """Gather: cache pages -> contiguous staging (a `BatchPlan.pack_table`)."""
+    copy_segments(cache, staging, table, backend=backend)
+
+
+def unpack(staging: torch.Tensor, cache: torch.Tensor, table: np.ndarray, *, backend: str | None = None) -> None:
+    """Scatter: staging -> cache pages (a `BatchPlan.unpack_table`)."""
+    copy_segments(staging, cache, table, backend=backend)
+
+
+def _copy_torch(s: torch.Tensor, d: torch.Tensor, t: np.ndarray) -> None:
+    for src, dst, rows, rb, ss, ds in t.tolist():
+        if rows == 0 or rb == 0:
+            continue
+        if rows == 1:
+            d[dst : dst + rb].copy_(s[src : src + rb])
+        else:
+            out = d.as_strided((rows, rb), (ds, 1), dst)
+            out.copy_(s.as_strided((rows, rb), (ss, 1), src))

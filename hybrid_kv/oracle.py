@@ -1,0 +1,137 @@
+"""The correctness oracle of DESIGN.md, independent of `plan`, `batch` and `ops`.
+
+Draw random *global* tensors per request and layer (conv sub-projections `[channels, rows]`, SSM
+`[heads, *head_shape]`, KV `[kv_heads, tokens, 2*head_dim]`), and shard them into one rank's pages by
+vLLM's sharding rules restated here from the model dims (not from `RankLayout`'s shards). Only the page
+size and block size are taken from the layout, whose values are tested against vLLM separately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.spec import LayerKind, ModelSpec
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def random_bytes(n: int, gen: np.random.Generator) -> torch.Tensor:
+    return torch.frombuffer(bytearray(gen.bytes(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+
+
+def random_tensor(shape: tuple[int, ...], dtype: str, gen: np.random.Generator) -> torch.Tensor:
+    """Random bit patterns (NaNs included: comparisons are done on bytes)."""
+    td = TORCH_DTYPES[dtype]
+    n = 1
+    for s in shape:
+        n *= s
+    return random_bytes(n * td.itemsize, gen).view(td).view(shape)
+
+
+@dataclass
+class GlobalState:
+    """One request's unsharded state: per state layer conv sub-projections and SSM; per attention layer KV."""
+
+    conv: dict[int, list[torch.Tensor]]
+    ssm: dict[int, torch.Tensor]
+    kv: dict[int, torch.Tensor]
+
+
+def random_global_state(spec: ModelSpec, kv_tokens: int, gen: np.random.Generator) -> GlobalState:
+    conv, ssm, kv = {}, {}, {}
+    st, at = spec.state, spec.attention
+    for layer in spec.layers:
+        if layer.kind is LayerKind.ATTENTION:
+            kv[layer.index] = random_tensor((at.num_kv_heads, kv_tokens, 2 * at.head_dim), at.dtype, gen)
+        else:
+            conv[layer.index] = [
+                random_tensor((s.channels, st.conv_rows), st.conv_dtype, gen) for s in st.subprojections
+            ]
+            ssm[layer.index] = random_tensor((st.heads, *st.head_shape), st.ssm_dtype, gen)
+    return GlobalState(conv, ssm, kv)
+
+
+def _rank_rows(units: int, unit_len: int, tp: int, rank: int, replicate_single: bool) -> slice:
+    """Rows of a global tensor (units x unit_len rows) held by `rank` (vLLM's weight-loader rules)."""
+    if replicate_single and units == 1 and tp > 1:
+        return slice(0, unit_len)  # duplicate_groups: every rank loads group 0
+    per = units // tp
+    return slice(rank * per * unit_len, (rank + 1) * per * unit_len)
+
+
+def _kv_heads(num_kv_heads: int, tp: int, rank: int) -> slice:
+    if tp <= num_kv_heads:
+        per = num_kv_heads // tp
+        return slice(rank * per, (rank + 1) * per)
+    h = rank * num_kv_heads // tp
+    return slice(h, h + 1)
+
+
+def write_shards(
+    cache: torch.Tensor,
+    layout: RankLayout,
+    num_blocks: int,
+    state: GlobalState,
+    state_block: int | None,
+    kv_blocks: list[int],
+    kv_tokens: int,
+) -> None:
+    """Write rank `layout.tp_rank`'s shard of `state` into its flat byte `cache`.
+
+    KV tokens [0, kv_tokens) go into `kv_blocks` in order; later token slots are not touched.
+    """
+    spec, tp, r = layout.spec, layout.tp_size, layout.tp_rank
+    page = layout.page_bytes
+    st, at = spec.state, spec.attention
+
+    def page_of(layer: int, block: int) -> torch.Tensor:
+        base = (layer * num_blocks + block) * page
+        return cache[base : base + page]
+
+    for layer in spec.layers:
+        if layer.kind is LayerKind.ATTENTION:
+            heads = _kv_heads(at.num_kv_heads, tp, r)
+            bs = layout.block_size
+            g = state.kv[layer.index][heads]  # [h, tokens, 2*hd]
+            for j, b in enumerate(kv_blocks):
+                t0, t1 = j * bs, min((j + 1) * bs, kv_tokens)
+                if t1 <= t0:
+                    break
+                pg = page_of(layer.index, b).view(TORCH_DTYPES[at.dtype])
+                if layout.kv_layout == "HND":
+                    pg.view(g.shape[0], bs, g.shape[2])[:, : t1 - t0] = g[:, t0:t1]
+                else:
+                    pg.view(bs, g.shape[0], g.shape[2])[: t1 - t0] = g[:, t0:t1].transpose(0, 1)
+            continue
+        # State layer: [conv | ssm | pad]
+        local = []
+        for sub, glob in zip(st.subprojections, state.conv[layer.index]):
+            rows = _rank_rows(sub.units, sub.unit_channels, tp, r, sub.replicate_single_unit)
+            local.append(glob[rows])
+        conv = torch.cat(local)  # [channels_local, rows]  (DS)
+        if layout.conv_layout == "SD":
+            conv = conv.t().contiguous()
+        ssm = state.ssm[layer.index][_rank_rows(st.heads, 1, tp, r, False)].contiguous()
+        # flatten first: a size-1 dim can leave a "contiguous" tensor with a non-unit last stride
+        cb = conv.reshape(-1).contiguous().view(torch.uint8)
+        sb = ssm.reshape(-1).contiguous().view(torch.uint8)
+        pg = page_of(layer.index, state_block)
+        pg[: cb.numel()] = cb
+        pg[cb.numel() : cb.numel() + sb.numel()] = sb
+
+
+def kv_tokens_written(tokens: int, prefill_block: int, decode_block: int) -> tuple[int, int]:
+    """(tokens filled on prefill, tokens expected on decode): whole prefill blocks are filled; decode
+    receives whole blocks when the sizes agree, else up to the shorter padded end."""
+    filled = cdiv(tokens, prefill_block) * prefill_block
+    return filled, min(filled, cdiv(tokens, decode_block) * decode_block)

@@ -1,0 +1,315 @@
+"""Build a `ModelSpec` from a Hugging Face `config.json` (a path, a dict, or a shipped preset name).
+
+State dtypes follow vLLM 0.32's defaults: conv = model dtype; SSM = model dtype, except Qwen3.5's
+`mamba_ssm_dtype` and Nemotron-H's float32 (`mamba_ssm_cache_dtype` when the config sets it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims, normalize_dtype
+
+Config = Mapping[str, Any]
+
+
+def list_presets() -> list[str]:
+    """Names of the model presets shipped inside the package."""
+    root = resources.files("hybrid_kv") / "presets"
+    return sorted(p.name.removesuffix(".json") for p in root.iterdir() if p.name.endswith(".json"))
+
+
+def load_config(model: str | Path) -> tuple[str, dict]:
+    """(name, config dict) for a preset name, a config.json path, or a folder holding one."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        name = path.parent.name if path.name == "config.json" else path.stem
+        return name, _read_json(path.read_text(), str(path))
+    presets = list_presets()
+    if str(model) in presets:
+        text = (resources.files("hybrid_kv") / "presets" / f"{model}.json").read_text()
+        return str(model), _read_json(text, f"preset {model}")
+    raise ValueError(f"model {str(model)!r} is neither a config.json path nor a preset (presets: {', '.join(presets)})")
+
+
+def load_spec(
+    model: str | Path,
+    *,
+    conv_dtype: str | None = None,
+    ssm_dtype: str | None = None,
+    kv_dtype: str | None = None,
+    num_spec: int = 0,
+) -> ModelSpec:
+    """`ModelSpec` for a preset name or config path, with optional dtype overrides."""
+    name, cfg = load_config(model)
+    spec = spec_from_config(cfg, name=name)
+    spec = spec.with_dtypes(conv_dtype=conv_dtype, ssm_dtype=ssm_dtype, kv_dtype=kv_dtype)
+    return spec.with_num_spec(num_spec) if num_spec else spec
+
+
+def spec_from_config(config: Config, *, name: str = "model") -> ModelSpec:
+    archs = config.get("architectures") or []
+    if not archs:
+        raise ValueError(f"config of {name!r} has no 'architectures' entry (supported: {', '.join(sorted(_PARSERS))})")
+    arch = archs[0]
+    parser = _PARSERS.get(arch)
+    if parser is None:
+        raise ValueError(f"unknown architecture {arch!r} in {name!r} (supported: {', '.join(sorted(_PARSERS))})")
+    return parser(config, name, arch)
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _read_json(text: str, where: str) -> dict:
+    try:
+        # Released Nemotron-H configs carry a bare `Infinity`; Python's json accepts it.
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from e
+
+
+def _req(cfg: Config, key: str, name: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ValueError(f"config of {name!r} is missing key {key!r}")
+    return cfg[key]
+
+
+def _model_dtype(cfg: Config, outer: Config) -> str:
+    for c in (cfg, outer):
+        for key in ("torch_dtype", "dtype"):
+            if c.get(key):
+                d = normalize_dtype(c[key])
+                # vLLM serves float32 checkpoints in bfloat16 ("auto" dtype).
+                return "bfloat16" if d == "float32" else d
+    return "bfloat16"
+
+
+def _attn_head_dim(cfg: Config, name: str, *keys: str) -> int:
+    for key in keys:
+        if cfg.get(key):
+            return int(cfg[key])
+    return int(_req(cfg, "hidden_size", name)) // int(_req(cfg, "num_attention_heads", name))
+
+
+def _attention(cfg: Config, name: str, dtype: str, *head_dim_keys: str) -> AttentionDims:
+    heads = cfg.get("num_key_value_heads") or _req(cfg, "num_attention_heads", name)
+    return AttentionDims(int(heads), _attn_head_dim(cfg, name, *head_dim_keys), dtype)
+
+
+def _build(
+    name: str, arch: str, mixers: list[list[LayerKind]], state: StateDims | None, attn: AttentionDims | None
+) -> ModelSpec:
+    """`mixers[i]` are the cache-layer kinds of decoder layer i, in vLLM's layer-name order."""
+    layers: list[CacheLayer] = []
+    suffix = {
+        LayerKind.ATTENTION: "self_attn",
+        LayerKind.GDN: "linear_attn",
+        LayerKind.MAMBA2: "mamba",
+        LayerKind.MAMBA1: "mamba",
+    }
+    for i, kinds in enumerate(mixers):
+        for kind in kinds:
+            layers.append(CacheLayer(len(layers), f"layers.{i}.{suffix[kind]}", i, kind))
+    used = {layer.kind for layer in layers}
+    return ModelSpec(
+        name=name,
+        architecture=arch,
+        layers=tuple(layers),
+        state=state if state is not None and state.kind in used else None,
+        attention=attn if LayerKind.ATTENTION in used else None,
+    )
+
+
+def _mamba2_state(
+    cfg: Config,
+    name: str,
+    conv_dtype: str,
+    ssm_dtype: str,
+    *,
+    heads: str,
+    head_dim: str,
+    groups: str,
+    state: str,
+    kernel: str,
+    expand: str | None = None,
+) -> StateDims:
+    n_heads = int(_req(cfg, heads, name))
+    hd = cfg.get(head_dim)
+    if hd in (None, "auto"):  # Granite / Bamba allow head_dim = expand * hidden / heads
+        hd = int(_req(cfg, expand or "mamba_expand", name)) * int(_req(cfg, "hidden_size", name)) // n_heads
+    return StateDims(
+        kind=LayerKind.MAMBA2,
+        conv_kernel=int(_req(cfg, kernel, name)),
+        heads=n_heads,
+        head_shape=(int(hd), int(_req(cfg, state, name))),
+        groups=int(_req(cfg, groups, name)),
+        group_channels=int(_req(cfg, state, name)),
+        conv_dtype=conv_dtype,
+        ssm_dtype=ssm_dtype,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# families
+
+
+def _qwen_gdn(config: Config, name: str, arch: str) -> ModelSpec:
+    cfg = config.get("text_config") or config
+    dtype = _model_dtype(cfg, config)
+    n = int(_req(cfg, "num_hidden_layers", name))
+    if cfg.get("layer_types"):
+        types = list(cfg["layer_types"])
+        if len(types) != n:
+            raise ValueError(f"config of {name!r}: layer_types has {len(types)} entries, num_hidden_layers={n}")
+    else:
+        interval = int(_req(cfg, "full_attention_interval", name))
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
+    mixers = []
+    for t in types:
+        if t not in ("full_attention", "linear_attention"):
+            raise ValueError(f"config of {name!r}: layer type {t!r} (supported: full_attention, linear_attention)")
+        mixers.append([LayerKind.ATTENTION if t == "full_attention" else LayerKind.GDN])
+    ssm_dtype = normalize_dtype(cfg.get("mamba_ssm_dtype") or config.get("mamba_ssm_dtype") or dtype)
+    state = StateDims(
+        kind=LayerKind.GDN,
+        conv_kernel=int(_req(cfg, "linear_conv_kernel_dim", name)),
+        heads=int(_req(cfg, "linear_num_value_heads", name)),
+        head_shape=(int(_req(cfg, "linear_value_head_dim", name)), int(_req(cfg, "linear_key_head_dim", name))),
+        groups=int(_req(cfg, "linear_num_key_heads", name)),
+        group_channels=int(_req(cfg, "linear_key_head_dim", name)),
+        conv_dtype=dtype,
+        ssm_dtype=ssm_dtype,
+    )
+    return _build(name, arch, mixers, state, _attention(cfg, name, dtype, "head_dim"))
+
+
+def _nemotron_h(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    pattern = str(_req(cfg, "hybrid_override_pattern", name))
+    table = {"M": [LayerKind.MAMBA2], "*": [LayerKind.ATTENTION], "-": [], "E": []}
+    bad = sorted(set(pattern) - set(table))
+    if bad:
+        raise ValueError(f"config of {name!r}: hybrid_override_pattern has {bad} (supported: M, *, -, E)")
+    state = _mamba2_state(
+        cfg,
+        name,
+        dtype,
+        normalize_dtype(cfg.get("mamba_ssm_cache_dtype") or "float32"),
+        heads="mamba_num_heads",
+        head_dim="mamba_head_dim",
+        groups="n_groups",
+        state="ssm_state_size",
+        kernel="conv_kernel",
+        expand="expand",
+    )
+    attn = _attention(cfg, name, dtype, "head_dim", "attention_head_dim")
+    return _build(name, arch, [table[c] for c in pattern], state, attn)
+
+
+def _mamba2_hf_state(cfg: Config, name: str, dtype: str, heads: str = "mamba_n_heads") -> StateDims:
+    return _mamba2_state(
+        cfg,
+        name,
+        dtype,
+        normalize_dtype(cfg.get("mamba_ssm_cache_dtype") or dtype),
+        heads=heads,
+        head_dim="mamba_d_head",
+        groups="mamba_n_groups",
+        state="mamba_d_state",
+        kernel="mamba_d_conv",
+    )
+
+
+def _granite_h(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    table = {"mamba": [LayerKind.MAMBA2], "attention": [LayerKind.ATTENTION]}
+    mixers = []
+    for t in _req(cfg, "layer_types", name):
+        if t not in table:
+            raise ValueError(f"config of {name!r}: layer type {t!r} (supported: mamba, attention)")
+        mixers.append(table[t])
+    return _build(name, arch, mixers, _mamba2_hf_state(cfg, name, dtype), _attention(cfg, name, dtype, "head_dim"))
+
+
+def _bamba(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    attn_idx = set(_req(cfg, "attn_layer_indices", name))
+    n = int(_req(cfg, "num_hidden_layers", name))
+    mixers = [[LayerKind.ATTENTION] if i in attn_idx else [LayerKind.MAMBA2] for i in range(n)]
+    return _build(name, arch, mixers, _mamba2_hf_state(cfg, name, dtype), _attention(cfg, name, dtype, "head_dim"))
+
+
+def _falcon_h1(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    n = int(_req(cfg, "num_hidden_layers", name))
+    state = _mamba2_hf_state(cfg, name, dtype)
+    d_ssm = cfg.get("mamba_d_ssm")
+    if d_ssm and int(d_ssm) != state.heads * state.head_shape[0]:
+        raise ValueError(f"config of {name!r}: mamba_d_ssm={d_ssm} != mamba_n_heads*mamba_d_head")
+    # Every decoder layer runs attention and Mamba2 in parallel: two cache layers each.
+    mixers = [[LayerKind.MAMBA2, LayerKind.ATTENTION] for _ in range(n)]
+    return _build(name, arch, mixers, state, _attention(cfg, name, dtype, "head_dim"))
+
+
+def _zamba2(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    table = {"mamba": [LayerKind.MAMBA2], "hybrid": [LayerKind.MAMBA2, LayerKind.ATTENTION]}
+    mixers = []
+    for t in _req(cfg, "layers_block_type", name):
+        if t not in table:
+            raise ValueError(f"config of {name!r}: layer block type {t!r} (supported: mamba, hybrid)")
+        mixers.append(table[t])
+    state = _mamba2_state(
+        cfg,
+        name,
+        dtype,
+        dtype,
+        heads="n_mamba_heads",
+        head_dim="mamba_headdim",
+        groups="mamba_ngroups",
+        state="mamba_d_state",
+        kernel="mamba_d_conv",
+    )
+    heads = int(_req(cfg, "num_attention_heads", name))
+    head_dim = cfg.get("attention_head_dim") or 2 * int(_req(cfg, "hidden_size", name)) // heads
+    attn = AttentionDims(int(cfg.get("num_key_value_heads") or heads), int(head_dim), dtype)
+    return _build(name, arch, mixers, state, attn)
+
+
+def _jamba(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    n = int(_req(cfg, "num_hidden_layers", name))
+    period, offset = int(_req(cfg, "attn_layer_period", name)), int(_req(cfg, "attn_layer_offset", name))
+    mixers = [[LayerKind.ATTENTION] if i % period == offset else [LayerKind.MAMBA1] for i in range(n)]
+    state = StateDims(
+        kind=LayerKind.MAMBA1,
+        conv_kernel=int(_req(cfg, "mamba_d_conv", name)),
+        heads=int(_req(cfg, "mamba_expand", name)) * int(_req(cfg, "hidden_size", name)),
+        head_shape=(int(_req(cfg, "mamba_d_state", name)),),
+        conv_dtype=dtype,
+        ssm_dtype=normalize_dtype(cfg.get("mamba_ssm_cache_dtype") or dtype),
+    )
+    return _build(name, arch, mixers, state, _attention(cfg, name, dtype))
+
+
+_PARSERS: dict[str, Callable[[Config, str, str], ModelSpec]] = {
+    "Qwen3_5ForConditionalGeneration": _qwen_gdn,
+    "Qwen3_5MoeForConditionalGeneration": _qwen_gdn,
+    "Qwen3_5ForCausalLM": _qwen_gdn,
+    "Qwen3_5MoeForCausalLM": _qwen_gdn,
+    "Qwen3NextForCausalLM": _qwen_gdn,
+    "NemotronHForCausalLM": _nemotron_h,
+    "GraniteMoeHybridForCausalLM": _granite_h,
+    "BambaForCausalLM": _bamba,
+    "FalconH1ForCausalLM": _falcon_h1,
+    "Zamba2ForCausalLM": _zamba2,
+    "JambaForCausalLM": _jamba,
+}

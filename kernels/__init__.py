@@ -1,0 +1,1 @@
+"""Triton kernels, installed as `hybrid_kv.kernels` (see pyproject.toml)."""

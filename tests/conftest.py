@@ -1,0 +1,39 @@
+"""Test set-up. TRITON_INTERPRET must be set before any @triton.jit decorates (i.e. before the kernel
+modules are imported), so it is set here, first, whenever no GPU is present."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from hybrid_kv.layout import RankLayout
+from hybrid_kv.spec_hf import list_presets, load_spec
+
+PRESETS = list_presets()
+
+
+def fits(spec, tp: int) -> bool:
+    """Whether `spec` shards over `tp` (vLLM's divisibility rules, as RankLayout enforces them)."""
+    try:
+        RankLayout(spec, tp, 0)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def specs():
+    return {name: load_spec(name) for name in PRESETS}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
