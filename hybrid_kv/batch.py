@@ -188,12 +188,8 @@ class BatchPlan:
         for _, p, _, a, src_ids, dst_ids in self._tables(dst_rank, "decode"):
             src = a["layer"] * gp.layer_stride + src_ids * gp.page_bytes + a["src_off"]
             dst = a["layer"] * gd.layer_stride + dst_ids * gd.page_bytes + a["dst_off"]
-            # One row per contiguous run: expand multi-row pieces.
-            reps = a["rows"]
-            r = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
-            s = np.repeat(src, reps) + r * np.repeat(a["src_stride"], reps)
-            t = np.repeat(dst, reps) + r * np.repeat(a["dst_stride"], reps)
-            n = np.repeat(a["row_bytes"], reps)
+            rows = np.stack([src, dst, a["rows"], a["row_bytes"], a["src_stride"], a["dst_stride"]], axis=1)
+            s, t, n = expand_rows(rows)  # one row per contiguous run
             one = np.ones_like(n)
             by_src.setdefault(p, []).append(np.stack([s, t, one, n, n, n], axis=1))
         return [(p, _concat(v)) for p, v in sorted(by_src.items())]
@@ -208,6 +204,18 @@ class BatchPlan:
                 sb, rb = self.stage_base[(i, p, d)], self.recv_base[(i, p, d)]
                 out += [Transfer(i, p, d, sb + a, rb + a, b - a) for a, b in lay.units]
         return out
+
+
+def expand_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, nbytes) of every contiguous run of a segment table (a segment has `rows` runs)."""
+    t = np.asarray(table, dtype=np.int64).reshape(-1, 6)
+    src, dst, reps, rb, ss, ds = t.T
+    r = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
+    return (
+        np.repeat(src, reps) + r * np.repeat(ss, reps),
+        np.repeat(dst, reps) + r * np.repeat(ds, reps),
+        np.repeat(rb, reps),
+    )
 
 
 def _align(n: int) -> int:
