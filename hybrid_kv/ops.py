@@ -67,23 +67,41 @@ def check_table(table: np.ndarray | torch.Tensor, src_bytes: int, dst_bytes: int
     return t
 
 
+class Prepared:
+    """A validated segment table bound to one (src, dst) buffer pair and a backend: prepare once per
+    batch (validation, tiling, host->device table upload), then launch as often as needed."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, table, *, backend: str | None = None) -> None:
+        s, d = as_bytes(src), as_bytes(dst)
+        if s.device != d.device:
+            raise ValueError(f"source on {s.device} but destination on {d.device}")
+        self.table = check_table(table, s.numel(), d.numel())
+        self.backend = resolve_backend(backend, d.device)
+        self.segments = len(self.table)
+        self._launch = None
+        if self.backend == "triton":
+            from hybrid_kv.kernels.segment_copy import prepare_triton
+
+            self._launch = prepare_triton(s, d, self.table)
+        self._shape = (s.data_ptr(), s.numel(), d.data_ptr(), d.numel())
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        s, d = as_bytes(src), as_bytes(dst)
+        if (s.data_ptr(), s.numel(), d.data_ptr(), d.numel()) != self._shape:
+            raise ValueError("prepared segment table launched on other buffers than it was prepared for")
+        if self._launch is not None:
+            self._launch(s, d)
+        elif self.segments:
+            _copy_torch(s, d, self.table)
+
+
 def copy_segments(
     src: torch.Tensor, dst: torch.Tensor, table: np.ndarray | torch.Tensor, *, backend: str | None = None
 ) -> None:
-    """dst[dst_off + r*dst_stride : +row_bytes] = src[src_off + r*src_stride : +row_bytes] for every row."""
-    s, d = as_bytes(src), as_bytes(dst)
-    if s.device != d.device:
-        raise ValueError(f"source on {s.device} but destination on {d.device}")
-    t = check_table(table, s.numel(), d.numel())
-    name = resolve_backend(backend, d.device)
-    if len(t) == 0:
-        return
-    if name == "torch":
-        _copy_torch(s, d, t)
-    else:
-        from hybrid_kv.kernels.segment_copy import copy_segments_triton
+    """dst[dst_off + r*dst_stride : +row_bytes] = src[src_off + r*src_stride : +row_bytes] for every row.
 
-        copy_segments_triton(s, d, torch.from_numpy(t).to(d.device))
+    The whole table is validated before any byte is written."""
+    Prepared(src, dst, table, backend=backend)(src, dst)
 
 
 def pack(cache: torch.Tensor, staging: torch.Tensor, table: np.ndarray, *, backend: str | None = None) -> None:

@@ -14,6 +14,8 @@ accesses in flight per step while a tile stays small enough for the balance abov
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import triton
@@ -59,7 +61,11 @@ def expand_tiles(table: np.ndarray, tile_bytes: int = TILE_BYTES) -> np.ndarray:
     c = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
     n_rep = np.repeat(n, k)
     return np.stack(
-        [np.repeat(src, k) + c * tile_bytes, np.repeat(dst, k) + c * tile_bytes, np.minimum(tile_bytes, n_rep - c * tile_bytes)],
+        [
+            np.repeat(src, k) + c * tile_bytes,
+            np.repeat(dst, k) + c * tile_bytes,
+            np.minimum(tile_bytes, n_rep - c * tile_bytes),
+        ],
         axis=1,
     )
 
@@ -75,22 +81,35 @@ def _element(src: torch.Tensor, dst: torch.Tensor, tiles: np.ndarray) -> int:
     return 1
 
 
-def copy_segments_triton(src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor) -> None:
-    """Launch: `src`, `dst` flat uint8 buffers on one device; `table` an int64 segment table."""
-    tiles = expand_tiles(table.cpu().numpy())
+@dataclass(frozen=True)
+class TritonLaunch:
+    """A segment table turned into device tiles for one (src, dst) buffer pair: built once, launched often."""
+
+    tiles: torch.Tensor  # int64 [n, 3] on the device, in elements
+    elem: int  # element bytes (4, 2, 1)
+    align: int  # offsets are multiples of this many elements
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if len(self.tiles) == 0:
+            return
+        view = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[self.elem]
+        _segment_copy_kernel[(len(self.tiles),)](
+            src_ptr=src.view(view),
+            dst_ptr=dst.view(view),
+            tiles_ptr=self.tiles,
+            TILE=TILE_BYTES // self.elem,
+            BLOCK=BLOCK_BYTES // self.elem,
+            ALIGN=self.align,
+            num_warps=NUM_WARPS,
+        )
+
+
+def prepare_triton(src: torch.Tensor, dst: torch.Tensor, table: np.ndarray) -> TritonLaunch:
+    """Tile `table` (validated by the caller) for `src` -> `dst` (flat uint8 buffers on one device)."""
+    tiles = expand_tiles(table)
     if len(tiles) == 0:
-        return
-    g = int(np.gcd.reduce(tiles[:, :2].reshape(-1)))
+        return TritonLaunch(torch.zeros((0, 3), dtype=torch.int64, device=dst.device), 1, 1)
     e = _element(src, dst, tiles)
-    view = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[e]
-    align = max(1, min(16, g & -g if g else 16) // e)  # largest power-of-two byte alignment, in elements
-    grid = (len(tiles),)
-    _segment_copy_kernel[grid](
-        src_ptr=src.view(view),
-        dst_ptr=dst.view(view),
-        tiles_ptr=torch.from_numpy(tiles // e).to(dst.device),
-        TILE=TILE_BYTES // e,
-        BLOCK=BLOCK_BYTES // e,
-        ALIGN=align,
-        num_warps=NUM_WARPS,
-    )
+    g = int(np.gcd.reduce(tiles[:, :2].reshape(-1)))
+    align = max(1, min(16, (g & -g) if g else 16) // e)  # largest power-of-two byte alignment, in elements
+    return TritonLaunch(torch.from_numpy(tiles // e).to(dst.device), e, align)

@@ -135,3 +135,48 @@ def test_console_script():
     )
     rep = json.loads(out.stdout)
     assert rep["descriptors_per_request"]["packed"] == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_repack_json(backend, capsys):
+    rep = run_json(
+        capsys,
+        "repack",
+        "--model",
+        "falcon-h1-0.5b",
+        "--prefill-tp",
+        "2",
+        "--decode-tp",
+        "1",
+        "--tokens",
+        "20",
+        "--requests",
+        "2",
+        "--backend",
+        backend,
+        "--verify",
+        "--repeats",
+        "1",
+    )
+    assert rep["verified"] is True and rep["checked"] is True and rep["backend"] == backend
+    assert rep["pack"]["launches"] == 2 and rep["unpack"]["launches"] == 1
+    assert rep["pack"]["bytes"] == 2 * rep["bytes_moved"] and rep["pack"]["segments"] > 0
+    assert rep["transfer_units"] == 2 * 2  # one per (request, prefill rank -> decode rank)
+
+
+def test_repack_bad_device():
+    assert main(
+        [
+            "repack",
+            "--model",
+            "jamba-v0.1",
+            "--prefill-tp",
+            "1",
+            "--decode-tp",
+            "1",
+            "--device",
+            "cuda:7",
+            "--requests",
+            "1",
+        ]
+    ) == (2 if not __import__("torch").cuda.is_available() else 0)

@@ -5,10 +5,10 @@ before any write."""
 import numpy as np
 import pytest
 import torch
+from hybrid_kv.kernels.segment_copy import TILE_BYTES, expand_tiles
 
 from hybrid_kv import ops
 from hybrid_kv.harness import Harness
-from hybrid_kv.kernels.segment_copy import TILE_BYTES, expand_tiles
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
 
