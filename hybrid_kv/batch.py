@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -94,6 +93,124 @@ def _block_ids(arr: dict[str, np.ndarray], which: str, blocks: RequestBlocks) ->
     return np.where(arr["is_kv"], kv[idx] if kv.size else 0, state)
 
 
+@dataclass(frozen=True)
+class PairTables:
+    """One request, one (prefill rank -> decode rank) pair: its pieces as absolute segment tables.
+
+    `pack` reads the prefill cache and writes staging offsets relative to the pair's chunk; `unpack`
+    reads those offsets and writes the decode cache. Rows are in staging order, so the rows of transfer
+    unit `u` are a contiguous range (`unit_rows`).
+    """
+
+    units: tuple[tuple[int, int], ...]
+    nbytes: int  # staging bytes of the pair's chunk
+    stage_off: np.ndarray  # [n] staging offset of each row
+    src: np.ndarray  # [n] prefill cache offset
+    dst: np.ndarray  # [n] decode cache offset
+    rows: np.ndarray
+    row_bytes: np.ndarray
+    src_stride: np.ndarray
+    dst_stride: np.ndarray
+
+    def unit_rows(self, u: int) -> slice:
+        a, b = self.units[u]
+        return slice(int(np.searchsorted(self.stage_off, a)), int(np.searchsorted(self.stage_off, b)))
+
+    def pack(self, rows: slice = slice(None), stage_base: int = 0) -> np.ndarray:
+        """cache -> staging (at `stage_base` + row offset), for `rows`."""
+        r = rows
+        return np.stack(
+            [
+                self.src[r],
+                stage_base + self.stage_off[r],
+                self.rows[r],
+                self.row_bytes[r],
+                self.src_stride[r],
+                self.row_bytes[r],
+            ],
+            axis=1,
+        )
+
+    def unpack(self, rows: slice = slice(None), stage_base: int = 0) -> np.ndarray:
+        """staging (at `stage_base` + row offset) -> cache, for `rows`."""
+        r = rows
+        return np.stack(
+            [
+                stage_base + self.stage_off[r],
+                self.dst[r],
+                self.rows[r],
+                self.row_bytes[r],
+                self.row_bytes[r],
+                self.dst_stride[r],
+            ],
+            axis=1,
+        )
+
+    def unit_pack(self, u: int, slot_offset: int) -> np.ndarray:
+        return self.pack(self.unit_rows(u), slot_offset - self.units[u][0])
+
+    def unit_unpack(self, u: int, slot_offset: int) -> np.ndarray:
+        return self.unpack(self.unit_rows(u), slot_offset - self.units[u][0])
+
+    def strided(self) -> np.ndarray:
+        """Cache -> cache, one 1-D row per contiguous run (the strided baseline's descriptors)."""
+        t = np.stack([self.src, self.dst, self.rows, self.row_bytes, self.src_stride, self.dst_stride], axis=1)
+        s, d, n = expand_rows(t)
+        return np.stack([s, d, np.ones_like(n), n, n, n], axis=1)
+
+
+def pair_tables(
+    arr: dict[str, np.ndarray],
+    layout: PackedLayout,
+    prefill: RequestBlocks | None,
+    decode: RequestBlocks | None,
+    prefill_geom: CacheGeometry,
+    decode_geom: CacheGeometry,
+) -> PairTables:
+    """A side whose blocks are None (it only needs the other side's offsets) gets -1 offsets."""
+    gp, gd = prefill_geom, decode_geom
+    n = len(arr["layer"])
+    src_ids = _block_ids(arr, "src", prefill) if prefill is not None else None
+    dst_ids = _block_ids(arr, "dst", decode) if decode is not None else None
+    return PairTables(
+        units=layout.units,
+        nbytes=layout.nbytes,
+        stage_off=arr["stage_off"],
+        src=arr["layer"] * gp.layer_stride + src_ids * gp.page_bytes + arr["src_off"]
+        if src_ids is not None
+        else np.full(n, -1, dtype=np.int64),
+        dst=arr["layer"] * gd.layer_stride + dst_ids * gd.page_bytes + arr["dst_off"]
+        if dst_ids is not None
+        else np.full(n, -1, dtype=np.int64),
+        rows=arr["rows"],
+        row_bytes=arr["row_bytes"],
+        src_stride=arr["src_stride"],
+        dst_stride=arr["dst_stride"],
+    )
+
+
+def request_tables(
+    plan: TransferPlan,
+    prefill: RequestBlocks | None,
+    decode: RequestBlocks | None,
+    prefill_geom: CacheGeometry,
+    decode_geom: CacheGeometry,
+    *,
+    src_rank: int | None = None,
+    dst_rank: int | None = None,
+) -> dict[tuple[int, int], PairTables]:
+    """`PairTables` of every (prefill rank, decode rank) pair of one request (optionally one side's)."""
+    memo = plan.__dict__.setdefault("_pair_arrays", {})
+    out = {}
+    for (p, d), lay in sorted(plan.staging.items()):
+        if (src_rank is not None and p != src_rank) or (dst_rank is not None and d != dst_rank):
+            continue
+        if (p, d) not in memo:
+            memo[(p, d)] = _pair_arrays(lay)
+        out[(p, d)] = pair_tables(memo[(p, d)], lay, prefill, decode, prefill_geom, decode_geom)
+    return out
+
+
 class BatchPlan:
     """Segment tables and transfer units for a batch of requests between all prefill and decode ranks."""
 
@@ -143,55 +260,33 @@ class BatchPlan:
         self.stage_bytes = stage_end
         self.recv_bytes = recv_end
 
-    @cached_property
-    def _arrays(self) -> dict[int, dict[tuple[int, int], dict[str, np.ndarray]]]:
-        memo: dict[int, dict] = {}
-        for plan in self.plans:
-            if id(plan) not in memo:
-                memo[id(plan)] = {pair: _pair_arrays(lay) for pair, lay in plan.staging.items()}
-        return memo
-
-    def _tables(self, rank: int, side: str) -> list[tuple[int, int, int, dict, np.ndarray, np.ndarray]]:
-        out = []
+    def _pairs(self, rank: int, side: str):
         for i, plan in enumerate(self.plans):
-            for (p, d), arr in self._arrays[id(plan)].items():
-                if (p if side == "prefill" else d) != rank:
-                    continue
-                src_ids = _block_ids(arr, "src", self.prefill_blocks[i])
-                dst_ids = _block_ids(arr, "dst", self.decode_blocks[i])
-                out.append((i, p, d, arr, src_ids, dst_ids))
-        return out
+            kw = {"src_rank": rank} if side == "prefill" else {"dst_rank": rank}
+            tables = request_tables(
+                plan, self.prefill_blocks[i], self.decode_blocks[i], self.prefill_geom, self.decode_geom, **kw
+            )
+            for (p, d), t in tables.items():
+                yield i, p, d, t
 
     def pack_table(self, src_rank: int) -> np.ndarray:
         """Prefill rank `src_rank`: cache -> staging, for every request and decode rank."""
-        g, parts = self.prefill_geom, []
-        for i, p, d, a, src_ids, _ in self._tables(src_rank, "prefill"):
-            src = a["layer"] * g.layer_stride + src_ids * g.page_bytes + a["src_off"]
-            dst = self.stage_base[(i, p, d)] + a["stage_off"]
-            parts.append(np.stack([src, dst, a["rows"], a["row_bytes"], a["src_stride"], a["row_bytes"]], axis=1))
-        return _concat(parts)
+        return _concat(
+            [t.pack(stage_base=self.stage_base[(i, p, d)]) for i, p, d, t in self._pairs(src_rank, "prefill")]
+        )
 
     def unpack_table(self, dst_rank: int) -> np.ndarray:
         """Decode rank `dst_rank`: receive staging -> cache, for every request and prefill rank."""
-        g, parts = self.decode_geom, []
-        for i, p, d, a, _, dst_ids in self._tables(dst_rank, "decode"):
-            src = self.recv_base[(i, p, d)] + a["stage_off"]
-            dst = a["layer"] * g.layer_stride + dst_ids * g.page_bytes + a["dst_off"]
-            parts.append(np.stack([src, dst, a["rows"], a["row_bytes"], a["row_bytes"], a["dst_stride"]], axis=1))
-        return _concat(parts)
+        return _concat(
+            [t.unpack(stage_base=self.recv_base[(i, p, d)]) for i, p, d, t in self._pairs(dst_rank, "decode")]
+        )
 
     def strided_table(self, dst_rank: int) -> list[tuple[int, np.ndarray]]:
         """Strided (baseline) mode for decode rank `dst_rank`: per source rank, a table of 1-D runs
         (cache -> cache), one row per NIXL descriptor."""
-        gp, gd = self.prefill_geom, self.decode_geom
         by_src: dict[int, list[np.ndarray]] = {}
-        for _, p, _, a, src_ids, dst_ids in self._tables(dst_rank, "decode"):
-            src = a["layer"] * gp.layer_stride + src_ids * gp.page_bytes + a["src_off"]
-            dst = a["layer"] * gd.layer_stride + dst_ids * gd.page_bytes + a["dst_off"]
-            rows = np.stack([src, dst, a["rows"], a["row_bytes"], a["src_stride"], a["dst_stride"]], axis=1)
-            s, t, n = expand_rows(rows)  # one row per contiguous run
-            one = np.ones_like(n)
-            by_src.setdefault(p, []).append(np.stack([s, t, one, n, n, n], axis=1))
+        for _, p, _, t in self._pairs(dst_rank, "decode"):
+            by_src.setdefault(p, []).append(t.strided())
         return [(p, _concat(v)) for p, v in sorted(by_src.items())]
 
     def transfers(self, dst_rank: int | None = None) -> list[Transfer]:

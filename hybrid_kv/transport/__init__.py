@@ -1,0 +1,21 @@
+"""P -> D transport over NIXL: per-rank endpoints, side-channel handshake, staging pool, packed and
+strided modes. Each TP rank runs in its own process with its own NIXL agent (UCX)."""
+
+from hybrid_kv.transport.wire import ProtocolError
+
+MODES = ("packed", "strided")
+ENV_MODE = "HYBRID_KV_TRANSFER"
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """`mode`, else $HYBRID_KV_TRANSFER, else "packed"; anything else is an error naming the value."""
+    import os
+
+    value = mode or os.environ.get(ENV_MODE) or "packed"
+    if value not in MODES:
+        src = "argument" if mode else ENV_MODE
+        raise ValueError(f"transfer mode {value!r} (from {src}) is not one of {', '.join(MODES)}")
+    return value
+
+
+__all__ = ["ENV_MODE", "MODES", "ProtocolError", "resolve_mode"]

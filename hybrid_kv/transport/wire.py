@@ -1,0 +1,79 @@
+"""Side-channel framing: `MAGIC | u32 header length | u64 payload length | JSON header | payload`.
+
+Every read is bounded by a deadline; a short read, a bad magic, oversized lengths or a header that is
+not a JSON object raise `ProtocolError` naming what was wrong, and nothing of that message is used.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+MAGIC = b"HKV1"
+_HEAD = struct.Struct("!4sIQ")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 64 << 20
+
+
+class ProtocolError(RuntimeError):
+    """A malformed, truncated or unexpected side-channel message."""
+
+
+class PeerClosed(ProtocolError):
+    """The peer closed the connection (or died) before a whole message arrived."""
+
+
+def send_msg(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    h = json.dumps(header, separators=(",", ":")).encode()
+    if len(h) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"message too large (header {len(h)} B, payload {len(payload)} B)")
+    sock.sendall(_HEAD.pack(MAGIC, len(h), len(payload)) + h + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, what: str) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"timed out reading {what} ({len(buf)} of {n} bytes)")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(n - len(buf))
+        except TimeoutError as e:
+            raise TimeoutError(f"timed out reading {what} ({len(buf)} of {n} bytes)") from e
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise PeerClosed(f"connection reset while reading {what}") from e
+        if not chunk:
+            if buf or what != "message head":
+                raise PeerClosed(f"truncated message: {what} ended after {len(buf)} of {n} bytes")
+            raise PeerClosed("peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_msg(sock: socket.socket, timeout: float) -> tuple[dict, bytes]:
+    deadline = time.monotonic() + timeout
+    magic, hlen, plen = _HEAD.unpack(_recv_exact(sock, _HEAD.size, deadline, "message head"))
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic!r} (expected {MAGIC!r}): not a hybrid-kv peer")
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+        raise ProtocolError(f"declared lengths too large (header {hlen} B, payload {plen} B)")
+    raw = _recv_exact(sock, hlen, deadline, "header")
+    payload = _recv_exact(sock, plen, deadline, "payload") if plen else b""
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"header is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError("header must be a JSON object with a string 'type'")
+    return header, payload
+
+
+def expect(header: dict, *types: str) -> dict:
+    if header.get("type") == "error":
+        raise RuntimeError(f"peer refused: {header.get('message')}")
+    if header.get("type") not in types:
+        raise ProtocolError(f"unexpected message {header.get('type')!r} (expected {' or '.join(types)})")
+    return header
