@@ -93,17 +93,25 @@ def assign_sources(
     return out
 
 
+MATCHING_FIELDS = ("architecture", "layer_kinds", "state", "attention", "conv_layout", "kv_layout")
+
+
+def fingerprint_diff(a: dict, b: dict, a_name: str = "prefill", b_name: str = "decode") -> str | None:
+    """None if the two sides' pages can correspond, else a message naming every differing field."""
+    for key in MATCHING_FIELDS:
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                diff = [k for k in a[key] if a[key][k] != b[key].get(k)]
+                return ", ".join(f"{key}.{k}: {a_name} {a[key][k]!r} vs {b_name} {b[key].get(k)!r}" for k in diff)
+            return f"{key}: {a_name} {a.get(key)!r} vs {b_name} {b.get(key)!r}"
+    return None
+
+
 def check_compatible(prefill: RankLayout, decode: RankLayout) -> None:
     """Refuse a pair of sides whose pages cannot correspond; the message names the differing field."""
-    a, b = prefill.fingerprint(), decode.fingerprint()
-    for key in ("architecture", "layer_kinds", "state", "attention", "conv_layout", "kv_layout"):
-        if a[key] != b[key]:
-            if isinstance(a[key], dict) and isinstance(b[key], dict):
-                diff = [k for k in a[key] if a[key][k] != b[key].get(k)]
-                detail = ", ".join(f"{key}.{k}: prefill {a[key][k]!r} vs decode {b[key].get(k)!r}" for k in diff)
-            else:
-                detail = f"{key}: prefill {a[key]!r} vs decode {b[key]!r}"
-            raise ValueError(f"prefill and decode configurations differ ({detail})")
+    diff = fingerprint_diff(prefill.fingerprint(), decode.fingerprint())
+    if diff:
+        raise ValueError(f"prefill and decode configurations differ ({diff})")
 
 
 def copied_tokens(tokens: int, prefill_block: int, decode_block: int) -> int:

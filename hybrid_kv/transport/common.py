@@ -1,0 +1,146 @@
+"""What both endpoints share: the side configuration (picklable, sent to rank processes), the
+deterministic oracle fill / verification run inside rank processes, and handshake checks."""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from hybrid_kv.batch import CacheGeometry, RequestBlocks
+from hybrid_kv.layout import RankLayout
+from hybrid_kv.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
+from hybrid_kv.plan import fingerprint_diff
+from hybrid_kv.spec import ModelSpec
+from hybrid_kv.spec_hf import load_spec
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    """One side (prefill or decode) of a deployment: model, TP, cache shape, device."""
+
+    model: str
+    tp_size: int
+    num_blocks: int
+    conv_layout: str = "DS"
+    kv_layout: str = "HND"
+    block_size: int = 16  # the user's --block-size
+    conv_dtype: str | None = None
+    ssm_dtype: str | None = None
+    kv_dtype: str | None = None
+    num_spec: int = 0
+    device: str = "cpu"
+
+    def spec(self) -> ModelSpec:
+        return load_spec(
+            self.model,
+            conv_dtype=self.conv_dtype,
+            ssm_dtype=self.ssm_dtype,
+            kv_dtype=self.kv_dtype,
+            num_spec=self.num_spec,
+        )
+
+    def layouts(self, spec: ModelSpec | None = None) -> list[RankLayout]:
+        spec = spec or self.spec()
+        return [
+            RankLayout(spec, self.tp_size, r, self.conv_layout, self.kv_layout, self.block_size)
+            for r in range(self.tp_size)
+        ]
+
+    def geometry(self, layout: RankLayout) -> CacheGeometry:
+        return CacheGeometry.of(layout, self.num_blocks)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def hello_fields(layout: RankLayout, cfg: SideConfig) -> dict:
+    """What a rank tells its peer about its pages (checked on the other side)."""
+    return {
+        "fingerprint": layout.fingerprint(),
+        "tp_size": cfg.tp_size,
+        "tp_rank": layout.tp_rank,
+        "cache_block_size": cfg.block_size,
+        "block_size": layout.block_size,
+        "page_bytes": layout.page_bytes,
+        "num_blocks": cfg.num_blocks,
+    }
+
+
+def check_peer(local: RankLayout, peer: dict, local_side: str, peer_side: str) -> RankLayout:
+    """Validate a peer's hello against our own spec: same model and dtypes, and page anatomy consistent
+    with its TP. Returns the peer's layout as we compute it. Raises ValueError naming the field."""
+    for key in ("fingerprint", "tp_size", "tp_rank", "cache_block_size", "block_size", "page_bytes", "num_blocks"):
+        if key not in peer:
+            raise ValueError(f"{peer_side} hello lacks field {key!r}")
+    a, b = (
+        (local.fingerprint(), peer["fingerprint"])
+        if local_side == "prefill"
+        else (peer["fingerprint"], local.fingerprint())
+    )
+    diff = fingerprint_diff(a, b)
+    if diff:
+        raise ValueError(f"prefill and decode configurations differ ({diff})")
+    try:
+        theirs = RankLayout(
+            local.spec,
+            int(peer["tp_size"]),
+            int(peer["tp_rank"]),
+            local.conv_layout,
+            local.kv_layout,
+            int(peer["cache_block_size"]),
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{peer_side} tp_size={peer.get('tp_size')} / tp_rank={peer.get('tp_rank')}: {e}") from e
+    for key in ("block_size", "page_bytes"):
+        if getattr(theirs, key) != peer[key]:
+            raise ValueError(
+                f"{peer_side} {key}={peer[key]} but the model at TP {peer['tp_size']} gives {getattr(theirs, key)}"
+            )
+    return theirs
+
+
+# ---- deterministic oracle, per rank process ---------------------------------------------------------------
+
+
+def _rng(*key: int | str) -> np.random.Generator:
+    """A generator keyed by ints and strings (request ids), the same in every process."""
+    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(str(k).encode()) for k in key])
+
+
+def background(geom: CacheGeometry, seed: int, side: int, rank: int) -> torch.Tensor:
+    """The random bytes a rank's cache starts with (side 0 = prefill, 1 = decode)."""
+    return random_bytes(geom.nbytes, _rng(seed, side, rank))
+
+
+def write_request(
+    cache: torch.Tensor,
+    layout: RankLayout,
+    num_blocks: int,
+    seed: int,
+    req: int,
+    blocks: RequestBlocks,
+    tokens: int,
+    prefill_block: int,
+    decode_block: int,
+    side: str,
+) -> None:
+    """Write request `req`'s oracle shards for this rank: prefill fills whole prefill blocks; decode
+    expects the tokens a transfer moves."""
+    filled, moved = kv_tokens_written(tokens, prefill_block, decode_block)
+    g = random_global_state(layout.spec, filled, _rng(seed, 1_000_003, req))
+    write_shards(cache, layout, num_blocks, g, blocks.state, list(blocks.kv), filled if side == "prefill" else moved)
+
+
+def blocks_from(obj) -> RequestBlocks:
+    state, kv = obj
+    return RequestBlocks(None if state is None else int(state), tuple(int(b) for b in kv))
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,450 @@
+"""Decode rank endpoint: connects to the prefill ranks it reads from, then moves requests.
+
+* packed: ask each source for each transfer unit (``pack``); on ``ready`` READ it with **one
+  descriptor** into a receive-staging slot; when the READ completes, scatter the unit into the pages
+  (one launch) and free the slot. The READ's notification tells the source to free its slot.
+* strided: one READ per source with one descriptor per contiguous run, page to page (vLLM-style).
+
+A request completes when every unit from every source has landed; it fails (with its id in the error)
+when a source disconnects, refuses, a READ errs, or the request's deadline passes. Pages of a failed
+request may hold some of its units, but the request is never reported as received.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hybrid_kv import ops
+from hybrid_kv.batch import request_tables, validate_blocks
+from hybrid_kv.plan import TransferPlan
+from hybrid_kv.transport.agent import Agent
+from hybrid_kv.transport.common import (
+    SideConfig,
+    background,
+    blocks_from,
+    check_peer,
+    hello_fields,
+    write_request,
+)
+from hybrid_kv.transport.pool import StagingPool
+from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
+
+
+@dataclass
+class DecodeOptions:
+    pool_bytes: int = 256 << 20
+    request_timeout_s: float = 60.0
+    handshake_timeout_s: float = 20.0
+    backend: str | None = None
+    poll_s: float = 0.0002
+
+
+@dataclass
+class Source:
+    rank: int
+    sock: socket.socket
+    agent: str
+    info: dict
+    alive: bool = True
+
+
+@dataclass
+class Request:
+    id: str
+    tokens: int
+    pblocks: object
+    dblocks: object
+    tables: dict  # prefill rank -> PairTables
+    start: float = 0.0
+    end: float = 0.0
+    pending: set = field(default_factory=set)  # (prefill rank, unit) not yet landed
+    error: str | None = None
+    descriptors: int = 0
+    nbytes: int = 0
+    post_us: float = 0.0
+    xfer_us: float = 0.0
+    nixl_descs: int = 0
+    ready_s: float = 0.0  # first 'ready' from a source, after the request started
+    read_s: float = 0.0  # READ post -> completion seen, summed over READs
+    scatter_s: float = 0.0  # unpack launches, summed
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or not self.pending
+
+
+class DecodeEndpoint:
+    def __init__(
+        self, cfg: SideConfig, rank: int, prefill: SideConfig, addrs: list[tuple[str, int]], opts: DecodeOptions
+    ) -> None:
+        self.cfg, self.rank, self.pcfg, self.opts = cfg, rank, prefill, opts
+        self.spec = cfg.spec()
+        self.layouts = cfg.layouts(self.spec)
+        self.layout = self.layouts[rank]
+        self.geom = cfg.geometry(self.layout)
+        self.pgeom = None
+        self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
+        self.recv = torch.empty(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
+        self.pool = StagingPool(opts.pool_bytes)
+        self.agent = Agent(f"decode-{rank}-{id(self):x}")
+        self.cache_reg = self.agent.register(self.cache)
+        self.recv_reg = self.agent.register(self.recv)
+        self.sel = selectors.DefaultSelector()
+        self.sources: dict[int, Source] = {}
+        self.player = None  # prefill layouts, as this rank computes them
+        self._connect(addrs)
+
+    # ---- handshake ------------------------------------------------------------------------------------
+
+    def _connect(self, addrs: list[tuple[str, int]]) -> None:
+        from hybrid_kv.layout import RankLayout
+
+        self.player = [
+            RankLayout(
+                self.spec, self.pcfg.tp_size, r, self.pcfg.conv_layout, self.pcfg.kv_layout, self.pcfg.block_size
+            )
+            for r in range(self.pcfg.tp_size)
+        ]
+        probe = TransferPlan(self.player, self.layouts, 1)
+        unit = None
+        for p in probe.sources_of(self.rank):
+            host, port = addrs[p]
+            sock = socket.create_connection((host, port), timeout=self.opts.handshake_timeout_s)
+            send_msg(
+                sock,
+                {"type": "hello", **hello_fields(self.layout, self.cfg), "agent": self.agent.name},
+                self.agent.metadata(),
+            )
+            msg, meta = recv_msg(sock, self.opts.handshake_timeout_s)
+            expect(msg, "welcome")
+            theirs = check_peer(self.layout, msg, "decode", "prefill")
+            if theirs.tp_rank != p:
+                raise ValueError(f"prefill at {host}:{port} is rank {theirs.tp_rank}, expected {p}")
+            if unit is not None and msg["max_unit_bytes"] != unit:
+                raise ValueError(f"prefill ranks disagree on max_unit_bytes ({unit} vs {msg['max_unit_bytes']})")
+            unit = int(msg["max_unit_bytes"])
+            name = self.agent.add_remote(meta)
+            sock.setblocking(True)
+            src = Source(p, sock, name, msg)
+            self.sources[p] = src
+            self.sel.register(sock, selectors.EVENT_READ, src)
+        self.unit_bytes = unit or probe.max_unit_bytes
+        self.pgeom = self.pcfg.geometry(self.player[0])
+        self._plans: dict[int, TransferPlan] = {}
+
+    def plan(self, tokens: int) -> TransferPlan:
+        if tokens not in self._plans:
+            self._plans[tokens] = TransferPlan(self.player, self.layouts, tokens, self.unit_bytes)
+        return self._plans[tokens]
+
+    # ---- oracle -----------------------------------------------------------------------------------------
+
+    def reset(self, seed: int) -> None:
+        self.cache.copy_(background(self.geom, seed, 1, self.rank))
+
+    def mismatches(self, seed: int, requests: list[dict], ok_ids: set[str]) -> list[str]:
+        """Compare the cache with the oracle: background plus the shards of every received request;
+        pages of failed requests are not compared (they may hold part of a request never reported)."""
+        want = background(self.geom, seed, 1, self.rank)
+        skip = torch.zeros(self.geom.num_layers * self.geom.num_blocks, dtype=torch.bool)
+        bs_p = self.player[0].block_size
+        for r in requests:
+            blocks = blocks_from(r["decode_blocks"])
+            if r["id"] in ok_ids:
+                write_request(
+                    want,
+                    self.layout,
+                    self.cfg.num_blocks,
+                    seed,
+                    r["id"],
+                    blocks,
+                    r["tokens"],
+                    bs_p,
+                    self.layout.block_size,
+                    "decode",
+                )
+            else:
+                for layer in self.spec.layers:
+                    ids = list(blocks.kv) if layer.kind.value == "attention" else [blocks.state]
+                    for b in ids:
+                        skip[layer.index * self.geom.num_blocks + b] = True
+        got = self.cache.cpu().view(-1, self.geom.page_bytes)
+        diff = (got != want.view(-1, self.geom.page_bytes)).any(dim=1) & ~skip
+        out = []
+        for i in torch.nonzero(diff).flatten().tolist()[:5]:
+            layer, block = divmod(i, self.geom.num_blocks)
+            out.append(f"decode rank {self.rank}: layer {layer} block {block} differs from the oracle")
+        return out
+
+    # ---- running requests -------------------------------------------------------------------------------
+
+    def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
+        if concurrency < 1:
+            raise ValueError(f"concurrency={concurrency} must be >= 1")
+        todo = deque(requests)
+        active: dict[str, Request] = {}
+        finished: list[Request] = []
+        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key)
+        self._wait_slot: deque = deque()  # (request, source rank, ready message) waiting for a recv slot
+        while todo or active:
+            while todo and len(active) < concurrency:
+                r = self._start(todo.popleft(), mode)
+                active[r.id] = r  # even a request that failed to start may have READs to retire
+            self._step(active, mode)
+            now = time.monotonic()
+            for rid, r in list(active.items()):
+                if not r.done and now - r.start > self.opts.request_timeout_s:
+                    r.error = (
+                        f"request {rid}: timed out after {self.opts.request_timeout_s:.1f} s waiting for "
+                        f"{sorted(r.pending)} (prefill rank, unit)"
+                    )
+                if r.done and not self._reads_of(r):
+                    r.end = time.monotonic()
+                    finished.append(active.pop(rid))
+        return finished
+
+    def _reads_of(self, r: Request) -> bool:
+        return any(v[0] is r for v in self._reads.values())
+
+    def _start(self, spec: dict, mode: str) -> Request:
+        plan = self.plan(int(spec["tokens"]))
+        pb, db = blocks_from(spec["prefill_blocks"]), blocks_from(spec["decode_blocks"])
+        r = Request(str(spec["id"]), int(spec["tokens"]), pb, db, {}, start=time.monotonic())
+        try:
+            validate_blocks([plan], "prefill", [pb], self.pcfg.num_blocks)
+            validate_blocks([plan], "decode", [db], self.cfg.num_blocks)
+        except ValueError as e:
+            r.error = f"request {r.id}: {e}"
+            return r
+        tables = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank)
+        r.tables = {p: t for (p, _), t in tables.items()}
+        for p, t in r.tables.items():
+            src = self.sources[p]
+            if not src.alive:
+                r.error = f"request {r.id}: prefill rank {p} is gone"
+                return r
+            if mode == "packed":
+                for u in range(len(t.units)):
+                    r.pending.add((p, u))
+                    try:
+                        send_msg(
+                            src.sock,
+                            {
+                                "type": "pack",
+                                "req": r.id,
+                                "unit": u,
+                                "tokens": r.tokens,
+                                "blocks": [pb.state, list(pb.kv)],
+                            },
+                        )
+                    except OSError as e:
+                        self._source_lost(src, f"{e}")
+            else:
+                runs = t.strided()
+                local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
+                remote = np.stack([src.info["cache"]["addr"] + runs[:, 0], runs[:, 3]], axis=1)
+                r.pending.add((p, 0))
+                self._post(r, p, 0, None, local, remote, f"sdone:{r.id}")
+        return r
+
+    def _post(self, r: Request, p: int, unit: int, slot_key, local: np.ndarray, remote: np.ndarray, notif: str) -> None:
+        src = self.sources[p]
+        try:
+            h = self.agent.read(
+                local,
+                remote,
+                src.agent,
+                notif.encode(),
+                self.cache_reg["mem"],
+                self.cache_reg["dev"],
+                src.info["cache"]["dev"],
+            )
+        except Exception as e:  # NIXL raises its own error types
+            r.error = f"request {r.id}: READ from prefill rank {p} failed to post: {e}"
+            if slot_key is not None:
+                self.pool.free(slot_key)
+            return
+        r.descriptors += len(local)
+        r.nbytes += int(local[:, 1].sum())
+        self._reads[h] = (r, p, unit, slot_key, time.monotonic())
+
+    def _step(self, active: dict[str, Request], mode: str) -> None:
+        for key, _ in self.sel.select(self.opts.poll_s):
+            self._on_message(key.data, active)
+        while self._wait_slot:
+            r, p, msg = self._wait_slot[0]
+            if not self._landing(r, p, msg):
+                break
+            self._wait_slot.popleft()
+        for h, (r, p, unit, slot_key, posted) in list(self._reads.items()):
+            state = self.agent.poll(h)
+            if state == "PROC" and self.sources[p].alive and time.monotonic() - r.start <= self.opts.request_timeout_s:
+                continue
+            r.read_s += time.monotonic() - posted
+            tel = self.agent.telemetry(h) if state == "DONE" else {}
+            try:
+                self.agent.release(h)
+            except Exception:  # a handle whose peer died may refuse release; it is dropped either way
+                pass
+            del self._reads[h]
+            if state != "DONE":
+                r.error = r.error or f"request {r.id}: READ from prefill rank {p} ended {state}"
+            else:
+                r.post_us += tel.get("post_us", 0)
+                r.xfer_us += tel.get("xfer_us", 0)
+                r.nixl_descs += tel.get("desc_count", 0)
+                if slot_key is not None and r.error is None:
+                    t = time.monotonic()
+                    t = time.monotonic()
+                    table = r.tables[p].unit_unpack(unit, self.pool.held(slot_key).offset)
+                    ops.copy_segments(self.recv, self.cache, table, backend=self.opts.backend)
+                    if self.cfg.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    r.scatter_s += time.monotonic() - t
+                r.pending.discard((p, unit))
+            if slot_key is not None:
+                self.pool.free(slot_key)
+
+    def _on_message(self, src: Source, active: dict[str, Request]) -> None:
+        try:
+            msg, _ = recv_msg(src.sock, 10.0)
+        except (PeerClosed, ProtocolError, TimeoutError, OSError) as e:
+            self._source_lost(src, str(e), active)
+            return
+        r = active.get(str(msg.get("req")))
+        if msg["type"] == "error":
+            if r is not None and r.error is None:
+                r.error = f"request {r.id}: prefill rank {src.rank} refused: {msg.get('message')}"
+            return
+        if msg["type"] != "ready":
+            return
+        if r is None or r.error is not None:
+            # A unit of a request that already failed: let the source free its slot now.
+            try:
+                send_msg(src.sock, {"type": "release", "req": msg.get("req"), "unit": msg.get("unit")})
+            except OSError:
+                pass
+            return
+        if not r.ready_s:
+            r.ready_s = time.monotonic() - r.start
+        if not self._landing(r, src.rank, msg):
+            self._wait_slot.append((r, src.rank, msg))
+
+    def _landing(self, r: Request, p: int, msg: dict) -> bool:
+        """Post the READ of a ready unit into a receive slot; False if no slot is free yet."""
+        unit, n = int(msg["unit"]), int(msg["nbytes"])
+        key = (r.id, p, unit)
+        slot = self.pool.alloc(key, n)
+        if slot is None:
+            return False
+        local = np.array([[self.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
+        remote = np.array([[int(msg["addr"]), n]], dtype=np.int64)
+        self._post(r, p, unit, key, local, remote, f"done:{r.id}:{unit}")
+        return True
+
+    def _source_lost(self, src: Source, why: str, active: dict[str, Request] | None = None) -> None:
+        if not src.alive:
+            return
+        src.alive = False
+        try:
+            self.sel.unregister(src.sock)
+        except (KeyError, ValueError):
+            pass
+        src.sock.close()
+        for r in (active or {}).values():
+            if any(p == src.rank for p, _ in r.pending) and r.error is None:
+                r.error = f"request {r.id}: prefill rank {src.rank} lost ({why})"
+
+    def counts(self) -> dict:
+        return {
+            **self.agent.counts(),
+            "staging_slots": self.pool.live,
+            "staging_in_use": self.pool.in_use,
+            "in_flight_reads": len(getattr(self, "_reads", {})),
+        }
+
+    def close(self) -> None:
+        for src in self.sources.values():
+            if src.alive:
+                try:
+                    send_msg(src.sock, {"type": "bye"})
+                except OSError:
+                    pass
+                src.sock.close()
+        self.sel.close()
+        self.agent.close()
+
+
+def result_row(r: Request) -> dict:
+    return {
+        "id": r.id,
+        "ok": r.error is None,
+        "error": r.error,
+        "start": r.start,
+        "end": r.end,
+        "descriptors": r.descriptors,
+        "bytes": r.nbytes,
+        "post_us": r.post_us,
+        "xfer_us": r.xfer_us,
+        "nixl_descs": r.nixl_descs,
+        "ready_s": r.ready_s,
+        "read_s": r.read_s,
+        "scatter_s": r.scatter_s,
+    }
+
+
+def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: DecodeOptions, ctl) -> None:
+    """Process entry: connect, then run what the driver asks until it says stop."""
+    try:
+        ep = DecodeEndpoint(cfg, rank, prefill, addrs, opts)
+    except Exception as e:  # reported to the driver, which raises it
+        ctl.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    ctl.send(("ready", {"sources": sorted(ep.sources), "unit_bytes": ep.unit_bytes}))
+    try:
+        while True:
+            try:
+                cmd, *args = ctl.recv()
+            except EOFError:
+                break
+            if cmd == "run":
+                mode, requests, concurrency, seed, verify = args
+                ep.reset(seed)
+                t0 = time.monotonic()
+                try:
+                    done = ep.run(mode, requests, concurrency)
+                except Exception as e:
+                    ctl.send(("failed", f"run: {type(e).__name__}: {e}"))
+                    continue
+                t1 = time.monotonic()
+                mism = ep.mismatches(seed, requests, {r.id for r in done if r.error is None}) if verify else []
+                ctl.send(
+                    (
+                        "result",
+                        {
+                            "rows": [result_row(r) for r in done],
+                            "t0": t0,
+                            "t1": t1,
+                            "mismatches": mism,
+                            "counts": ep.counts(),
+                        },
+                    )
+                )
+            elif cmd == "counts":
+                ctl.send(("counts", ep.counts()))
+            elif cmd == "stop":
+                break
+    finally:
+        ep.close()
+        counts = ep.counts()  # after close: what is still held is a leak
+        try:
+            ctl.send(("closed", counts))
+        except (BrokenPipeError, OSError):
+            pass

@@ -1,0 +1,241 @@
+"""Spawn prefill and decode rank processes on this machine and drive transfers between them.
+
+Every wait is bounded: a rank that does not answer within its deadline is an error naming the rank.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hybrid_kv.harness import random_blocks
+from hybrid_kv.plan import TransferPlan
+from hybrid_kv.transport import resolve_mode
+from hybrid_kv.transport.common import SideConfig
+from hybrid_kv.transport.decode import DecodeOptions, decode_main
+from hybrid_kv.transport.prefill import PrefillOptions, prefill_main
+
+
+@dataclass
+class TransferJob:
+    prefill: SideConfig
+    decode: SideConfig
+    requests: int = 8
+    tokens: int = 1024
+    concurrency: int = 4
+    seed: int = 0
+    verify: bool = True
+    prefill_opts: PrefillOptions = field(default_factory=PrefillOptions)
+    decode_opts: DecodeOptions = field(default_factory=DecodeOptions)
+    start_timeout_s: float = 120.0
+    run_timeout_s: float = 600.0
+
+
+def _recv(conn, what: str, timeout: float, *tags: str):
+    """The next message of a rank process, which must carry one of `tags` (if given)."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"{what}: no answer within {timeout:.0f} s")
+    try:
+        msg = conn.recv()
+    except EOFError as e:
+        raise RuntimeError(f"{what}: the process died") from e
+    if msg[0] == "failed":
+        raise RuntimeError(f"{what}: {msg[1]}")
+    if tags and msg[0] not in tags:
+        raise RuntimeError(f"{what}: unexpected answer {msg[0]!r} (process exited?)")
+    return msg
+
+
+def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]:
+    """The template plan, the request list (random interleaved block ids) and each side's block count."""
+    spec = job.prefill.spec()
+    plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)
+    plans = [plan] * job.requests
+    nbp = max(job.requests, job.requests * plan.num_kv_blocks("prefill")) + 2
+    nbd = max(job.requests, job.requests * plan.num_kv_blocks("decode")) + 2
+    rng = np.random.default_rng(job.seed)
+    pb, db = random_blocks(plans, "prefill", nbp, rng), random_blocks(plans, "decode", nbd, rng)
+    reqs = [
+        {
+            "id": f"req-{i}",
+            "tokens": job.tokens,
+            "prefill_blocks": [b.state, list(b.kv)],
+            "decode_blocks": [d.state, list(d.kv)],
+        }
+        for i, (b, d) in enumerate(zip(pb, db))
+    ]
+    return plan, reqs, nbp, nbd
+
+
+class Cluster:
+    """P and D rank processes of one TP pair. Use as a context manager."""
+
+    def __init__(self, job: TransferJob) -> None:
+        self.job = job
+        self.plan, self.requests, nbp, nbd = plan_requests(job)
+        from dataclasses import replace
+
+        self.pcfg = replace(job.prefill, num_blocks=max(job.prefill.num_blocks, nbp))
+        self.dcfg = replace(job.decode, num_blocks=max(job.decode.num_blocks, nbd))
+        self.ctx = mp.get_context("spawn")
+        self.pprocs, self.pconns, self.dprocs, self.dconns = [], [], [], []
+        self.closed_counts: dict[str, dict] = {}
+
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        t = self.job.start_timeout_s
+        for r in range(self.pcfg.tp_size):
+            a, b = self.ctx.Pipe()
+            p = self.ctx.Process(
+                target=prefill_main,
+                args=(self.pcfg, r, self.job.prefill_opts, b),
+                daemon=True,
+                name=f"hybrid-kv-prefill-{r}",
+            )
+            p.start()
+            self.pprocs.append(p)
+            self.pconns.append(a)
+        ports = []
+        for r, c in enumerate(self.pconns):
+            msg = _recv(c, f"prefill rank {r} start", t, "port")
+            ports.append(msg[1])
+        host = self.job.prefill_opts.host
+        self.addrs = [(host, port) for port in ports]
+        bs_d = self.plan.decode[0].block_size
+        for c in self.pconns:
+            c.send(("fill", self.job.seed, self.requests, bs_d))
+        for r, c in enumerate(self.pconns):
+            _recv(c, f"prefill rank {r} fill", t, "filled")
+        for r in range(self.dcfg.tp_size):
+            a, b = self.ctx.Pipe()
+            p = self.ctx.Process(
+                target=decode_main,
+                args=(self.dcfg, r, self.pcfg, self.addrs, self.job.decode_opts, b),
+                daemon=True,
+                name=f"hybrid-kv-decode-{r}",
+            )
+            p.start()
+            self.dprocs.append(p)
+            self.dconns.append(a)
+        for r, c in enumerate(self.dconns):
+            _recv(c, f"decode rank {r} handshake", t, "ready")
+
+    def run(self, mode: str | None = None, requests: list[dict] | None = None) -> dict:
+        """Move `requests` (default: all) in `mode` on every decode rank; returns the per-mode report."""
+        mode = resolve_mode(mode)
+        reqs = self.requests if requests is None else requests
+        for c in self.dconns:
+            c.send(("run", mode, reqs, self.job.concurrency, self.job.seed, self.job.verify))
+        results = []
+        for r, c in enumerate(self.dconns):
+            msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result")
+            results.append(msg[1])
+        return summarize(mode, reqs, results, self.job.verify)
+
+    def counts(self) -> dict[str, dict]:
+        out = {}
+        for side, conns, procs in (("prefill", self.pconns, self.pprocs), ("decode", self.dconns, self.dprocs)):
+            for r, (c, p) in enumerate(zip(conns, procs)):
+                if p.is_alive():
+                    c.send(("counts",))
+                    out[f"{side}-{r}"] = _recv(c, f"{side} rank {r} counts", 30, "counts")[1]
+        return out
+
+    def kill(self, side: str, rank: int) -> None:
+        procs = self.pprocs if side == "prefill" else self.dprocs
+        procs[rank].kill()
+        procs[rank].join(10)
+
+    def stop(self) -> None:
+        for side, conns, procs in (("decode", self.dconns, self.dprocs), ("prefill", self.pconns, self.pprocs)):
+            for r, (c, p) in enumerate(zip(conns, procs)):
+                if p.is_alive():
+                    try:
+                        c.send(("stop",))
+                        msg = _recv(c, f"{side} rank {r} stop", 30)
+                        while msg[0] != "closed":
+                            msg = _recv(c, f"{side} rank {r} stop", 30)
+                        self.closed_counts[f"{side}-{r}"] = msg[1]
+                    except (OSError, TimeoutError, RuntimeError):
+                        pass
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+
+
+def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool) -> dict:
+    """One mode's report: per-request latency spans all decode ranks (monotonic clock, one machine)."""
+    by_req: dict[str, list[dict]] = {}
+    for res in results:
+        for row in res["rows"]:
+            by_req.setdefault(row["id"], []).append(row)
+    lat, failures = [], []
+    for rid, rows in by_req.items():
+        errs = [r["error"] for r in rows if not r["ok"]]
+        if errs:
+            failures.append({"id": rid, "errors": errs})
+        else:
+            lat.append(max(r["end"] for r in rows) - min(r["start"] for r in rows))
+    t0, t1 = min(r["t0"] for r in results), max(r["t1"] for r in results)
+    nbytes = sum(row["bytes"] for res in results for row in res["rows"] if row["ok"])
+    desc = sum(row["descriptors"] for res in results for row in res["rows"])
+    mism = [m for res in results for m in res["mismatches"]]
+    ok = len(by_req) - len(failures)
+    return {
+        "mode": mode,
+        "requests": len(requests),
+        "completed": ok,
+        "failures": failures,
+        "descriptors": desc,
+        "descriptors_per_request": desc / max(1, len(requests)),
+        "bytes": nbytes,
+        "p50_ms": 1e3 * statistics.median(lat) if lat else None,
+        "p99_ms": 1e3 * float(np.percentile(lat, 99)) if lat else None,
+        "wall_s": t1 - t0,
+        "gbps": nbytes / (t1 - t0) / 1e9 if t1 > t0 else 0.0,
+        "nixl_post_us": sum(row["post_us"] for res in results for row in res["rows"]),
+        "nixl_xfer_us": sum(row["xfer_us"] for res in results for row in res["rows"]),
+        "nixl_descs": sum(row["nixl_descs"] for res in results for row in res["rows"]),
+        "phases_ms": {
+            k: 1e3 * statistics.mean(row[k] for res in results for row in res["rows"]) if lat else None
+            for k in ("ready_s", "read_s", "scatter_s")
+        },
+        "verified": (not mism and not failures) if verify else False,
+        "mismatches": mism,
+        "decode_counts": [res["counts"] for res in results],
+    }
+
+
+def run_job(job: TransferJob, modes: list[str], progress=None) -> dict:
+    """Start the ranks, run each mode, stop; `progress(step, total, text)` is told each phase."""
+    total = 2 + len(modes)
+    if progress:
+        progress(0, total, "starting ranks")
+    t = time.monotonic()
+    with Cluster(job) as cl:
+        if progress:
+            progress(1, total, f"ranks up in {time.monotonic() - t:.1f} s")
+        out = {}
+        for i, m in enumerate(modes):
+            out[m] = cl.run(m)
+            if progress:
+                progress(2 + i, total, f"{m}: {out[m]['completed']}/{out[m]['requests']} requests")
+        counts = cl.counts()
+    if progress:
+        progress(total, total, "ranks stopped")
+    return {"plan": cl.plan, "modes": out, "counts": counts, "closed_counts": cl.closed_counts}
