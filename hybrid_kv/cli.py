@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -84,6 +85,56 @@ def cmd_repack(args: argparse.Namespace) -> int:
     return 0 if report.get("verified") in (True, None) else 1
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from hybrid_kv.transport import MODES, resolve_mode
+    from hybrid_kv.transport.common import SideConfig
+    from hybrid_kv.transport.decode import DecodeOptions
+    from hybrid_kv.transport.launch import TransferJob, run_job
+    from hybrid_kv.transport.prefill import PrefillOptions
+
+    if args.mode == "both" or (args.mode is None and not os.environ.get("HYBRID_KV_TRANSFER")):
+        modes = list(MODES)
+    else:
+        modes = [resolve_mode(args.mode)]
+    side = dict(
+        model=args.model,
+        conv_layout=args.conv_layout,
+        kv_layout=args.kv_layout,
+        conv_dtype=args.conv_dtype,
+        ssm_dtype=args.ssm_dtype,
+        num_spec=args.num_spec,
+        device=args.device,
+        num_blocks=1,
+    )
+    job = TransferJob(
+        prefill=SideConfig(tp_size=args.prefill_tp, block_size=args.prefill_block_size, **side),
+        decode=SideConfig(tp_size=args.decode_tp, block_size=args.decode_block_size, **side),
+        requests=args.requests,
+        tokens=args.tokens,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        verify=args.verify,
+        prefill_opts=PrefillOptions(host=args.host, pool_bytes=args.pool_bytes, max_unit_bytes=args.max_unit_bytes),
+        decode_opts=DecodeOptions(pool_bytes=args.pool_bytes, request_timeout_s=args.timeout),
+    )
+    if args.requests < 1 or args.concurrency < 1:
+        raise ValueError(f"--requests={args.requests} and --concurrency={args.concurrency} must be >= 1")
+    _spec(args)  # a bad model or dtype fails here, before any process starts
+    if args.json:
+        out = run_job(job, modes)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task("transfer", total=2 + len(modes))
+            out = run_job(job, modes, lambda i, n, text: bar.update(task, completed=i, description=text))
+    from hybrid_kv.report import transfer_report
+
+    report = transfer_report(out, args)
+    _emit(report, args.json, "transfer")
+    return 0 if (report["verified"] or not args.verify) and not report["failed_requests"] else 1
+
+
 def _emit(report: dict, as_json: bool, kind: str) -> None:
     if as_json:
         json.dump(report, sys.stdout, indent=None if kind == "plan" else 2)
@@ -119,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_repack)
+    p = sub.add_parser("transfer", help="P and D rank processes over NIXL: transfer, verify, time")
+    _add_plan_args(p, tokens=512)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight per decode rank")
+    p.add_argument(
+        "--mode",
+        choices=("packed", "strided", "both"),
+        default=None,
+        help="default: $HYBRID_KV_TRANSFER if set, else both",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (DRAM) | cuda (VRAM)")
+    p.add_argument("--verify", action="store_true", help="check every decode byte against the oracle")
+    p.add_argument("--pool-bytes", type=int, default=256 << 20, help="staging pool per rank")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request deadline, seconds")
+    p.add_argument("--host", default="127.0.0.1", help="side-channel address of the prefill ranks")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_transfer)
     return ap
 
 

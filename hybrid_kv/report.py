@@ -276,3 +276,87 @@ def print_repack(rep: dict) -> None:
     con.print("verified: " + ("[green]byte-exact[/]" if v else "[red]MISMATCH[/]" if v is False else "not checked"))
     for m in rep.get("mismatches", []):
         con.print(f"  {m}")
+
+
+def transfer_report(out: dict, args) -> dict:
+    """The `hybrid-kv transfer --json` object: per mode descriptors, bytes, p50/p99, GB/s, verification."""
+    plan = out["plan"]
+    modes = {}
+    for m, r in out["modes"].items():
+        modes[m] = {
+            k: r[k]
+            for k in (
+                "requests",
+                "completed",
+                "descriptors",
+                "descriptors_per_request",
+                "bytes",
+                "p50_ms",
+                "p99_ms",
+                "gbps",
+                "wall_s",
+                "nixl_post_us",
+                "nixl_xfer_us",
+                "nixl_descs",
+                "phases_ms",
+                "verified",
+                "failures",
+                "mismatches",
+            )
+        }
+    leaks = {
+        k: {
+            f: v for f, v in c.items() if f in ("registrations", "remote_agents", "xfer_handles", "staging_slots") and v
+        }
+        for k, c in out["closed_counts"].items()
+    }
+    return {
+        "model": plan.spec.name,
+        "prefill_tp": plan.prefill_tp,
+        "decode_tp": plan.decode_tp,
+        "tokens": plan.tokens,
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "device": args.device,
+        "planned_descriptors_per_request": {"strided": plan.strided_descriptors(), "packed": plan.packed_descriptors()},
+        "modes": modes,
+        **{m: modes[m] for m in modes},
+        "verified": bool(args.verify) and all(v["verified"] for v in modes.values()),
+        "failed_requests": sum(len(v["failures"]) for v in modes.values()),
+        "leaks": {k: v for k, v in leaks.items() if v},
+    }
+
+
+def print_transfer(rep: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(
+        title=f"{rep['model']}: prefill TP {rep['prefill_tp']} -> decode TP {rep['decode_tp']}, "
+        f"{rep['requests']} requests x {rep['tokens']} tokens, concurrency {rep['concurrency']}, "
+        f"{rep['device']} memory over NIXL/UCX"
+    )
+    for col in ("mode", "ok", "MB moved", "descriptors/req", "p50 ms", "p99 ms", "GB/s", "NIXL post+xfer ms"):
+        t.add_column(col, justify="right")
+    for m, r in rep["modes"].items():
+        t.add_row(
+            m,
+            f"{r['completed']}/{r['requests']}",
+            f"{r['bytes'] / 1e6:,.1f}",
+            f"{r['descriptors_per_request']:,.0f}",
+            "-" if r["p50_ms"] is None else f"{r['p50_ms']:.1f}",
+            "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}",
+            f"{r['gbps']:.2f}",
+            f"{(r['nixl_post_us'] + r['nixl_xfer_us']) / 1e3:,.1f}",
+        )
+    con = Console()
+    con.print(t)
+    v = rep["verified"]
+    con.print("verified: " + ("[green]every decode byte matches the oracle[/]" if v else "[red]NOT verified[/]"))
+    for r in rep["modes"].values():
+        for f in r["failures"][:5]:
+            con.print(f"  [red]failed[/] {f['id']}: {f['errors'][0]}")
+        for m in r["mismatches"][:5]:
+            con.print(f"  [red]{m}[/]")
+    if rep["leaks"]:
+        con.print(f"[red]leaked handles after shutdown: {rep['leaks']}[/]")

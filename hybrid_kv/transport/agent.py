@@ -4,6 +4,10 @@ can prove none leaked and `close()` releases what is left."""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import numpy as np
 import torch
 
@@ -13,6 +17,14 @@ def _nixl():
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError as e:
         raise RuntimeError("the transport needs NIXL: pip install 'hybrid-kv[nixl]'") from e
+    # NIXL's Python logger writes INFO lines to stdout, which would corrupt `--json` output: send it to
+    # stderr, at WARNING unless NIXL_LOG_LEVEL asks for more.
+    log = logging.getLogger("nixl")
+    for h in log.handlers:
+        if isinstance(h, logging.StreamHandler) and h.stream is sys.stdout:
+            h.setStream(sys.stderr)
+    if not os.environ.get("NIXL_LOG_LEVEL"):
+        log.setLevel(logging.WARNING)
     return nixl_agent, nixl_agent_config
 
 

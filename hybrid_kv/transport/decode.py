@@ -36,6 +36,8 @@ from hybrid_kv.transport.common import (
 from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 
+IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
+
 
 @dataclass
 class DecodeOptions:
@@ -91,7 +93,8 @@ class DecodeEndpoint:
         self.geom = cfg.geometry(self.layout)
         self.pgeom = None
         self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
-        self.recv = torch.empty(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
+        # zeroed, not empty: registered memory should be resident (no first-touch faults mid-transfer)
+        self.recv = torch.zeros(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
         self.pool = StagingPool(opts.pool_bytes)
         self.agent = Agent(f"decode-{rank}-{id(self):x}")
         self.cache_reg = self.agent.register(self.cache)
@@ -99,7 +102,11 @@ class DecodeEndpoint:
         self.sel = selectors.DefaultSelector()
         self.sources: dict[int, Source] = {}
         self.player = None  # prefill layouts, as this rank computes them
-        self._connect(addrs)
+        try:
+            self._connect(addrs)
+        except BaseException:
+            self.close()  # a refused handshake must not leave sockets, peers or registrations behind
+            raise
 
     # ---- handshake ------------------------------------------------------------------------------------
 
@@ -130,6 +137,11 @@ class DecodeEndpoint:
             if unit is not None and msg["max_unit_bytes"] != unit:
                 raise ValueError(f"prefill ranks disagree on max_unit_bytes ({unit} vs {msg['max_unit_bytes']})")
             unit = int(msg["max_unit_bytes"])
+            if unit > self.pool.capacity:
+                raise ValueError(
+                    f"decode staging pool ({self.pool.capacity} B) is smaller than the prefill "
+                    f"transfer unit budget ({unit} B): raise the decode pool or lower max_unit_bytes"
+                )
             name = self.agent.add_remote(meta)
             sock.setblocking(True)
             src = Source(p, sock, name, msg)
@@ -276,7 +288,10 @@ class DecodeEndpoint:
         self._reads[h] = (r, p, unit, slot_key, time.monotonic())
 
     def _step(self, active: dict[str, Request], mode: str) -> None:
-        for key, _ in self.sel.select(self.opts.poll_s):
+        # Block on the side channel while no READ is in flight (no CPU burnt waiting for 'ready');
+        # poll briefly while READs progress (without a progress thread, polling drives UCX).
+        wait = self.opts.poll_s if (self._reads or self._wait_slot) else IDLE_WAIT_S
+        for key, _ in self.sel.select(wait):
             self._on_message(key.data, active)
         while self._wait_slot:
             r, p, msg = self._wait_slot[0]
@@ -414,9 +429,11 @@ def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: De
                 cmd, *args = ctl.recv()
             except EOFError:
                 break
-            if cmd == "run":
+            if cmd == "arm":  # reset the cache to the oracle background, then wait for "go"
                 mode, requests, concurrency, seed, verify = args
                 ep.reset(seed)
+                ctl.send(("armed",))
+            elif cmd == "go":
                 t0 = time.monotonic()
                 try:
                     done = ep.run(mode, requests, concurrency)

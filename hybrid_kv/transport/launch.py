@@ -35,6 +35,10 @@ class TransferJob:
     run_timeout_s: float = 600.0
 
 
+class RankFailed(RuntimeError):
+    """A rank process reported an error (and has exited)."""
+
+
 def _recv(conn, what: str, timeout: float, *tags: str):
     """The next message of a rank process, which must carry one of `tags` (if given)."""
     if not conn.poll(timeout):
@@ -44,7 +48,7 @@ def _recv(conn, what: str, timeout: float, *tags: str):
     except EOFError as e:
         raise RuntimeError(f"{what}: the process died") from e
     if msg[0] == "failed":
-        raise RuntimeError(f"{what}: {msg[1]}")
+        raise RankFailed(f"{what}: {msg[1]}")
     if tags and msg[0] not in tags:
         raise RuntimeError(f"{what}: unexpected answer {msg[0]!r} (process exited?)")
     return msg
@@ -84,6 +88,7 @@ class Cluster:
         self.ctx = mp.get_context("spawn")
         self.pprocs, self.pconns, self.dprocs, self.dconns = [], [], [], []
         self.closed_counts: dict[str, dict] = {}
+        self._failed: set[int] = set()  # ids of pipes whose rank reported failure (and exited)
 
     def __enter__(self) -> Cluster:
         try:
@@ -132,19 +137,37 @@ class Cluster:
             self.dprocs.append(p)
             self.dconns.append(a)
         for r, c in enumerate(self.dconns):
-            _recv(c, f"decode rank {r} handshake", t, "ready")
+            try:
+                _recv(c, f"decode rank {r} handshake", t, "ready")
+            except RankFailed:
+                self._failed.add(id(c))
+                raise
 
     def run(self, mode: str | None = None, requests: list[dict] | None = None) -> dict:
         """Move `requests` (default: all) in `mode` on every decode rank; returns the per-mode report."""
-        mode = resolve_mode(mode)
-        reqs = self.requests if requests is None else requests
+        self.start_run(mode, requests)
+        return self.collect()
+
+    def start_run(self, mode: str | None = None, requests: list[dict] | None = None) -> None:
+        """Arm every decode rank (cache reset to the oracle background), then start them together."""
+        self._mode = resolve_mode(mode)
+        self._reqs = self.requests if requests is None else requests
         for c in self.dconns:
-            c.send(("run", mode, reqs, self.job.concurrency, self.job.seed, self.job.verify))
+            c.send(("arm", self._mode, self._reqs, self.job.concurrency, self.job.seed, self.job.verify))
+        for r, c in enumerate(self.dconns):
+            _recv(c, f"decode rank {r} arm", self.job.start_timeout_s, "armed")
+        for c in self.dconns:  # all decode ranks start together: latency spans ranks without skew
+            c.send(("go",))
+
+    def collect(self, skip: set[int] = frozenset()) -> dict:
+        """Results of the run started by `start_run`, from every decode rank not in `skip` (killed)."""
         results = []
         for r, c in enumerate(self.dconns):
+            if r in skip:
+                continue
             msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result")
             results.append(msg[1])
-        return summarize(mode, reqs, results, self.job.verify)
+        return summarize(self._mode, self._reqs, results, self.job.verify)
 
     def counts(self) -> dict[str, dict]:
         out = {}
@@ -163,7 +186,7 @@ class Cluster:
     def stop(self) -> None:
         for side, conns, procs in (("decode", self.dconns, self.dprocs), ("prefill", self.pconns, self.pprocs)):
             for r, (c, p) in enumerate(zip(conns, procs)):
-                if p.is_alive():
+                if p.is_alive() and id(c) not in self._failed:
                     try:
                         c.send(("stop",))
                         msg = _recv(c, f"{side} rank {r} stop", 30)

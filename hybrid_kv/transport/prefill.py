@@ -38,6 +38,7 @@ from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
 
 MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
+IDLE_WAIT_S = 0.01  # longest sleep in select when no unit waits for a slot
 
 
 @dataclass
@@ -78,7 +79,8 @@ class PrefillEndpoint:
         self.geom = cfg.geometry(self.layout)
         self.unit_bytes = min(opts.max_unit_bytes, opts.pool_bytes)
         self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
-        self.staging = torch.empty(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
+        # zeroed, not empty: registered memory should be resident (no first-touch faults mid-transfer)
+        self.staging = torch.zeros(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
         self.pool = StagingPool(opts.pool_bytes)
         self.agent = Agent(f"prefill-{rank}-{id(self):x}")
         self.cache_reg = self.agent.register(self.cache)
@@ -121,7 +123,11 @@ class PrefillEndpoint:
     # ---- event loop -----------------------------------------------------------------------------------
 
     def step(self, timeout: float | None = None) -> None:
-        for key, _ in self.sel.select(self.opts.poll_s if timeout is None else timeout):
+        # Slots only need freeing promptly when units wait for one; otherwise sleep in select (a new
+        # message wakes it) instead of burning a core polling notifications.
+        if timeout is None:
+            timeout = self.opts.poll_s if self.waiting else IDLE_WAIT_S
+        for key, _ in self.sel.select(timeout):
             if key.data is None:
                 self._accept()
             else:
@@ -244,7 +250,7 @@ class PrefillEndpoint:
                 self.stats["pool_timeouts"] += 1
                 self._error(
                     w.peer,
-                    f"staging pool full for {self.opts.pool_wait_s:.1f} s: request "
+                    f"staging pool full for {self.opts.pool_wait_s:g} s: request "
                     f"{w.msg['req']} unit {w.msg['unit']} waited (pool {self.pool.capacity} B, "
                     f"{self.pool.in_use} B in use)",
                     req=w.msg["req"],

@@ -1,0 +1,43 @@
+"""Small real-model configs (fewer layers, real dims) written to disk for rank processes to load."""
+
+import json
+from pathlib import Path
+
+from hybrid_kv.spec_hf import load_config
+
+# A Granite-4.0-H-style model whose dims shard over 2, 3 and 6 (n_groups = 1: B/C replicated).
+GRANITE_236 = {
+    "architectures": ["GraniteMoeHybridForCausalLM"],
+    "torch_dtype": "bfloat16",
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 6,
+    "layer_types": ["mamba", "attention", "mamba"],
+    "mamba_n_heads": 12,
+    "mamba_d_head": 32,
+    "mamba_n_groups": 1,
+    "mamba_d_state": 64,
+    "mamba_d_conv": 4,
+    "mamba_expand": 2,
+}
+
+
+def small_config(tmp_path: Path, name: str) -> str:
+    if name == "granite-236":
+        cfg = dict(GRANITE_236)
+    else:
+        _, cfg = load_config(name)
+        cfg = json.loads(json.dumps(cfg))
+        if name.startswith("qwen3.5"):
+            cfg["text_config"]["layer_types"] = ["linear_attention"] * 3 + ["full_attention"]
+            cfg["text_config"]["num_hidden_layers"] = 4
+        elif name.startswith("nemotron"):
+            cfg["hybrid_override_pattern"] = "M-M*"
+        elif name.startswith("falcon"):
+            cfg["num_hidden_layers"] = 2
+        elif name.startswith("jamba"):
+            cfg["num_hidden_layers"] = 6  # attention at layer 4
+    path = tmp_path / name
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return str(path)
