@@ -144,3 +144,10 @@ def blocks_from(obj) -> RequestBlocks:
 
 def monotonic() -> float:
     return time.monotonic()
+
+
+def init_rank_process() -> None:
+    """Per-process set-up of a rank: one intra-op thread. Several rank processes share the host's
+    cores; torch's default (one OpenMP thread per core, spinning between regions) oversubscribes them
+    and turns each pack / scatter copy into a contention storm."""
+    torch.set_num_threads(1)

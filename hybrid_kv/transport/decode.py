@@ -31,6 +31,7 @@ from hybrid_kv.transport.common import (
     blocks_from,
     check_peer,
     hello_fields,
+    init_rank_process,
     write_request,
 )
 from hybrid_kv.transport.pool import StagingPool
@@ -258,6 +259,14 @@ class DecodeEndpoint:
                         )
                     except OSError as e:
                         self._source_lost(src, f"{e}")
+            elif mode == "contiguous":
+                # Benchmark reference: the same bytes per unit as one READ of contiguous memory (the
+                # source's staging area), no pack, no scatter. Contents are not meaningful.
+                for u, (a, b) in enumerate(t.units):
+                    r.pending.add((p, u))
+                    local = np.array([[self.recv_reg["addr"], b - a]], dtype=np.int64)
+                    remote = np.array([[src.info["staging"]["addr"], b - a]], dtype=np.int64)
+                    self._post(r, p, u, None, local, remote, f"cdone:{r.id}")
             else:
                 runs = t.strided()
                 local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
@@ -417,6 +426,7 @@ def result_row(r: Request) -> dict:
 
 def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: DecodeOptions, ctl) -> None:
     """Process entry: connect, then run what the driver asks until it says stop."""
+    init_rank_process()
     try:
         ep = DecodeEndpoint(cfg, rank, prefill, addrs, opts)
     except Exception as e:  # reported to the driver, which raises it

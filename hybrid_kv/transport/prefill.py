@@ -32,6 +32,7 @@ from hybrid_kv.transport.common import (
     blocks_from,
     check_peer,
     hello_fields,
+    init_rank_process,
     write_request,
 )
 from hybrid_kv.transport.pool import StagingPool
@@ -336,6 +337,7 @@ class PrefillEndpoint:
 
 def prefill_main(cfg: SideConfig, rank: int, opts: PrefillOptions, ctl) -> None:
     """Process entry: serve until the driver says stop (or the driver's pipe closes)."""
+    init_rank_process()
     try:
         ep = PrefillEndpoint(cfg, rank, opts)
     except Exception as e:  # reported to the driver, which raises it
