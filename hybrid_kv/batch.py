@@ -198,16 +198,18 @@ def request_tables(
     *,
     src_rank: int | None = None,
     dst_rank: int | None = None,
+    layouts: dict | None = None,
 ) -> dict[tuple[int, int], PairTables]:
-    """`PairTables` of every (prefill rank, decode rank) pair of one request (optionally one side's)."""
+    """`PairTables` of every (prefill rank, decode rank) pair of one request (optionally one side's),
+    for the plan's staging layouts or the given ones (`TransferPlan.split`)."""
     memo = plan.__dict__.setdefault("_pair_arrays", {})
     out = {}
-    for (p, d), lay in sorted(plan.staging.items()):
+    for (p, d), lay in sorted((plan.staging if layouts is None else layouts).items()):
         if (src_rank is not None and p != src_rank) or (dst_rank is not None and d != dst_rank):
             continue
-        if (p, d) not in memo:
-            memo[(p, d)] = _pair_arrays(lay)
-        out[(p, d)] = pair_tables(memo[(p, d)], lay, prefill, decode, prefill_geom, decode_geom)
+        if id(lay) not in memo:  # layouts are memoised by the plan, so their ids are stable
+            memo[id(lay)] = _pair_arrays(lay)
+        out[(p, d)] = pair_tables(memo[id(lay)], lay, prefill, decode, prefill_geom, decode_geom)
     return out
 
 

@@ -92,7 +92,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from hybrid_kv.transport.launch import TransferJob, run_job
     from hybrid_kv.transport.prefill import PrefillOptions
 
-    if args.mode == "both" or (args.mode is None and not os.environ.get("HYBRID_KV_TRANSFER")):
+    if args.mode == "both":
+        modes = ["packed", "strided"]
+    elif args.mode == "all" or (args.mode is None and not os.environ.get("HYBRID_KV_TRANSFER")):
         modes = list(MODES)
     else:
         modes = [resolve_mode(args.mode)]
@@ -176,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight per decode rank")
     p.add_argument(
         "--mode",
-        choices=("packed", "strided", "both"),
+        choices=("packed", "strided", "auto", "both", "all"),
         default=None,
-        help="default: $HYBRID_KV_TRANSFER if set, else both",
+        help="packed | strided | auto (cost model) | both (packed+strided) | all; "
+        "default: $HYBRID_KV_TRANSFER if set, else all",
     )
     p.add_argument("--device", default="cpu", help="cpu (DRAM) | cuda (VRAM)")
     p.add_argument("--verify", action="store_true", help="check every decode byte against the oracle")

@@ -257,6 +257,20 @@ class TransferPlan:
         """Packed staging layout of each (prefill rank, decode rank) pair."""
         return {pair: PackedLayout.of(ps, self.max_unit_bytes) for pair, ps in self.pairs.items()}
 
+    def split(self, threshold: int | None) -> tuple[dict, dict]:
+        """Per pair, (packed layout, direct layout) for a run-size `threshold` in bytes: pieces whose
+        runs are shorter are packed into staging, the others read page to page. None packs all."""
+        memo = self.__dict__.setdefault("_split", {})
+        if threshold not in memo:
+            packed, direct = {}, {}
+            for pair, ps in self.pairs.items():
+                small = [x for x in ps if threshold is None or x.src.row_bytes < threshold]
+                large = [x for x in ps if threshold is not None and x.src.row_bytes >= threshold]
+                packed[pair] = PackedLayout.of(small, self.max_unit_bytes)
+                direct[pair] = PackedLayout.of(large, self.max_unit_bytes)
+            memo[threshold] = (packed, direct)
+        return memo[threshold]
+
     def sources_of(self, dst_rank: int) -> list[int]:
         return sorted(p for p, d in self.pairs if d == dst_rank)
 

@@ -321,6 +321,7 @@ def transfer_report(out: dict, args) -> dict:
         "planned_descriptors_per_request": {"strided": plan.strided_descriptors(), "packed": plan.packed_descriptors()},
         "modes": modes,
         **{m: modes[m] for m in modes},
+        "cost_model": out.get("cost_model", []),
         "verified": bool(args.verify) and all(v["verified"] for v in modes.values()),
         "failed_requests": sum(len(v["failures"]) for v in modes.values()),
         "leaks": {k: v for k, v in leaks.items() if v},
@@ -351,6 +352,12 @@ def print_transfer(rep: dict) -> None:
         )
     con = Console()
     con.print(t)
+    if rep.get("cost_model") and "auto" in rep["modes"]:
+        c = rep["cost_model"][0]
+        con.print(
+            f"auto (decode rank 0): descriptor {c['desc_cost_us']:.2f} us, copy {c['copy_gbps']:.1f} GB/s -> "
+            f"runs under {c['threshold_bytes']:,} B are packed, longer runs read directly"
+        )
     v = rep["verified"]
     con.print("verified: " + ("[green]every decode byte matches the oracle[/]" if v else "[red]NOT verified[/]"))
     for r in rep["modes"].values():

@@ -185,3 +185,15 @@ def test_units_respect_budget():
     parts = split_piece(big, 100_000)
     assert sum(x.nbytes for x in parts) == big.nbytes and max(x.nbytes for x in parts) <= 100_000
     assert PackedLayout.of([big], 1 << 30).units == ((0, big.nbytes),)
+
+
+def test_split_by_run_size():
+    plan = TransferPlan.build(load_spec("qwen3.5-27b").truncated(2, 1), 2, 4, 1000, conv_layout="SD")
+    for th in (0, 2000, 10_000, 1 << 30):
+        packed, direct = plan.split(th)
+        for pair, ps in plan.pairs.items():
+            a, b = packed[pair].pieces, direct[pair].pieces
+            assert sorted(map(id, a + b)) == sorted(map(id, ps))  # a partition of the pair's pieces
+            assert all(x.src.row_bytes < th for x in a) and all(x.src.row_bytes >= th for x in b)
+    assert all(not lay.pieces for lay in plan.split(0)[0].values())
+    assert {k: v.units for k, v in plan.split(None)[0].items()} == {k: v.units for k, v in plan.staging.items()}

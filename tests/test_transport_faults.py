@@ -230,7 +230,7 @@ def test_mode_flag(monkeypatch):
     assert resolve_mode("packed") == "packed"
     monkeypatch.setenv("HYBRID_KV_TRANSFER", "fast")
     with pytest.raises(
-        ValueError, match=r"transfer mode 'fast' \(from HYBRID_KV_TRANSFER\) is not one of packed, strided"
+        ValueError, match=r"transfer mode 'fast' \(from HYBRID_KV_TRANSFER\) is not one of packed, strided, auto"
     ):
         resolve_mode()
 

@@ -3,7 +3,7 @@ strided modes. Each TP rank runs in its own process with its own NIXL agent (UCX
 
 from hybrid_kv.transport.wire import ProtocolError
 
-MODES = ("packed", "strided")
+MODES = ("packed", "strided", "auto")
 ENV_MODE = "HYBRID_KV_TRANSFER"
 
 

@@ -47,6 +47,9 @@ class DecodeOptions:
     handshake_timeout_s: float = 20.0
     backend: str | None = None
     poll_s: float = 0.0002
+    # Cost model of the auto mode; None = measured at start-up.
+    desc_cost_us: float | None = None  # NIXL cost of one more descriptor in a READ
+    copy_gbps: float | None = None  # local copy bandwidth (pack and scatter each copy once)
 
 
 @dataclass
@@ -151,6 +154,62 @@ class DecodeEndpoint:
         self.unit_bytes = unit or probe.max_unit_bytes
         self.pgeom = self.pcfg.geometry(self.player[0])
         self._plans: dict[int, TransferPlan] = {}
+        self.cost = self._calibrate()
+
+    def _calibrate(self) -> dict:
+        """The auto mode's cost model: packing a run of b bytes costs two copies (pack, scatter) of b,
+        reading it directly costs one descriptor; so pack runs shorter than desc_cost * copy_bw / 2."""
+        copy_gbps, desc_us = self.opts.copy_gbps, self.opts.desc_cost_us
+        n, size = 256, 4096
+        if copy_gbps is None:
+            half = min(32 << 20, self.pool.capacity // 2)
+            a, b = self.recv[:half], self.recv[half : 2 * half]
+            ts = []
+            for _ in range(5):
+                t = time.monotonic()
+                b.copy_(a)
+                if self.cfg.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                ts.append(time.monotonic() - t)
+            copy_gbps = half / sorted(ts)[2] / 1e9
+        if (
+            desc_us is None
+            and self.sources
+            and min(self.pool.capacity, self.sources[min(self.sources)].info["staging"]["nbytes"]) >= n * size
+        ):
+            src = self.sources[min(self.sources)]
+            rb, sb = self.recv_reg["addr"], src.info["staging"]["addr"]
+            many_l = np.array([[rb + i * size, size] for i in range(n)], dtype=np.int64)
+            many_r = np.array([[sb + i * size, size] for i in range(n)], dtype=np.int64)
+            one_l = np.array([[rb, n * size]], dtype=np.int64)
+            one_r = np.array([[sb, n * size]], dtype=np.int64)
+            t_many = sorted(self._timed_read(src, many_l, many_r) for _ in range(5))[2]
+            t_one = sorted(self._timed_read(src, one_l, one_r) for _ in range(5))[2]
+            desc_us = max(0.0, t_many - t_one) / (n - 1) * 1e6
+        desc_us = 0.0 if desc_us is None else desc_us
+        threshold = int(desc_us * 1e-6 * copy_gbps * 1e9 / 2)
+        return {"desc_cost_us": desc_us, "copy_gbps": copy_gbps, "threshold_bytes": threshold}
+
+    def _timed_read(self, src: Source, local: np.ndarray, remote: np.ndarray) -> float:
+        t = time.monotonic()
+        h = self.agent.read(
+            local,
+            remote,
+            src.agent,
+            b"calibrate",
+            self.cache_reg["mem"],
+            self.cache_reg["dev"],
+            src.info["cache"]["dev"],
+        )
+        try:
+            while (state := self.agent.poll(h)) == "PROC":
+                if time.monotonic() - t > self.opts.handshake_timeout_s:
+                    raise TimeoutError("calibration READ did not complete")
+            if state != "DONE":
+                raise RuntimeError(f"calibration READ ended {state}")
+        finally:
+            self.agent.release(h)
+        return time.monotonic() - t
 
     def plan(self, tokens: int) -> TransferPlan:
         if tokens not in self._plans:
@@ -236,14 +295,25 @@ class DecodeEndpoint:
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return r
-        tables = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank)
+        threshold = self.cost["threshold_bytes"] if mode == "auto" else None
+        packed_l, direct_l = plan.split(threshold) if mode == "auto" else (None, None)
+        tables = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=packed_l)
         r.tables = {p: t for (p, _), t in tables.items()}
+        if mode == "auto":
+            direct = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=direct_l)
+            for (p, _), t in direct.items():
+                if len(t.src) and self.sources[p].alive:
+                    runs = t.strided()
+                    local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
+                    remote = np.stack([self.sources[p].info["cache"]["addr"] + runs[:, 0], runs[:, 3]], axis=1)
+                    r.pending.add((p, -1))
+                    self._post(r, p, -1, None, local, remote, f"sdone:{r.id}")
         for p, t in r.tables.items():
             src = self.sources[p]
             if not src.alive:
                 r.error = f"request {r.id}: prefill rank {p} is gone"
                 return r
-            if mode == "packed":
+            if mode in ("packed", "auto"):
                 for u in range(len(t.units)):
                     r.pending.add((p, u))
                     try:
@@ -255,6 +325,7 @@ class DecodeEndpoint:
                                 "unit": u,
                                 "tokens": r.tokens,
                                 "blocks": [pb.state, list(pb.kv)],
+                                "threshold": threshold,
                             },
                         )
                     except OSError as e:
@@ -432,7 +503,7 @@ def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: De
     except Exception as e:  # reported to the driver, which raises it
         ctl.send(("failed", f"{type(e).__name__}: {e}"))
         return
-    ctl.send(("ready", {"sources": sorted(ep.sources), "unit_bytes": ep.unit_bytes}))
+    ctl.send(("ready", {"sources": sorted(ep.sources), "unit_bytes": ep.unit_bytes, "cost": ep.cost}))
     try:
         while True:
             try:

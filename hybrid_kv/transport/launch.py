@@ -89,6 +89,7 @@ class Cluster:
         self.pprocs, self.pconns, self.dprocs, self.dconns = [], [], [], []
         self.closed_counts: dict[str, dict] = {}
         self._failed: set[int] = set()  # ids of pipes whose rank reported failure (and exited)
+        self.ready_info: list[dict] = []  # per decode rank: sources, unit budget, cost model
 
     def __enter__(self) -> Cluster:
         try:
@@ -138,7 +139,7 @@ class Cluster:
             self.dconns.append(a)
         for r, c in enumerate(self.dconns):
             try:
-                _recv(c, f"decode rank {r} handshake", t, "ready")
+                self.ready_info.append(_recv(c, f"decode rank {r} handshake", t, "ready")[1])
             except RankFailed:
                 self._failed.add(id(c))
                 raise
@@ -261,4 +262,10 @@ def run_job(job: TransferJob, modes: list[str], progress=None) -> dict:
         counts = cl.counts()
     if progress:
         progress(total, total, "ranks stopped")
-    return {"plan": cl.plan, "modes": out, "counts": counts, "closed_counts": cl.closed_counts}
+    return {
+        "plan": cl.plan,
+        "modes": out,
+        "counts": counts,
+        "closed_counts": cl.closed_counts,
+        "cost_model": [x["cost"] for x in cl.ready_info],
+    }

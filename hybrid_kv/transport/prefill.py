@@ -270,9 +270,13 @@ class PrefillEndpoint:
             raise ValueError(f"request {req}: decode rank {peer.tp_rank} reads nothing from prefill rank {self.rank}")
         blocks = blocks_from(msg["blocks"])
         validate_blocks([plan], "prefill", [blocks], self.cfg.num_blocks)
-        tables = request_tables(plan, blocks, None, self.geom, self.geom, src_rank=self.rank, dst_rank=peer.tp_rank)[
-            pair
-        ]
+        th = msg.get("threshold")
+        if th is not None and (not isinstance(th, int) or th < 0):
+            raise ValueError(f"request {req}: threshold={th!r} must be a non-negative integer or null")
+        layouts = plan.staging if th is None else plan.split(th)[0]
+        tables = request_tables(
+            plan, blocks, None, self.geom, self.geom, src_rank=self.rank, dst_rank=peer.tp_rank, layouts=layouts
+        )[pair]
         if not 0 <= unit < len(tables.units):
             raise ValueError(f"request {req}: unit {unit} out of range [0, {len(tables.units)})")
         a, b = tables.units[unit]
