@@ -107,7 +107,7 @@ def main(argv=None) -> int:
             decode_opts=DecodeOptions(pool_bytes=1 << 30),
         )
         with Cluster(job) as cl:
-            for mode in ("contiguous", "packed", "strided"):
+            for mode in ("contiguous", "packed", "strided", "auto"):
                 reps = [cl.run(mode) for _ in range(args.repeats + 1)][1:]  # first run: warm-up
                 p50 = statistics.median(r["p50_ms"] for r in reps)
                 p99 = statistics.median(r["p99_ms"] for r in reps)
