@@ -193,12 +193,16 @@ def main(argv=None) -> int:
                     f"{r['gbps']:>7.2f}",
                     flush=True,
                 )
-    if args.csv and out:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(out[0]))
-            w.writeheader()
-            w.writerows(out)
+    write_csv(args.csv, out)
     return 0
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    if path and rows:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ request, NIXL post+transfer time, and the pack / read / scatter phase split.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from dataclasses import replace
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_repack import environment
+from bench_repack import environment, write_csv
 
 from hybrid_kv.transport.common import SideConfig
 from hybrid_kv.transport.decode import DecodeOptions
@@ -143,11 +142,7 @@ def main(argv=None) -> int:
                     f"{ph['ready_s']:>7.1f}/{ph['read_s']:>6.1f}/{ph['scatter_s']:>6.1f}",
                     flush=True,
                 )
-    if args.csv and rows:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(args.csv, rows)
     return 0
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from itertools import pairwise
 
@@ -50,6 +50,11 @@ class Piece:
     def runs(self) -> int:
         """Contiguous runs: NIXL descriptors in strided mode."""
         return self.src.rows
+
+    def run_offsets(self) -> list[tuple[int, int, int]]:
+        """(src offset, dst offset, nbytes) of each contiguous run, within the two pages."""
+        s, d = self.src, self.dst
+        return [(s.offset + r * s.stride, d.offset + r * d.stride, s.row_bytes) for r in range(s.rows)]
 
 
 def _piece(src_rank, dst_rank, layer, component, src_block, dst_block, src: Region, dst: Region) -> Piece:
@@ -333,33 +338,20 @@ def split_piece(p: Piece, max_bytes: int) -> list[Piece]:
     if s.rows > 1 and s.row_bytes <= max_bytes:
         per = max(1, max_bytes // s.row_bytes)
         return [
-            Piece(
-                p.src_rank,
-                p.dst_rank,
-                p.layer,
-                p.component,
-                p.src_block,
-                p.dst_block,
-                Region(s.offset + r * s.stride, min(per, s.rows - r), s.row_bytes, s.stride),
-                Region(t.offset + r * t.stride, min(per, s.rows - r), s.row_bytes, t.stride),
+            replace(
+                p,
+                src=Region(s.offset + r * s.stride, min(per, s.rows - r), s.row_bytes, s.stride),
+                dst=Region(t.offset + r * t.stride, min(per, s.rows - r), s.row_bytes, t.stride),
             )
             for r in range(0, s.rows, per)
         ]
     step = max_bytes - max_bytes % STAGING_ALIGN
-    out = []
-    for r in range(s.rows):
-        for b in range(0, s.row_bytes, step):
-            n = min(step, s.row_bytes - b)
-            out.append(
-                Piece(
-                    p.src_rank,
-                    p.dst_rank,
-                    p.layer,
-                    p.component,
-                    p.src_block,
-                    p.dst_block,
-                    Region(s.offset + r * s.stride + b, 1, n, n),
-                    Region(t.offset + r * t.stride + b, 1, n, n),
-                )
-            )
-    return out
+    return [
+        replace(
+            p,
+            src=Region(s.offset + r * s.stride + b, 1, min(step, s.row_bytes - b), min(step, s.row_bytes - b)),
+            dst=Region(t.offset + r * t.stride + b, 1, min(step, s.row_bytes - b), min(step, s.row_bytes - b)),
+        )
+        for r in range(s.rows)
+        for b in range(0, s.row_bytes, step)
+    ]

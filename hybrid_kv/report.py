@@ -85,7 +85,7 @@ def plan_report(plan: TransferPlan, model: str | None = None) -> dict:
     for pc in plan.pieces:
         if pc.component == "kv" and pc.dst_block != 0:
             continue
-        for r in range(pc.src.rows):
+        for src, dst, n in pc.run_offsets():
             reads.append(
                 {
                     "decode_rank": pc.dst_rank,
@@ -94,9 +94,9 @@ def plan_report(plan: TransferPlan, model: str | None = None) -> dict:
                     "component": pc.component,
                     "src_block": pc.src_block,
                     "dst_block": pc.dst_block,
-                    "src_offset": pc.src.offset + r * pc.src.stride,
-                    "dst_offset": pc.dst.offset + r * pc.dst.stride,
-                    "nbytes": pc.src.row_bytes,
+                    "src_offset": src,
+                    "dst_offset": dst,
+                    "nbytes": n,
                 }
             )
     return {

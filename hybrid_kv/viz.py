@@ -132,10 +132,9 @@ def plot_plan(plan: TransferPlan, path: str | Path | None = None, layer: int | N
                 continue
             s0, sn = region(plan.prefill[pc.src_rank])
             d0, dn = region(plan.decode[pc.dst_rank])
-            for r in range(pc.src.rows):
-                a = (pc.src.offset + r * pc.src.stride - s0) / sn
-                b = (pc.dst.offset + r * pc.dst.stride - d0) / dn
-                wa, wb = pc.src.row_bytes / sn, pc.dst.row_bytes / dn
+            for src_off, dst_off, n in pc.run_offsets():
+                a, b = (src_off - s0) / sn, (dst_off - d0) / dn
+                wa, wb = n / sn, n / dn
                 color = COLORS.get(pc.component, "#999999")
                 ys, yd = y_p[pc.src_rank], y_d[pc.dst_rank]
                 ax.add_patch(Rectangle((a, ys), wa, 0.6, facecolor=color, edgecolor="white", linewidth=0.8))
@@ -154,9 +153,9 @@ def plot_plan(plan: TransferPlan, path: str | Path | None = None, layer: int | N
                         "decode_rank": pc.dst_rank,
                         "component": pc.component,
                         "layer": pc.layer,
-                        "src_offset": pc.src.offset + r * pc.src.stride,
-                        "dst_offset": pc.dst.offset + r * pc.dst.stride,
-                        "nbytes": pc.src.row_bytes,
+                        "src_offset": src_off,
+                        "dst_offset": dst_off,
+                        "nbytes": n,
                     }
                 )
         p_size, d_size = region(plan.prefill[0])[1], region(plan.decode[0])[1]

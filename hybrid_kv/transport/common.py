@@ -151,3 +151,23 @@ def init_rank_process() -> None:
     cores; torch's default (one OpenMP thread per core, spinning between regions) oversubscribes them
     and turns each pack / scatter copy into a contention storm."""
     torch.set_num_threads(1)
+
+
+class RankMemory:
+    """One rank's registered memory: its flat cache and its staging pool (zeroed, not empty: registered
+    memory should be resident, with no first-touch faults mid-transfer), on one NIXL agent."""
+
+    def __init__(self, cfg: SideConfig, rank: int, pool_bytes: int, role: str) -> None:
+        from hybrid_kv.transport.agent import Agent
+        from hybrid_kv.transport.pool import StagingPool
+
+        self.spec = cfg.spec()
+        self.layouts = cfg.layouts(self.spec)
+        self.layout = self.layouts[rank]
+        self.geom = cfg.geometry(self.layout)
+        self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
+        self.staging = torch.zeros(pool_bytes, dtype=torch.uint8, device=cfg.device)
+        self.pool = StagingPool(pool_bytes)
+        self.agent = Agent(f"{role}-{rank}-{id(self):x}")
+        self.cache_reg = self.agent.register(self.cache)
+        self.staging_reg = self.agent.register(self.staging)

@@ -24,8 +24,8 @@ import torch
 from hybrid_kv import ops
 from hybrid_kv.batch import request_tables, validate_blocks
 from hybrid_kv.plan import TransferPlan
-from hybrid_kv.transport.agent import Agent
 from hybrid_kv.transport.common import (
+    RankMemory,
     SideConfig,
     background,
     blocks_from,
@@ -34,7 +34,6 @@ from hybrid_kv.transport.common import (
     init_rank_process,
     write_request,
 )
-from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
@@ -91,18 +90,11 @@ class DecodeEndpoint:
         self, cfg: SideConfig, rank: int, prefill: SideConfig, addrs: list[tuple[str, int]], opts: DecodeOptions
     ) -> None:
         self.cfg, self.rank, self.pcfg, self.opts = cfg, rank, prefill, opts
-        self.spec = cfg.spec()
-        self.layouts = cfg.layouts(self.spec)
-        self.layout = self.layouts[rank]
-        self.geom = cfg.geometry(self.layout)
+        mem = RankMemory(cfg, rank, opts.pool_bytes, "decode")
+        self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
+        self.cache, self.recv, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
+        self.cache_reg, self.recv_reg = mem.cache_reg, mem.staging_reg
         self.pgeom = None
-        self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
-        # zeroed, not empty: registered memory should be resident (no first-touch faults mid-transfer)
-        self.recv = torch.zeros(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
-        self.pool = StagingPool(opts.pool_bytes)
-        self.agent = Agent(f"decode-{rank}-{id(self):x}")
-        self.cache_reg = self.agent.register(self.cache)
-        self.recv_reg = self.agent.register(self.recv)
         self.sel = selectors.DefaultSelector()
         self.sources: dict[int, Source] = {}
         self.player = None  # prefill layouts, as this rank computes them

@@ -25,8 +25,8 @@ from hybrid_kv import ops
 from hybrid_kv.batch import request_tables, validate_blocks
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
-from hybrid_kv.transport.agent import Agent
 from hybrid_kv.transport.common import (
+    RankMemory,
     SideConfig,
     background,
     blocks_from,
@@ -35,7 +35,6 @@ from hybrid_kv.transport.common import (
     init_rank_process,
     write_request,
 )
-from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
 
 MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
@@ -74,18 +73,11 @@ class Waiting:
 class PrefillEndpoint:
     def __init__(self, cfg: SideConfig, rank: int, opts: PrefillOptions) -> None:
         self.cfg, self.rank, self.opts = cfg, rank, opts
-        self.spec = cfg.spec()
-        self.layouts = cfg.layouts(self.spec)
-        self.layout = self.layouts[rank]
-        self.geom = cfg.geometry(self.layout)
+        mem = RankMemory(cfg, rank, opts.pool_bytes, "prefill")
+        self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
+        self.cache, self.staging, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
+        self.cache_reg, self.staging_reg = mem.cache_reg, mem.staging_reg
         self.unit_bytes = min(opts.max_unit_bytes, opts.pool_bytes)
-        self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
-        # zeroed, not empty: registered memory should be resident (no first-touch faults mid-transfer)
-        self.staging = torch.zeros(opts.pool_bytes, dtype=torch.uint8, device=cfg.device)
-        self.pool = StagingPool(opts.pool_bytes)
-        self.agent = Agent(f"prefill-{rank}-{id(self):x}")
-        self.cache_reg = self.agent.register(self.cache)
-        self.staging_reg = self.agent.register(self.staging)
         self.sel = selectors.DefaultSelector()
         self.server = socket.create_server((opts.host, opts.port))
         self.server.setblocking(False)
