@@ -355,8 +355,9 @@ def print_transfer(rep: dict) -> None:
     if rep.get("cost_model") and "auto" in rep["modes"]:
         c = rep["cost_model"][0]
         con.print(
-            f"auto (decode rank 0): descriptor {c['desc_cost_us']:.2f} us, copy {c['copy_gbps']:.1f} GB/s -> "
-            f"runs under {c['threshold_bytes']:,} B are packed, longer runs read directly"
+            f"auto (decode rank 0): descriptor {c['desc_cost_us']:.2f} us, copy {c['copy_gbps']:.1f} GB/s, "
+            f"round trip {c['rtt_us']:.0f} us -> runs under {c['threshold_bytes']:,} B are packed where that pays "
+            "for the packer's load, the rest read directly"
         )
     v = rep["verified"]
     con.print("verified: " + ("[green]every decode byte matches the oracle[/]" if v else "[red]NOT verified[/]"))

@@ -179,8 +179,33 @@ class DecodeEndpoint:
             t_one = sorted(self._timed_read(src, one_l, one_r) for _ in range(5))[2]
             desc_us = max(0.0, t_many - t_one) / (n - 1) * 1e6
         desc_us = 0.0 if desc_us is None else desc_us
+        rtt_us = 0.0
+        if self.sources:
+            src = self.sources[min(self.sources)]
+            ts = []
+            for _ in range(5):
+                t = time.monotonic()
+                send_msg(src.sock, {"type": "ping"})
+                expect(recv_msg(src.sock, self.opts.handshake_timeout_s)[0], "pong")
+                ts.append(time.monotonic() - t)
+            rtt_us = sorted(ts)[2] * 1e6
         threshold = int(desc_us * 1e-6 * copy_gbps * 1e9 / 2)
-        return {"desc_cost_us": desc_us, "copy_gbps": copy_gbps, "threshold_bytes": threshold}
+        return {"desc_cost_us": desc_us, "copy_gbps": copy_gbps, "rtt_us": rtt_us, "threshold_bytes": threshold}
+
+    def _pack_pays(self, plan: TransferPlan, p: int, packed: dict) -> bool:
+        """Per pair: do the descriptors saved by packing its short runs pay for a side-channel round
+        trip plus the two copies, given that source's single packer serves every decode rank reading
+        from it, each with `concurrency` requests in flight?"""
+        lay = packed.get((p, self.rank))
+        if lay is None or not lay.pieces:
+            return False
+        c = self.cost
+        runs = sum(x.runs for x in lay.pieces)
+        nbytes = sum(x.nbytes for x in lay.pieces)
+        load = sum(1 for (q, _) in plan.pairs if q == p) * self._concurrency
+        saved = runs * c["desc_cost_us"]
+        cost = c["rtt_us"] + 2 * nbytes / (c["copy_gbps"] * 1e3) * load
+        return saved > cost
 
     def _timed_read(self, src: Source, local: np.ndarray, remote: np.ndarray) -> float:
         t = time.monotonic()
@@ -252,6 +277,7 @@ class DecodeEndpoint:
     def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
+        self._concurrency = concurrency
         todo = deque(requests)
         active: dict[str, Request] = {}
         finished: list[Request] = []
@@ -288,13 +314,22 @@ class DecodeEndpoint:
             r.error = f"request {r.id}: {e}"
             return r
         threshold = self.cost["threshold_bytes"] if mode == "auto" else None
-        packed_l, direct_l = plan.split(threshold) if mode == "auto" else (None, None)
+        packed_l = direct_l = None
+        if mode == "auto":
+            packed_t, direct_t = plan.split(threshold)
+            direct_all = plan.split(0)[1]
+            pays = {p: self._pack_pays(plan, p, packed_t) for p, _ in plan.pairs}
+            packed_l = {k: v for k, v in packed_t.items() if pays[k[0]]}
+            direct_l = {k: (direct_t[k] if pays[k[0]] else direct_all[k]) for k in plan.pairs}
         tables = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=packed_l)
         r.tables = {p: t for (p, _), t in tables.items()}
         if mode == "auto":
             direct = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=direct_l)
             for (p, _), t in direct.items():
-                if len(t.src) and self.sources[p].alive:
+                if not self.sources[p].alive:
+                    r.error = f"request {r.id}: prefill rank {p} is gone"
+                    return r
+                if len(t.src):
                     runs = t.strided()
                     local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
                     remote = np.stack([self.sources[p].info["cache"]["addr"] + runs[:, 0], runs[:, 3]], axis=1)

@@ -170,6 +170,8 @@ class PrefillEndpoint:
             elif msg["type"] == "pack":
                 self.waiting.append(Waiting(peer, msg, time.monotonic()))
                 self._retry_waiting()
+            elif msg["type"] == "ping":  # the decode rank's cost model measures the round trip
+                send_msg(peer.sock, {"type": "pong"})
             elif msg["type"] == "release":
                 key = (id(peer), msg["req"], int(msg["unit"]))
                 if self.pool.held(key):
