@@ -171,3 +171,36 @@ class RankMemory:
         self.agent = Agent(f"{role}-{rank}-{id(self):x}")
         self.cache_reg = self.agent.register(self.cache)
         self.staging_reg = self.agent.register(self.staging)
+
+
+def verify_cache(
+    cache: torch.Tensor,
+    layout: RankLayout,
+    num_blocks: int,
+    prefill_block: int,
+    seed: int,
+    requests: list[dict],
+    ok_ids: set[str],
+) -> list[str]:
+    """A decode rank's cache against the oracle: its background plus the shards of every received
+    request. Pages of failed requests are not compared: they may hold part of a request that was never
+    reported as received."""
+    geom = CacheGeometry.of(layout, num_blocks)
+    want = background(geom, seed, 1, layout.tp_rank)
+    skip = torch.zeros(geom.num_layers * geom.num_blocks, dtype=torch.bool)
+    for r in requests:
+        blocks = blocks_from(r["decode_blocks"])
+        if r["id"] in ok_ids:
+            write_request(
+                want, layout, num_blocks, seed, r["id"], blocks, r["tokens"], prefill_block, layout.block_size, "decode"
+            )
+            continue
+        for layer in layout.spec.layers:
+            for b in list(blocks.kv) if layer.kind.value == "attention" else [blocks.state]:
+                skip[layer.index * geom.num_blocks + b] = True
+    diff = (cache.cpu().view(-1, geom.page_bytes) != want.view(-1, geom.page_bytes)).any(dim=1) & ~skip
+    out = []
+    for i in torch.nonzero(diff).flatten().tolist()[:5]:
+        layer, block = divmod(i, geom.num_blocks)
+        out.append(f"decode rank {layout.tp_rank}: layer {layer} block {block} differs from the oracle")
+    return out

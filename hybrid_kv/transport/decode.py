@@ -32,8 +32,9 @@ from hybrid_kv.transport.common import (
     check_peer,
     hello_fields,
     init_rank_process,
-    write_request,
+    verify_cache,
 )
+from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
@@ -149,65 +150,13 @@ class DecodeEndpoint:
         self.cost = self._calibrate()
 
     def _calibrate(self) -> dict:
-        """The auto mode's cost model: packing a run of b bytes costs two copies (pack, scatter) of b,
-        reading it directly costs one descriptor; so pack runs shorter than desc_cost * copy_bw / 2."""
-        copy_gbps, desc_us = self.opts.copy_gbps, self.opts.desc_cost_us
-        n, size = 256, 4096
-        if copy_gbps is None:
-            half = min(32 << 20, self.pool.capacity // 2)
-            a, b = self.recv[:half], self.recv[half : 2 * half]
-            ts = []
-            for _ in range(5):
-                t = time.monotonic()
-                b.copy_(a)
-                if self.cfg.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                ts.append(time.monotonic() - t)
-            copy_gbps = half / sorted(ts)[2] / 1e9
-        if (
-            desc_us is None
-            and self.sources
-            and min(self.pool.capacity, self.sources[min(self.sources)].info["staging"]["nbytes"]) >= n * size
-        ):
-            src = self.sources[min(self.sources)]
-            rb, sb = self.recv_reg["addr"], src.info["staging"]["addr"]
-            many_l = np.array([[rb + i * size, size] for i in range(n)], dtype=np.int64)
-            many_r = np.array([[sb + i * size, size] for i in range(n)], dtype=np.int64)
-            one_l = np.array([[rb, n * size]], dtype=np.int64)
-            one_r = np.array([[sb, n * size]], dtype=np.int64)
-            t_many = sorted(self._timed_read(src, many_l, many_r) for _ in range(5))[2]
-            t_one = sorted(self._timed_read(src, one_l, one_r) for _ in range(5))[2]
-            desc_us = max(0.0, t_many - t_one) / (n - 1) * 1e6
-        desc_us = 0.0 if desc_us is None else desc_us
-        rtt_us = 0.0
-        if self.sources:
-            src = self.sources[min(self.sources)]
-            ts = []
-            for _ in range(5):
-                t = time.monotonic()
-                send_msg(src.sock, {"type": "ping"})
-                expect(recv_msg(src.sock, self.opts.handshake_timeout_s)[0], "pong")
-                ts.append(time.monotonic() - t)
-            rtt_us = sorted(ts)[2] * 1e6
-        threshold = int(desc_us * 1e-6 * copy_gbps * 1e9 / 2)
-        return {"desc_cost_us": desc_us, "copy_gbps": copy_gbps, "rtt_us": rtt_us, "threshold_bytes": threshold}
+        src = self.sources[min(self.sources)] if self.sources else None
+        return calibrate(self, src)
 
     def _pack_pays(self, plan: TransferPlan, p: int, packed: dict) -> bool:
-        """Per pair: do the descriptors saved by packing its short runs pay for a side-channel round
-        trip plus the two copies, given that source's single packer serves every decode rank reading
-        from it, each with `concurrency` requests in flight?"""
-        lay = packed.get((p, self.rank))
-        if lay is None or not lay.pieces:
-            return False
-        c = self.cost
-        runs = sum(x.runs for x in lay.pieces)
-        nbytes = sum(x.nbytes for x in lay.pieces)
-        load = sum(1 for (q, _) in plan.pairs if q == p) * self._concurrency
-        saved = runs * c["desc_cost_us"]
-        cost = c["rtt_us"] + 2 * nbytes / (c["copy_gbps"] * 1e3) * load
-        return saved > cost
+        return pack_pays(plan, p, self.rank, packed, self.cost, self._concurrency)
 
-    def _timed_read(self, src: Source, local: np.ndarray, remote: np.ndarray) -> float:
+    def timed_read(self, src: Source, local: np.ndarray, remote: np.ndarray) -> float:
         t = time.monotonic()
         h = self.agent.read(
             local,
@@ -239,38 +188,10 @@ class DecodeEndpoint:
         self.cache.copy_(background(self.geom, seed, 1, self.rank))
 
     def mismatches(self, seed: int, requests: list[dict], ok_ids: set[str]) -> list[str]:
-        """Compare the cache with the oracle: background plus the shards of every received request;
-        pages of failed requests are not compared (they may hold part of a request never reported)."""
-        want = background(self.geom, seed, 1, self.rank)
-        skip = torch.zeros(self.geom.num_layers * self.geom.num_blocks, dtype=torch.bool)
-        bs_p = self.player[0].block_size
-        for r in requests:
-            blocks = blocks_from(r["decode_blocks"])
-            if r["id"] in ok_ids:
-                write_request(
-                    want,
-                    self.layout,
-                    self.cfg.num_blocks,
-                    seed,
-                    r["id"],
-                    blocks,
-                    r["tokens"],
-                    bs_p,
-                    self.layout.block_size,
-                    "decode",
-                )
-            else:
-                for layer in self.spec.layers:
-                    ids = list(blocks.kv) if layer.kind.value == "attention" else [blocks.state]
-                    for b in ids:
-                        skip[layer.index * self.geom.num_blocks + b] = True
-        got = self.cache.cpu().view(-1, self.geom.page_bytes)
-        diff = (got != want.view(-1, self.geom.page_bytes)).any(dim=1) & ~skip
-        out = []
-        for i in torch.nonzero(diff).flatten().tolist()[:5]:
-            layer, block = divmod(i, self.geom.num_blocks)
-            out.append(f"decode rank {self.rank}: layer {layer} block {block} differs from the oracle")
-        return out
+        """The cache against the oracle (pages of failed requests are not compared)."""
+        return verify_cache(
+            self.cache, self.layout, self.cfg.num_blocks, self.player[0].block_size, seed, requests, ok_ids
+        )
 
     # ---- running requests -------------------------------------------------------------------------------
 
