@@ -74,7 +74,7 @@ def test_killed_decode_rank(tmp_path):
                 break
             time.sleep(0.2)
         assert (c["peers"], c["staging_slots"], c["remote_agents"], c["waiting"]) == (0, 0, 0, 0)
-        assert c["disconnects"] == 1
+        assert c["disconnects"] == 1 and c["last_disconnect"].startswith("decode rank 1 (")
     assert_no_leaks({k: v for k, v in cl.closed_counts.items() if k != "decode-1"})
 
 

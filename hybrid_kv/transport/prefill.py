@@ -86,6 +86,7 @@ class PrefillEndpoint:
         self.peers: dict[int, Peer] = {}
         self.waiting: deque[Waiting] = deque()
         self.leases: dict[tuple, float] = {}
+        self.last_disconnect = ""  # why the last decode peer went away (in counts(), for operators)
         self.stats = {
             "packed_units": 0,
             "refused_handshakes": 0,
@@ -142,6 +143,7 @@ class PrefillEndpoint:
     def _drop(self, peer: Peer, why: str) -> None:
         """A decode rank went away: free everything it held, forget its agent."""
         self.stats["disconnects"] += 1
+        self.last_disconnect = f"decode rank {peer.tp_rank} ({peer.agent or 'no handshake'}): {why}"
         self.pool.free_where(lambda k, p=peer: k[0] == id(p))
         for k in [k for k in self.leases if k[0] == id(peer)]:
             del self.leases[k]
@@ -322,6 +324,7 @@ class PrefillEndpoint:
             "staging_in_use": self.pool.in_use,
             "peers": len(self.peers),
             "waiting": len(self.waiting),
+            "last_disconnect": self.last_disconnect,
             **self.stats,
         }
 
