@@ -2,7 +2,7 @@
 byte for byte against the oracle inside each decode rank, both modes, then no leaked handles."""
 
 import pytest
-from transport_util import small_config
+from transport_util import assert_no_leaks, small_config
 
 from hybrid_kv.transport.common import SideConfig
 from hybrid_kv.transport.decode import DecodeOptions
@@ -29,12 +29,6 @@ def job(model, p, d, conv="DS", **kw) -> TransferJob:
     opts = dict(requests=4, tokens=1500, concurrency=2, seed=7)
     opts.update(kw)
     return TransferJob(SideConfig(tp_size=p, **side), SideConfig(tp_size=d, **side), **opts)
-
-
-def assert_no_leaks(counts: dict) -> None:
-    for who, c in counts.items():
-        held = {k: c[k] for k in ("registrations", "remote_agents", "xfer_handles", "staging_slots") if c.get(k)}
-        assert not held, f"{who} still holds {held}"
 
 
 @pytest.mark.parametrize("model,p,d,conv", CASES)

@@ -6,7 +6,7 @@ import struct
 import time
 
 import pytest
-from transport_util import small_config
+from transport_util import assert_no_leaks, small_config
 
 from hybrid_kv.transport import resolve_mode
 from hybrid_kv.transport.common import SideConfig, hello_fields
@@ -24,12 +24,6 @@ def job(model, p, d, dec=None, **kw):
     opts = dict(requests=6, tokens=1500, concurrency=2, seed=3)
     opts.update(kw)
     return TransferJob(SideConfig(tp_size=p, **side), dec or SideConfig(tp_size=d, **side), **opts)
-
-
-def assert_no_leaks(counts):
-    for who, c in counts.items():
-        held = {k: c[k] for k in ("registrations", "remote_agents", "xfer_handles", "staging_slots") if c.get(k)}
-        assert not held, f"{who} still holds {held}"
 
 
 @pytest.mark.parametrize("mode", ["packed", "strided"])

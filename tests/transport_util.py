@@ -41,3 +41,10 @@ def small_config(tmp_path: Path, name: str) -> str:
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
     return str(path)
+
+
+def assert_no_leaks(counts: dict) -> None:
+    """Every rank's counts after shutdown: nothing registered, no remote agent, handle or slot held."""
+    for who, c in counts.items():
+        held = {k: c[k] for k in ("registrations", "remote_agents", "xfer_handles", "staging_slots") if c.get(k)}
+        assert not held, f"{who} still holds {held}"
