@@ -219,6 +219,10 @@ class DecodeEndpoint:
                 if r.done and not self._reads_of(r):
                     r.end = time.monotonic()
                     finished.append(active.pop(rid))
+        # READs of requests that failed while they were in flight: retire them (bounded by the deadline
+        # the poll loop applies) so no handle outlives the run.
+        while self._reads:
+            self._step({}, mode)
         return finished
 
     def _reads_of(self, r: Request) -> bool:
@@ -323,7 +327,9 @@ class DecodeEndpoint:
             self._on_message(key.data, active)
         while self._wait_slot:
             r, p, msg = self._wait_slot[0]
-            if not self._landing(r, p, msg):
+            if r.error is not None:  # the request failed meanwhile: let the source free the unit
+                self._release(self.sources[p], msg)
+            elif not self._landing(r, p, msg):
                 break
             self._wait_slot.popleft()
         for h, (r, p, unit, slot_key, posted) in list(self._reads.items()):
@@ -369,16 +375,20 @@ class DecodeEndpoint:
         if msg["type"] != "ready":
             return
         if r is None or r.error is not None:
-            # A unit of a request that already failed: let the source free its slot now.
-            try:
-                send_msg(src.sock, {"type": "release", "req": msg.get("req"), "unit": msg.get("unit")})
-            except OSError:
-                pass
+            self._release(src, msg)  # a unit of a request that already failed
             return
         if not r.ready_s:
             r.ready_s = time.monotonic() - r.start
         if not self._landing(r, src.rank, msg):
             self._wait_slot.append((r, src.rank, msg))
+
+    def _release(self, src: Source, msg: dict) -> None:
+        """Tell `src` to free the slot of a ready unit that will not be read."""
+        if src.alive:
+            try:
+                send_msg(src.sock, {"type": "release", "req": msg.get("req"), "unit": msg.get("unit")})
+            except OSError:
+                pass
 
     def _landing(self, r: Request, p: int, msg: dict) -> bool:
         """Post the READ of a ready unit into a receive slot; False if no slot is free yet."""
