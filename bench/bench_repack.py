@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from hybrid_kv import ops
-from hybrid_kv.batch import BatchPlan, expand_rows
-from hybrid_kv.harness import random_blocks
+from hybrid_kv.batch import expand_rows
+from hybrid_kv.harness import random_batch
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
 
@@ -85,28 +85,23 @@ def environment(device: str) -> dict:
     }
 
 
+def bench_buffers(plan: TransferPlan, requests: int, device: str):
+    """A random batch of `requests` requests and the buffers of prefill rank 0 and decode rank 0:
+    (batch, prefill cache, decode cache, prefill staging, decode receive staging)."""
+    batch = random_batch(plan, [plan.tokens] * requests, np.random.default_rng(0), spare_blocks=1)
+    cache_p = torch.randint(0, 256, (batch.prefill_geom.nbytes,), dtype=torch.uint8, device=device)
+    cache_d = torch.zeros(batch.decode_geom.nbytes, dtype=torch.uint8, device=device)
+    staging = torch.empty(batch.stage_bytes[0], dtype=torch.uint8, device=device)
+    recv = torch.empty(batch.recv_bytes[0], dtype=torch.uint8, device=device)
+    return batch, cache_p, cache_d, staging, recv
+
+
 def bench_case(model, p, d, requests, tokens, layers, device, repeats, backends) -> list[dict]:
     spec = load_spec(model)
     if layers:
         spec = spec.truncated(*layers)
     plan = TransferPlan.build(spec, p, d, tokens)
-    plans = [plan] * requests
-    rng = np.random.default_rng(0)
-    nbp = max(requests, requests * plan.num_kv_blocks("prefill")) + 1
-    nbd = max(requests, requests * plan.num_kv_blocks("decode")) + 1
-    batch = BatchPlan(
-        plans,
-        random_blocks(plans, "prefill", nbp, rng),
-        random_blocks(plans, "decode", nbd, rng),
-        nbp,
-        nbd,
-        template=plan,
-    )
-    gp, gd = batch.prefill_geom, batch.decode_geom
-    cache_p = torch.randint(0, 256, (gp.nbytes,), dtype=torch.uint8, device=device)
-    cache_d = torch.zeros(gd.nbytes, dtype=torch.uint8, device=device)
-    staging = torch.empty(batch.stage_bytes[0], dtype=torch.uint8, device=device)
-    recv = torch.empty(batch.recv_bytes[0], dtype=torch.uint8, device=device)
+    batch, cache_p, cache_d, staging, recv = bench_buffers(plan, requests, device)
     pack_t, unpack_t = batch.pack_table(0), batch.unpack_table(0)
     rows = []
     for stage, src, dst, table in (("pack", cache_p, staging, pack_t), ("unpack", recv, cache_d, unpack_t)):

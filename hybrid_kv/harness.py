@@ -45,6 +45,18 @@ def random_blocks(
     return out
 
 
+def random_batch(plan: TransferPlan, tokens: Sequence[int], rng: np.random.Generator, spare_blocks: int) -> BatchPlan:
+    """A batch of requests of `tokens` tokens each with random, interleaved block ids on both sides, in
+    caches just large enough for them plus `spare_blocks` blocks no request uses."""
+    plans = [plan.for_tokens(t) for t in tokens]
+    sizes = [
+        max([len(plans)] + [sum(p.num_kv_blocks(side) for p in plans)]) + spare_blocks for side in ("prefill", "decode")
+    ]
+    pb = random_blocks(plans, "prefill", sizes[0], rng)
+    db = random_blocks(plans, "decode", sizes[1], rng)
+    return BatchPlan(plans, pb, db, sizes[0], sizes[1], template=plan)
+
+
 @dataclass
 class Harness:
     """One batch of requests between all prefill and all decode ranks of `plan`'s TP pair."""
@@ -59,15 +71,10 @@ class Harness:
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
         gen = np.random.default_rng(self.seed + 1)
-        plans = [self.plan.for_tokens(t) for t in self.tokens]
-        need_p = max([len(self.tokens)] + [sum(p.num_kv_blocks("prefill") for p in plans)])
-        need_d = max([len(self.tokens)] + [sum(p.num_kv_blocks("decode") for p in plans)])
-        self.num_blocks_p = need_p + self.spare_blocks
-        self.num_blocks_d = need_d + self.spare_blocks
-        pb = random_blocks(plans, "prefill", self.num_blocks_p, rng)
-        db = random_blocks(plans, "decode", self.num_blocks_d, rng)
-        self.batch = BatchPlan(plans, pb, db, self.num_blocks_p, self.num_blocks_d, template=self.plan)
+        self.batch = random_batch(self.plan, self.tokens, rng, self.spare_blocks)
         gp, gd = self.batch.prefill_geom, self.batch.decode_geom
+        self.num_blocks_p, self.num_blocks_d = gp.num_blocks, gd.num_blocks
+        pb, db = self.batch.prefill_blocks, self.batch.decode_blocks
         prefill = [random_bytes(gp.nbytes, gen) for _ in range(self.plan.prefill_tp)]
         decode = [random_bytes(gd.nbytes, gen) for _ in range(self.plan.decode_tp)]
         expected = [d.clone() for d in decode]

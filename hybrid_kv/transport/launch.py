@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hybrid_kv.harness import random_blocks
+from hybrid_kv.harness import random_batch
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.transport import resolve_mode
 from hybrid_kv.transport.common import SideConfig
@@ -58,11 +58,9 @@ def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]
     """The template plan, the request list (random interleaved block ids) and each side's block count."""
     spec = job.prefill.spec()
     plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)
-    plans = [plan] * job.requests
-    nbp = max(job.requests, job.requests * plan.num_kv_blocks("prefill")) + 2
-    nbd = max(job.requests, job.requests * plan.num_kv_blocks("decode")) + 2
-    rng = np.random.default_rng(job.seed)
-    pb, db = random_blocks(plans, "prefill", nbp, rng), random_blocks(plans, "decode", nbd, rng)
+    batch = random_batch(plan, [job.tokens] * job.requests, np.random.default_rng(job.seed), spare_blocks=2)
+    pb, db = batch.prefill_blocks, batch.decode_blocks
+    nbp, nbd = batch.prefill_geom.num_blocks, batch.decode_geom.num_blocks
     reqs = [
         {
             "id": f"req-{i}",
