@@ -8,6 +8,7 @@ size and block size are taken from the layout, whose values are tested against v
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,28 +83,34 @@ def write_shards(
     layout: RankLayout,
     num_blocks: int,
     state: GlobalState,
-    state_block: int | None,
-    kv_blocks: list[int],
+    state_block: int | Mapping[int, int] | None,
+    kv_blocks: Sequence[int] | Mapping[int, Sequence[int]],
     kv_tokens: int,
+    page_of: Callable[[int, int], torch.Tensor] | None = None,
 ) -> None:
     """Write rank `layout.tp_rank`'s shard of `state` into its flat byte `cache`.
 
-    KV tokens [0, kv_tokens) go into `kv_blocks` in order; later token slots are not touched.
+    KV tokens [0, kv_tokens) go into `kv_blocks` in order; later token slots are not touched. Both block
+    arguments may instead map layer index -> block(s) (vLLM gives each cache group its own blocks), and
+    `page_of(layer, block)` may replace hybrid-kv's flat addressing (e.g. with vLLM's aliased regions).
     """
     spec, tp, r = layout.spec, layout.tp_size, layout.tp_rank
     page = layout.page_bytes
     st, at = spec.state, spec.attention
 
-    def page_of(layer: int, block: int) -> torch.Tensor:
+    def flat_page(layer: int, block: int) -> torch.Tensor:
         base = (layer * num_blocks + block) * page
         return cache[base : base + page]
+
+    page_of = page_of or flat_page
 
     for layer in spec.layers:
         if layer.kind is LayerKind.ATTENTION:
             heads = _kv_heads(at.num_kv_heads, tp, r)
             bs = layout.block_size
             g = state.kv[layer.index][heads]  # [h, tokens, 2*hd]
-            for j, b in enumerate(kv_blocks):
+            blocks = kv_blocks[layer.index] if isinstance(kv_blocks, Mapping) else kv_blocks
+            for j, b in enumerate(blocks):
                 t0, t1 = j * bs, min((j + 1) * bs, kv_tokens)
                 if t1 <= t0:
                     break
@@ -125,7 +132,8 @@ def write_shards(
         # flatten first: a size-1 dim can leave a "contiguous" tensor with a non-unit last stride
         cb = conv.reshape(-1).contiguous().view(torch.uint8)
         sb = ssm.reshape(-1).contiguous().view(torch.uint8)
-        pg = page_of(layer.index, state_block)
+        block = state_block[layer.index] if isinstance(state_block, Mapping) else state_block
+        pg = page_of(layer.index, block)
         pg[: cb.numel()] = cb
         pg[cb.numel() : cb.numel() + sb.numel()] = sb
 

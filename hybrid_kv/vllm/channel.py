@@ -1,0 +1,283 @@
+"""The request/ready exchange that lets a prefill rank pack for a decode rank it has never seen.
+
+vLLM's pull flow never tells P the decode side's TP (reference §3.5). Each prefill worker therefore
+serves a small TCP side channel (hybrid-kv's framed wire format, every read bounded):
+
+- ``hello``  D -> P: D's TP size, rank and page fingerprint. P recomputes D's pages from its own spec and
+  refuses any difference, naming the field; otherwise it answers with its own fingerprint and the
+  address of its registered staging pool. D checks P's answer the same way.
+- ``pack``   D -> P: a request id, D's TP/rank and P's block ids per Mamba group. P gathers the request's
+  state slices for that decode rank into staging slots and answers with (offset, bytes) per transfer
+  unit; D then READs one descriptor per unit.
+- ``done``   D -> P: the READs finished (or were abandoned): P frees the slots. A closed connection
+  and the slot lease free them too.
+
+Packing runs on the connection's thread, not the engine loop, so an idle prefill engine still answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from hybrid_kv.layout import RankLayout
+from hybrid_kv.ops import Prepared
+from hybrid_kv.plan import fingerprint_diff
+from hybrid_kv.transport.pool import StagingPool
+from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
+from hybrid_kv.vllm.state import PlanCache, StateGeometry
+
+log = logging.getLogger("hybrid_kv.vllm")
+
+IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between requests
+
+
+def check_fingerprints(prefill: dict, decode: dict) -> None:
+    """Refuse a pair whose state pages cannot correspond; the message names the differing field."""
+    diff = fingerprint_diff(prefill, decode)
+    if diff is None and prefill.get("state_layers") != decode.get("state_layers"):
+        diff = "state_layers: the Mamba layers or their cache groups differ"
+    if diff:
+        raise ValueError(f"prefill and decode configurations differ ({diff})")
+
+
+class PrefillServer:
+    """Serves hello/pack/done for one prefill rank; owns its staging pool's slots."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        geometry: StateGeometry,
+        plans: PlanCache,
+        staging: torch.Tensor,
+        staging_desc: tuple[int, int, int],
+        agent_name: str,
+        is_held: Callable[[str], bool],
+        lease_s: float,
+        timeout_s: float,
+        backend: str | None,
+    ) -> None:
+        self.geom, self.plans, self.staging = geometry, plans, staging
+        self.staging_desc, self.agent_name = staging_desc, agent_name
+        self.is_held, self.lease_s, self.timeout_s, self.backend = is_held, lease_s, timeout_s, backend
+        self.pool = StagingPool(staging.numel())
+        self._cv = threading.Condition()
+        self._leases: dict[tuple, float] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._stream = torch.cuda.Stream(staging.device) if staging.is_cuda else None
+        self._sock = socket.create_server((host, port), reuse_port=False)
+        self._sock.settimeout(0.2)
+        self.address = self._sock.getsockname()[:2]
+        self._threads: list[threading.Thread] = []
+        self._accept = threading.Thread(target=self._accept_loop, name="hybrid-kv-prefill-server", daemon=True)
+        self._accept.start()
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop.set()
+        self._accept.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=5)
+        self._sock.close()
+
+    @property
+    def live_slots(self) -> int:
+        with self._cv:
+            return self.pool.live
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            self._reap()
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._serve, args=(conn, next(self._ids)), daemon=True)
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            t.start()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        with self._cv:
+            expired = [k for k, t in self._leases.items() if t < now]
+            for k in expired:
+                self._free(k)
+            if expired:
+                log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", len(expired))
+                self._cv.notify_all()
+
+    def _free(self, key: tuple) -> None:
+        if self.pool.held(key) is not None:
+            self.pool.free(key)
+        self._leases.pop(key, None)
+
+    def _free_where(self, pred) -> None:
+        with self._cv:
+            for k in [k for k in self._leases if pred(k)]:
+                self._free(k)
+            self._cv.notify_all()
+
+    # ---- one decode rank's connection -----------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, cid: int) -> None:
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    head, _ = recv_msg(conn, IDLE_TIMEOUT_S)
+                except (PeerClosed, TimeoutError, OSError):
+                    break
+                except ProtocolError as e:
+                    log.warning("hybrid-kv: malformed message from a decode rank: %s", e)
+                    self._reply(conn, {"type": "error", "message": str(e)})
+                    break
+                try:
+                    reply = self._handle(head, cid)
+                except Exception as e:  # refused: tell the decode rank why, keep serving
+                    reply = {"type": "error", "message": f"{type(e).__name__}: {e}"}
+                if not self._reply(conn, reply):
+                    break
+        self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
+
+    @staticmethod
+    def _reply(conn: socket.socket, msg: dict) -> bool:
+        try:
+            send_msg(conn, msg)
+            return True
+        except OSError:
+            return False
+
+    def _handle(self, head: dict, cid: int) -> dict:
+        kind = head["type"]
+        if kind == "hello":
+            return self._hello(head)
+        if kind == "pack":
+            return self._pack(head, cid)
+        if kind == "done":
+            req, d = str(head["request_id"]), int(head["dst_rank"])
+            self._free_where(lambda k: k[0] == cid and k[1] == req and k[2] == d)
+            return {"type": "ok"}
+        raise ProtocolError(f"unexpected message {kind!r} (expected hello, pack or done)")
+
+    def _decode_layout(self, head: dict) -> RankLayout:
+        lay = self.geom.layout
+        try:
+            return RankLayout(lay.spec, int(head["tp_size"]), int(head["tp_rank"]), lay.conv_layout, lay.kv_layout)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"decode tp_size={head.get('tp_size')!r} / tp_rank={head.get('tp_rank')!r}: {e}") from e
+
+    def _hello(self, head: dict) -> dict:
+        fp = head.get("fingerprint")
+        if not isinstance(fp, dict):
+            raise ProtocolError("hello lacks a fingerprint object")
+        check_fingerprints(self.geom.fingerprint(), fp)
+        self._decode_layout(head)
+        lay = self.geom.layout
+        return {
+            "type": "hello",
+            "fingerprint": self.geom.fingerprint(),
+            "tp_size": lay.tp_size,
+            "tp_rank": lay.tp_rank,
+            "staging": list(self.staging_desc),
+            "agent": self.agent_name,
+        }
+
+    def _pack(self, head: dict, cid: int) -> dict:
+        dec = self._decode_layout(head)
+        req = str(head["request_id"])
+        if not self.is_held(req):
+            raise ValueError(f"request {req} is not held by this prefill rank (unknown, finished or expired)")
+        blocks = {int(g): [int(b) for b in ids] for g, ids in head["blocks"]}
+        self.geom.check_blocks(blocks, "prefill")
+        lay = self.geom.layout
+        tpl = self.plans.template(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+        slots = self.geom.order(blocks)
+        units = tpl.units(len(slots))
+        keys = [(cid, req, dec.tp_rank, u) for u in range(len(units))]
+        if any(self.pool.held(k) for k in keys):
+            raise ValueError(f"request {req} for decode rank {dec.tp_rank} is already staged")
+        offsets = self._alloc(keys, [u.nbytes for u in units], req)
+        try:
+            for u, off in zip(units, offsets):
+                table = tpl.pack_table(slots[u.first : u.stop], off)
+                run = Prepared(self.geom.storage, self.staging, table, backend=self.backend)
+                if self._stream is not None:
+                    with torch.cuda.stream(self._stream):
+                        run(self.geom.storage, self.staging)
+                else:
+                    run(self.geom.storage, self.staging)
+            if self._stream is not None:
+                self._stream.synchronize()
+        except BaseException:
+            self._free_where(lambda k: k in keys)
+            raise
+        return {"type": "ready", "units": [[off, u.nbytes] for off, u in zip(offsets, units)]}
+
+    def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
+        """All of a request's slots or none: wait (bounded) while the pool is full."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._cv:
+            while True:
+                got = []
+                for k, n in zip(keys, sizes):
+                    slot = self.pool.alloc(k, n)
+                    if slot is None:
+                        break
+                    got.append(slot)
+                if len(got) == len(keys):
+                    lease = time.monotonic() + self.lease_s
+                    self._leases.update((k, lease) for k in keys)
+                    return [s.offset for s in got]
+                for s in got:
+                    self.pool.free(s.key)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"staging pool full: request {req} needs {sum(sizes)} B in {len(sizes)} slot(s), "
+                        f"{self.pool.in_use} of {self.pool.capacity} B held for {self.timeout_s:.0f} s "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                self._cv.wait(min(left, 0.5))
+
+
+class PrefillLink:
+    """A decode rank's connection to one prefill rank's server (one request at a time)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as e:
+            raise ConnectionError(f"hybrid-kv side channel {host}:{port} unreachable: {e}") from e
+        self.peer: dict = {}
+
+    def call(self, msg: dict, *expected: str) -> dict:
+        with self._lock:
+            send_msg(self._sock, msg)
+            head, _ = recv_msg(self._sock, self.timeout_s)
+        return expect(head, *expected)
+
+    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:
+        self.peer = self.call(
+            {"type": "hello", "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}, "hello"
+        )
+        check_fingerprints(self.peer["fingerprint"], fingerprint)
+        return self.peer
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass

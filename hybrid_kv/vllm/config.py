@@ -1,0 +1,77 @@
+"""The connector's knobs: the `HYBRID_KV_TRANSFER` flag and the `kv_connector_extra_config` keys."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+FLAG = "HYBRID_KV_TRANSFER"
+MODES = ("packed", "strided")
+DEFAULT_MODE = "packed"
+
+
+def transfer_mode(environ: dict | None = None) -> str:
+    """The hybrid-state backend selected by `HYBRID_KV_TRANSFER` (unset or empty: packed)."""
+    raw = (os.environ if environ is None else environ).get(FLAG, "")
+    value = raw.strip().lower()
+    if not value:
+        return DEFAULT_MODE
+    if value not in MODES:
+        raise ValueError(f"{FLAG}={raw!r} is not a vLLM connector transfer mode (accepted: {', '.join(MODES)})")
+    return value
+
+
+def side_port(nixl_side_channel_port: int, data_parallel_index: int) -> int:
+    """The stock NIXL side-channel port of a DP rank (vLLM's scheduler adds the DP index)."""
+    return nixl_side_channel_port + data_parallel_index
+
+
+@dataclass(frozen=True)
+class PackedConfig:
+    """`kv_connector_extra_config` keys of the packed backend (all optional)."""
+
+    staging_bytes: int = 1 << 30  # per rank, prefill staging and decode receive staging each
+    max_unit_bytes: int = 256 << 20  # one NIXL descriptor moves at most this much
+    port_offset: int = 1000  # hybrid-kv side channel of TP rank r: NIXL side port + offset * (r + 1)
+    timeout_s: float = 30.0  # side-channel replies and the wait for a staging slot
+    lease_s: float = 30.0  # a staged unit nobody read is freed after this (vLLM's kv_lease_duration)
+    backend: str | None = None  # "triton" | "torch" for pack/scatter (default: triton on GPU)
+
+    KEYS = {
+        "hybrid_kv_staging_bytes": "staging_bytes",
+        "hybrid_kv_max_unit_bytes": "max_unit_bytes",
+        "hybrid_kv_port_offset": "port_offset",
+        "hybrid_kv_timeout_s": "timeout_s",
+        "kv_lease_duration": "lease_s",
+        "hybrid_kv_backend": "backend",
+    }
+
+    def __post_init__(self) -> None:
+        for name, low in (("staging_bytes", 4096), ("max_unit_bytes", 16), ("port_offset", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ValueError(f"{self._key(name)}={v!r} must be an integer >= {low}")
+        for name in ("timeout_s", "lease_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{self._key(name)}={v!r} must be a positive number of seconds")
+        if self.backend not in (None, "triton", "torch"):
+            raise ValueError(f"hybrid_kv_backend={self.backend!r} (accepted: triton, torch)")
+
+    @classmethod
+    def _key(cls, name: str) -> str:
+        return next(k for k, v in cls.KEYS.items() if v == name)
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> PackedConfig:
+        extra = extra or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in extra if k.startswith("hybrid_kv_") and k not in cls.KEYS)
+        if unknown:
+            raise ValueError(f"unknown kv_connector_extra_config key(s) {unknown} (hybrid-kv keys: {sorted(cls.KEYS)})")
+        kw = {cls.KEYS[k]: v for k, v in extra.items() if k in cls.KEYS and cls.KEYS[k] in known}
+        return cls(**kw)
+
+    @classmethod
+    def from_transfer_config(cls, kv_transfer_config) -> PackedConfig:
+        return cls.from_extra(getattr(kv_transfer_config, "kv_connector_extra_config", None))

@@ -1,0 +1,433 @@
+"""The packed worker: vLLM's NIXL pull worker with the recurrent state moved by hybrid-kv.
+
+What changes against the stock worker, for models with Mamba/GDN layers:
+
+- the Mamba groups leave the stock READ (which would post 3 conv + 1 SSM descriptors per layer per
+  block per source rank); instead, per request, the decode rank asks each source prefill rank to *pack*
+  (`channel.PrefillServer`), READs one descriptor per (transfer unit, source rank) from the prefill
+  staging slot into its own staging, and scatters into its pages before the request is reported done;
+- the attention KV stays on the stock path: each head slice of a kernel block is already one
+  contiguous run (one descriptor per block per layer), so staging it would add a copy and save nothing;
+- the stock READ of a request is posted only after every source rank has packed, because the stock
+  READ's notification is what lets the prefill side free the request's blocks;
+- the NIXL compatibility hash carries "hybrid-kv packed", so a stock peer and a packed peer refuse
+  each other at handshake instead of misreading descriptors.
+
+Everything else (handshake, TP mapping, attention reads, leases, heartbeats, failure reporting through
+`kv_load_failure_policy`) is vLLM's own code path.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import vllm.envs as envs
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHandshakePayload
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
+
+from hybrid_kv.layout import RankLayout
+from hybrid_kv.ops import Prepared, resolve_backend
+from hybrid_kv.transport.pool import Slot, StagingPool
+from hybrid_kv.vllm.channel import PrefillLink, PrefillServer
+from hybrid_kv.vllm.config import PackedConfig, side_port
+from hybrid_kv.vllm.state import PlanCache, StateGeometry, Unit, model_spec
+
+log = logging.getLogger("hybrid_kv.vllm")
+
+COMPAT_TAG = "hybrid-kv-packed/1"
+
+
+@dataclass
+class _Recv:
+    """One request's state receive on this decode rank."""
+
+    meta: object  # vLLM ReqMeta
+    engine_id: str
+    remote_tp: int
+    local: dict[int, list[int]]  # Mamba group -> decode block ids
+    remote: dict[int, list[int]]  # Mamba group -> prefill block ids
+    units: dict[int, list[Unit]]  # source prefill rank -> its transfer units
+    slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
+    posted: bool = False
+    descriptors: int = 0
+
+
+class HybridKVWorker(NixlPullConnectorWorker):
+    """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source."""
+
+    def __init__(self, vllm_config, engine_id: str, kv_cache_config) -> None:
+        super().__init__(vllm_config, engine_id, kv_cache_config)
+        self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
+        if self._has_mamba:
+            bad = {
+                "kv_buffer_device=cpu on an accelerator (host staging)": self.use_host_buffer,
+                f"decode_context_parallel_size={self.dcp_size}": self.dcp_size > 1,
+                f"prefill_context_parallel_size={self.pcp_size}": self.pcp_size > 1,
+                f"pipeline_parallel_size={self.pp_size}": self.pp_size > 1,
+            }
+            for what, hit in bad.items():
+                if hit:
+                    raise ValueError(
+                        f"HYBRID_KV_TRANSFER=packed does not support {what}; use HYBRID_KV_TRANSFER=strided"
+                    )
+        self._hkv_geom: StateGeometry | None = None
+        self._hkv_plans: PlanCache | None = None
+        self._hkv_server: PrefillServer | None = None
+        self._hkv_links: dict[tuple[str, int], PrefillLink] = {}
+        self._hkv_peer_addr: tuple[str, int] | None = None
+        self._hkv_recv: dict[str, _Recv] = {}
+        self._hkv_ready: queue.Queue = queue.Queue()
+        self._hkv_client = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-pack-client")
+        self._hkv_reg = None
+        self._hkv_pool: StagingPool | None = None
+        self._hkv_backend: str | None = None
+        self.hkv_descriptors: dict[str, int] = {}  # state descriptors posted per request (telemetry aside)
+
+    # ---- registration ---------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if self._has_mamba:
+            # Staging must be registered before the stock registration, which snapshots this agent's
+            # metadata (with every registered region) for the handshake.
+            self._hkv_setup(kv_caches)
+        try:
+            super().register_kv_caches(kv_caches)
+        except BaseException:
+            self._hkv_deregister()
+            raise
+        # Tag the compatibility hash whether or not the model has state: the peers must agree on the mode.
+        self.compat_hash = hashlib.sha256(f"{self.compat_hash}|{COMPAT_TAG}".encode()).hexdigest()
+        if self.xfer_handshake_metadata is not None:
+            self.xfer_handshake_metadata = NixlHandshakePayload(
+                compatibility_hash=self.compat_hash,
+                agent_metadata_bytes=self.xfer_handshake_metadata.agent_metadata_bytes,
+            )
+        if self._hkv_geom is not None and self.kv_transfer_config.kv_role in ("kv_producer", "kv_both"):
+            held = self._reqs_to_send, self._reqs_to_process
+            self._hkv_server = PrefillServer(
+                host=envs.VLLM_NIXL_SIDE_CHANNEL_HOST,
+                port=self._hkv_port(self._local_side_port(), self.tp_rank),
+                geometry=self._hkv_geom,
+                plans=self._hkv_plans,
+                staging=self._hkv_staging,
+                staging_desc=self._hkv_desc,
+                agent_name=self.nixl_wrapper.name,
+                is_held=lambda r: r in held[0] or r in held[1],
+                lease_s=float(self.hkv.lease_s),
+                timeout_s=self.hkv.timeout_s,
+                backend=self._hkv_backend,
+            )
+
+    def _hkv_setup(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        groups = [
+            (g, list(grp.layer_names))
+            for g, grp in enumerate(self.kv_cache_config.transfer_groups)
+            if issubclass(self._group_spec_types[g], MambaSpec)
+        ]
+        specs = self._layer_specs
+        mamba = next(s for s in specs.values() if isinstance(s, MambaSpec))
+        attn = next((s for s in specs.values() if isinstance(s, AttentionSpec)), None)
+        spec = model_spec(self.model_config.hf_config.to_dict(), mamba, attn, name=str(self.model_config.model))
+        conv_layout = "DS" if is_conv_state_dim_first() else "SD"
+        kv_layout = "NHD" if self.kv_cache_layout in ("NHD", "LBNHC") else "HND"
+        layout = RankLayout(spec, self.world_size, self.tp_rank, conv_layout, kv_layout)
+        geom = StateGeometry(spec, layout, groups, kv_caches, specs, int(self.kv_cache_config.num_blocks))
+        dev = geom.storage.device
+        self._hkv_plans = PlanCache(spec, conv_layout, self.hkv.max_unit_bytes)
+        self._hkv_backend = resolve_backend(self.hkv.backend, dev)
+        self._hkv_staging = torch.empty(self.hkv.staging_bytes, dtype=torch.uint8, device=dev)
+        self._hkv_pool = StagingPool(self.hkv.staging_bytes)
+        self._hkv_desc = (self._hkv_staging.data_ptr(), self._hkv_staging.numel(), dev.index or 0)
+        self._hkv_reg = self.nixl_wrapper.get_reg_descs([(*self._hkv_desc, "")], self.nixl_memory_type)
+        self.nixl_wrapper.register_memory(self._hkv_reg, backends=self.nixl_backends)
+        self._hkv_geom = geom
+        log.info(
+            "hybrid-kv packed state transfer: %d Mamba layers in %d groups, staging %d MiB (%s)",
+            len(geom.layers),
+            len(groups),
+            self.hkv.staging_bytes >> 20,
+            self._hkv_backend,
+        )
+
+    def _hkv_deregister(self) -> None:
+        if self._hkv_reg is not None:
+            try:
+                self.nixl_wrapper.deregister_memory(self._hkv_reg)
+            except Exception as e:
+                log.warning("hybrid-kv: deregistering staging failed: %s", e)
+            self._hkv_reg = None
+
+    def _local_side_port(self) -> int:
+        return side_port(envs.VLLM_NIXL_SIDE_CHANNEL_PORT, self.vllm_config.parallel_config.data_parallel_index)
+
+    def _hkv_port(self, nixl_side_port: int, rank: int) -> int:
+        return nixl_side_port + self.hkv.port_offset * (rank + 1)
+
+    # ---- handshake ------------------------------------------------------------------------------------
+
+    def _nixl_handshake(self, host: str, port: int, remote_tp_size: int, expected_engine_id: str, *args, **kwargs):
+        self._hkv_peer_addr = (host, port)  # handshakes run one at a time on the initiator thread
+        return super()._nixl_handshake(host, port, remote_tp_size, expected_engine_id, *args, **kwargs)
+
+    def add_remote_agent(self, nixl_agent_meta, remote_tp_rank: int = 0, remote_tp_size: int = 1, remote_dcp_size: int = 1):
+        key = (nixl_agent_meta.engine_id, remote_tp_rank)
+        fresh = self._hkv_geom is not None and key not in self._hkv_links
+        if fresh:
+            self._hkv_connect(key, remote_tp_size)
+        try:
+            return super().add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
+        except BaseException:
+            if fresh:
+                self._hkv_links.pop(key).close()
+            raise
+
+    def _hkv_connect(self, key: tuple[str, int], remote_tp: int) -> None:
+        """hello with one prefill rank: both sides check the other's pages before any descriptor exists."""
+        assert self._hkv_geom is not None and self._hkv_plans is not None and self.transfer_topo is not None
+        engine_id, p_rank = key
+        plan = self._hkv_plans.plan(remote_tp, self.world_size)  # refuses TP sizes the model cannot shard
+        targets = set(self.transfer_topo.handshake_target_ranks(remote_tp, 1))
+        missing = set(plan.sources_of(self.tp_rank)) - targets
+        if missing:
+            raise ValueError(f"hybrid-kv reads state from prefill ranks {sorted(missing)} that vLLM does not handshake")
+        if self._hkv_peer_addr is None:
+            raise RuntimeError("hybrid-kv: add_remote_agent called outside a NIXL handshake")
+        host, port = self._hkv_peer_addr
+        link = PrefillLink(host, self._hkv_port(port, p_rank), self.hkv.timeout_s)
+        try:
+            peer = link.hello(self._hkv_geom.fingerprint(), self.world_size, self.tp_rank)
+            if (peer["tp_size"], peer["tp_rank"]) != (remote_tp, p_rank):
+                raise ValueError(
+                    f"hybrid-kv side channel {host}:{self._hkv_port(port, p_rank)} is prefill rank "
+                    f"{peer['tp_rank']}/{peer['tp_size']}, expected {p_rank}/{remote_tp}"
+                )
+        except BaseException:
+            link.close()
+            raise
+        self._hkv_links[key] = link
+
+    # ---- decode: request -> pack -> READ -> scatter -----------------------------------------------------
+
+    def start_load_kv(self, metadata) -> None:
+        self._hkv_progress()
+        super().start_load_kv(metadata)
+
+    def get_transfer_results(self):
+        self._hkv_progress()
+        return super().get_transfer_results()
+
+    def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
+        assert self._hkv_geom is not None
+        local, remote = {}, {}
+        for g in self._hkv_geom.groups:
+            lo, re = list(meta.local_block_ids[g]), list(meta.remote.block_ids[g])
+            n = min(len(lo), len(re))
+            if n:
+                local[g], remote[g] = lo[len(lo) - n :], re[len(re) - n :]
+        return local, remote
+
+    def _read_blocks_for_req(self, req_id: str, meta) -> None:
+        engine_id = meta.remote.engine_id
+        if (
+            self._hkv_geom is None
+            or engine_id not in self._remote_agents  # super() handshakes, then calls us again
+            or engine_id in self._invalid_remote_engines
+        ):
+            return super()._read_blocks_for_req(req_id, meta)
+        local, remote = self._mamba_blocks(meta)
+        if not local:  # nothing of the state to move (e.g. a full local hit): the stock path notifies
+            return super()._read_blocks_for_req(req_id, meta)
+        try:
+            self._hkv_geom.check_blocks(local, "decode")
+            remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
+            n = len(self._hkv_geom.order(local))
+            sources = self._hkv_plans.plan(remote_tp, self.world_size).sources_of(self.tp_rank)
+            units = {
+                p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(n) for p in sources
+            }
+            recv = _Recv(meta, engine_id, remote_tp, local, remote, units)
+            self._alloc_recv(req_id, recv)
+        except Exception as e:
+            self._hkv_fail(req_id, e)
+            return
+        self._hkv_recv[req_id] = recv
+        fut = self._hkv_client.submit(self._request_pack, req_id, recv)
+        fut.add_done_callback(lambda f, r=req_id: self._hkv_ready.put((r, f)))
+
+    def _alloc_recv(self, req_id: str, recv: _Recv) -> None:
+        assert self._hkv_pool is not None
+        for p, units in recv.units.items():
+            recv.slots[p] = []
+            for u, unit in enumerate(units):
+                slot = self._hkv_pool.alloc((req_id, p, u), unit.nbytes)
+                if slot is None:
+                    self._free_recv(req_id, recv)
+                    raise RuntimeError(
+                        f"hybrid-kv receive staging full: request {req_id} needs {unit.nbytes} B more, "
+                        f"{self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                recv.slots[p].append(slot)
+
+    def _free_recv(self, req_id: str, recv: _Recv) -> None:
+        assert self._hkv_pool is not None
+        for p, slots in recv.slots.items():
+            for u in range(len(slots)):
+                self._hkv_pool.free((req_id, p, u))
+        recv.slots.clear()
+
+    def _request_pack(self, req_id: str, recv: _Recv) -> dict[int, list[list[int]]]:
+        """(client thread) ask every source prefill rank to pack; all or nothing."""
+        out: dict[int, list[list[int]]] = {}
+        try:
+            for p in recv.units:
+                link = self._hkv_links[(recv.engine_id, p)]
+                msg = {
+                    "type": "pack",
+                    "request_id": recv.meta.remote.request_id,
+                    "tp_size": self.world_size,
+                    "tp_rank": self.tp_rank,
+                    "blocks": [[g, ids] for g, ids in recv.remote.items()],
+                }
+                got = link.call(msg, "ready")["units"]
+                out[p] = got
+                want = [u.nbytes for u in recv.units[p]]
+                if [int(n) for _, n in got] != want:
+                    raise RuntimeError(f"prefill rank {p} staged units of {[n for _, n in got]} B, expected {want}")
+        except BaseException:
+            self._send_done(recv, list(out))
+            raise
+        return out
+
+    def _send_done(self, recv: _Recv, ranks: list[int]) -> None:
+        for p in ranks:
+            msg = {"type": "done", "request_id": recv.meta.remote.request_id, "dst_rank": self.tp_rank}
+            try:
+                self._hkv_links[(recv.engine_id, p)].call(msg, "ok")
+            except Exception as e:  # the prefill lease frees the slots anyway
+                log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
+
+    def _hkv_fail(self, req_id: str, err: BaseException) -> None:
+        log.error("hybrid-kv: state transfer of request %s failed: %s", req_id, err)
+        recv = self._hkv_recv.pop(req_id, None)
+        if recv is not None:
+            self._free_recv(req_id, recv)
+        self._handle_failed_transfer(req_id, None, self._recv_failures)
+
+    def _hkv_progress(self) -> None:
+        """(engine thread) post the READs of requests whose prefill ranks have packed."""
+        while True:
+            try:
+                req_id, fut = self._hkv_ready.get_nowait()
+            except queue.Empty:
+                return
+            recv = self._hkv_recv.get(req_id)
+            if recv is None:
+                continue
+            err = fut.exception()
+            if err is not None:
+                self._hkv_fail(req_id, err)
+                continue
+            if req_id not in self._recving_metadata:  # aborted while packing
+                self._hkv_client.submit(self._send_done, recv, list(recv.units))
+                self._free_recv(req_id, self._hkv_recv.pop(req_id))
+                continue
+            try:
+                self._post_reads(req_id, recv, fut.result())
+            except Exception as e:
+                log.error("hybrid-kv: posting the state READs of %s failed: %s", req_id, e)
+                self._handle_failed_transfer(req_id, None, self._recv_failures)
+                continue
+            # The stock READ (attention KV; notify-only for state-only sources) goes last: its notification
+            # lets the prefill side free the request's blocks, which is safe now that they are packed.
+            stock = copy.copy(recv.meta)
+            stock.remote = copy.copy(recv.meta.remote)
+            groups = set(self._hkv_geom.groups)
+            stock.local_block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.local_block_ids)]
+            stock.local_physical_block_ids = [
+                [] if g in groups else ids for g, ids in enumerate(recv.meta.local_physical_block_ids)
+            ]
+            stock.remote.block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.remote.block_ids)]
+            super()._read_blocks_for_req(req_id, stock)
+
+    def _post_reads(self, req_id: str, recv: _Recv, staged: dict[int, list[list[int]]]) -> None:
+        nx, mem = self.nixl_wrapper, self.nixl_memory_type
+        base = self._hkv_staging.data_ptr()
+        recv.posted = True
+        self._recving_transfers.setdefault(req_id, [])
+        for p, units in staged.items():
+            link = self._hkv_links[(recv.engine_id, p)]
+            p_addr, _, p_dev = link.peer["staging"]
+            agent = self._remote_agents[recv.engine_id][(0, p)]
+            for (off, nbytes), slot in zip(units, recv.slots[p]):
+                local = nx.get_xfer_descs([(base + slot.offset, int(nbytes), self._hkv_desc[2])], mem)
+                remote = nx.get_xfer_descs([(int(p_addr) + int(off), int(nbytes), int(p_dev))], mem)
+                handle = nx.initialize_xfer("READ", local, remote, agent)
+                self._recving_transfers[req_id].append(handle)
+                nx.transfer(handle)
+                recv.descriptors += 1
+        self.hkv_descriptors[req_id] = recv.descriptors
+
+    def _pop_done_transfers(self, transfers):
+        done, failed = super()._pop_done_transfers(transfers)
+        for req_id in list(done):
+            recv = self._hkv_recv.get(req_id)
+            if recv is None or not recv.posted:
+                continue
+            if req_id not in failed and req_id not in self._recv_failures:
+                try:
+                    self._scatter(req_id, recv)
+                except Exception as e:  # validated before any byte is written: the pages are untouched
+                    log.error("hybrid-kv: scatter of %s failed: %s", req_id, e)
+                    failed.add(req_id)
+            self._hkv_recv.pop(req_id)
+            self._free_recv(req_id, recv)
+            self._hkv_client.submit(self._send_done, recv, list(recv.units))
+        return done, failed
+
+    def _scatter(self, req_id: str, recv: _Recv) -> None:
+        assert self._hkv_geom is not None and self._hkv_plans is not None
+        order = self._hkv_geom.order(recv.local)
+        tables = []
+        for p, units in recv.units.items():
+            tpl = self._hkv_plans.template(recv.remote_tp, self.world_size, p, self.tp_rank)
+            for unit, slot in zip(units, recv.slots[p]):
+                tables.append(tpl.unpack_table(order[unit.first : unit.stop], slot.offset))
+        import numpy as np
+
+        table = np.concatenate(tables) if tables else np.zeros((0, 6), dtype=np.int64)
+        Prepared(self._hkv_staging, self._hkv_geom.storage, table, backend=self._hkv_backend)(
+            self._hkv_staging, self._hkv_geom.storage
+        )
+        if self._hkv_staging.is_cuda:  # the slot is reused by the next READ; the model reads the pages
+            torch.cuda.current_stream(self._hkv_staging.device).synchronize()
+
+    # ---- shutdown ---------------------------------------------------------------------------------------
+
+    def hkv_leaks(self) -> dict[str, int]:
+        """Counts that must be zero once every request has finished (tests check them)."""
+        return {
+            "receive_slots": self._hkv_pool.live if self._hkv_pool else 0,
+            "staging_slots": self._hkv_server.live_slots if self._hkv_server else 0,
+            "receives": len(self._hkv_recv),
+        }
+
+    def shutdown(self) -> None:
+        self._hkv_client.shutdown(wait=True, cancel_futures=True)
+        if self._hkv_server is not None:
+            self._hkv_server.close()
+            self._hkv_server = None
+        for link in self._hkv_links.values():
+            link.close()
+        self._hkv_links.clear()
+        self._hkv_deregister()
+        super().shutdown()

@@ -1,0 +1,338 @@
+"""Prefill/decode "engines" for connector tests, built from vLLM's own objects: a VllmConfig of a real model
+config (layers trimmed to keep CPU memory small), vLLM's block-size alignment, its MambaSpec /
+FullAttentionSpec from the model class's own state-shape methods, its KV cache grouping and allocation,
+and one `HybridKVConnector` per TP rank (worker role) plus the scheduler-role connector that serves the
+NIXL handshake. Only the model forward is missing: caches are filled from the oracle instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
+
+from hybrid_kv.layout import RankLayout
+from hybrid_kv.oracle import TORCH_DTYPES, random_bytes, random_global_state, write_shards
+from hybrid_kv.spec import LayerKind
+from hybrid_kv.spec_hf import load_config, spec_from_config
+
+# preset -> (family, config edits that trim it to a few layers of the real dims)
+MODELS = {
+    "qwen3-next-80b-a3b": ("GDN", lambda c: c.update(num_hidden_layers=8)),
+    "nemotron-h-8b": ("Mamba2", lambda c: c.update(num_hidden_layers=8, hybrid_override_pattern="M-M*M-M*")),
+    "falcon-h1-0.5b": ("Mamba2 n_groups=1", lambda c: c.update(num_hidden_layers=3)),
+    "jamba-v0.1": ("Mamba1", lambda c: c.update(num_hidden_layers=8, attn_layer_offset=3, attn_layer_period=4)),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_dir(tmp: Path, name: str, edit=None) -> Path:
+    _, cfg = load_config(name)
+    MODELS[name][1](cfg)
+    if edit:
+        edit(cfg)
+    d = tmp / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@contextmanager
+def tp_rank(rank: int, size: int):
+    import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as bw
+
+    with (
+        mock.patch.object(bw, "get_tensor_model_parallel_rank", return_value=rank),
+        mock.patch.object(bw, "get_tensor_model_parallel_world_size", return_value=size),
+    ):
+        yield
+
+
+def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, dtype: str | None = None):
+    from vllm.config import KVTransferConfig, ModelConfig, VllmConfig
+
+    mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096, **({"dtype": dtype} if dtype else {}))
+    kt = KVTransferConfig(
+        kv_connector="HybridKVConnector",
+        kv_connector_module_path="hybrid_kv.vllm",
+        kv_role="kv_both",
+        kv_buffer_device="cpu",
+        engine_id=engine_id,
+        kv_connector_extra_config={"hybrid_kv_staging_bytes": 64 << 20, **(extra or {})},
+    )
+    vc = VllmConfig(model_config=mc, kv_transfer_config=kt)
+    vc.parallel_config.tensor_parallel_size = tp
+    vc.cache_config.kv_cache_layout = "LBHNC"  # what NixlConnector requires (get_required_kvcache_layout)
+    return vc
+
+
+def layer_specs(vc, name: str):
+    """vLLM's per-layer KV cache specs: the model class's own state shapes/dtypes and vLLM's hybrid
+    block-size alignment for the CPU attention backend."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+
+    cls, _ = ModelRegistry.resolve_model_cls(vc.model_config.architectures, vc.model_config)
+    with set_current_vllm_config(vc):
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        current_platform._align_hybrid_block_size(vc, CPUAttentionBackend)
+        shapes = cls.get_mamba_state_shape_from_config(vc)
+        dtypes = cls.get_mamba_state_dtype_from_config(vc)
+    cc = vc.cache_config
+    spec = spec_from_config(json.loads(Path(vc.model_config.model, "config.json").read_text()), name=name)
+    names = {v: k for k, v in TORCH_DTYPES.items()}  # the dtypes vLLM chose (e.g. fp32 SSM for GDN)
+    spec = spec.with_dtypes(
+        conv_dtype=names[dtypes[0]], ssm_dtype=names[dtypes[1]], kv_dtype=names[vc.model_config.dtype]
+    )
+    mtype = {
+        LayerKind.GDN: MambaAttentionBackendEnum.GDN_ATTN,
+        LayerKind.MAMBA2: MambaAttentionBackendEnum.MAMBA2,
+        LayerKind.MAMBA1: MambaAttentionBackendEnum.MAMBA1,
+    }[spec.state.kind]
+    tp = vc.parallel_config.tensor_parallel_size
+    at = spec.attention
+    out = {}
+    for layer in spec.layers:
+        if layer.kind is LayerKind.ATTENTION:
+            out[f"model.layers.{layer.decoder_layer}.self_attn.attn"] = FullAttentionSpec(
+                block_size=cc.block_size,
+                num_kv_heads=max(1, at.num_kv_heads // tp),
+                head_size=at.head_dim,
+                dtype=vc.model_config.dtype,
+            )
+        else:
+            out[f"model.layers.{layer.decoder_layer}.mixer"] = MambaSpec(
+                block_size=cc.block_size,
+                shapes=shapes,
+                dtypes=dtypes,
+                page_size_padded=cc.mamba_page_size_padded,
+                mamba_type=mtype,
+            )
+    return spec, out
+
+
+@dataclass
+class Engine:
+    """One vLLM instance (P or D): config, KV cache config, per-rank caches and connectors."""
+
+    name: str
+    tp: int
+    vc: object
+    kcc: object
+    spec: object
+    specs: dict
+    caches: list[dict] = field(default_factory=list)
+    conns: list = field(default_factory=list)
+    scheduler: object = None
+
+    @property
+    def engine_id(self) -> str:
+        return self.vc.kv_transfer_config.engine_id
+
+    def storage(self, rank: int) -> torch.Tensor:
+        from hybrid_kv.vllm.state import flat_storage
+
+        return flat_storage(next(iter(self.caches[rank].values())))
+
+    def groups(self) -> list[tuple[int, list[str], str]]:
+        from vllm.v1.kv_cache_interface import MambaSpec
+
+        return [
+            (g, list(grp.layer_names), "mamba" if isinstance(self.specs[grp.layer_names[0]], MambaSpec) else "attn")
+            for g, grp in enumerate(self.kcc.transfer_groups)
+        ]
+
+    def shutdown(self) -> None:
+        for c in self.conns:
+            c.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+
+
+def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None) -> Engine:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    from hybrid_kv.vllm import HybridKVConnector
+
+    vc = vllm_config(path, tp, engine_id, extra)
+    spec, specs = layer_specs(vc, name)
+    page = max(s.page_size_bytes for s in specs.values())
+    kcc = get_kv_cache_configs(vc, [specs], [blocks * page * len(specs)])[0]
+    eng = Engine(name, tp, vc, kcc, spec, specs)
+    layout = vc.cache_config.get_resolved_kv_cache_layout()
+    affinity = os.sched_getaffinity(0)
+    try:
+        for r in range(tp):
+            caches = allocate_kv_cache(kcc, torch.device("cpu"), layout)
+            with tp_rank(r, tp):
+                conn = HybridKVConnector(vc, KVConnectorRole.WORKER, kcc)
+            conn.register_kv_caches(caches)
+            eng.caches.append(caches)
+            eng.conns.append(conn)
+        eng.scheduler = HybridKVConnector(vc, KVConnectorRole.SCHEDULER, kcc)
+        eng.scheduler.set_xfer_handshake_metadata_pp_aware({(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)})
+    except BaseException:
+        eng.shutdown()
+        raise
+    finally:
+        os.sched_setaffinity(0, affinity)  # vLLM's CPU worker pins itself to one core per NUMA node
+    return eng
+
+
+# ---- oracle fill / expectation -------------------------------------------------------------------------
+
+
+def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
+    """page_of(hybrid-kv layer index, block) over `buf` (a copy of rank `rank`'s storage)."""
+    names = {}
+    by_kind = {"state": [], "attn": []}
+    for n in sorted(eng.specs, key=lambda n: int(n.split(".")[2])):
+        by_kind["attn" if n.endswith(".attn") else "state"].append(n)
+    kinds = {"state": [], "attn": []}
+    for layer in eng.spec.layers:
+        kinds["attn" if layer.kind is LayerKind.ATTENTION else "state"].append(layer.index)
+    for k in kinds:
+        names.update(zip(kinds[k], by_kind[k]))
+    base = eng.storage(rank).data_ptr()
+
+    def page_of(layer: int, block: int) -> torch.Tensor:
+        t = eng.caches[rank][names[layer]]
+        off = t.data_ptr() - base + block * t.stride(0) * t.element_size()
+        return buf[off : off + t.stride(0) * t.element_size()]
+
+    return page_of, names
+
+
+def layouts(eng: Engine, rank: int) -> RankLayout:
+    return RankLayout(eng.spec, eng.tp, rank, "DS", "HND", eng.vc.cache_config.block_size)
+
+
+@dataclass
+class Request:
+    """One request: its global state and its block ids per transfer group on both sides."""
+
+    req_id: str
+    tokens: int
+    state: object
+    p_blocks: list[list[int]]
+    d_blocks: list[list[int]]
+
+
+def make_request(req_id: str, p: Engine, d: Engine, tokens: int, p_free: list[int], d_free: list[int], seed: int) -> Request:
+    gen = np.random.default_rng(seed)
+    bs = p.vc.cache_config.block_size
+    assert bs == d.vc.cache_config.block_size, "tests pair engines with one block size"
+    n_kv = -(-tokens // bs)
+    p_blocks, d_blocks = [], []
+    for g, _, kind in p.groups():
+        n = n_kv if kind == "attn" else 1
+        p_blocks.append([p_free.pop() for _ in range(n)])
+        d_blocks.append([d_free.pop() for _ in range(n)])
+    state = random_global_state(p.spec, n_kv * bs, gen)
+    return Request(req_id, tokens, state, p_blocks, d_blocks)
+
+
+def _layer_blocks(eng: Engine, blocks: list[list[int]]):
+    """(state block per state layer, kv blocks per attention layer) from per-group block lists."""
+    _, names = page_fn(eng, 0, torch.empty(0, dtype=torch.uint8))
+    group_of = {n: g for g, ns, _ in eng.groups() for n in ns}
+    state, kv = {}, {}
+    for layer in eng.spec.layers:
+        ids = blocks[group_of[names[layer.index]]]
+        if layer.kind is LayerKind.ATTENTION:
+            kv[layer.index] = ids
+        else:
+            state[layer.index] = ids[-1]
+    return state, kv
+
+
+def fill(eng: Engine, reqs: list[Request], side: str, seed: int) -> list[torch.Tensor]:
+    """Random background on every rank's storage, then each request's shards at its blocks. Returns the
+    filled bytes per rank (on the prefill side: what is in the caches; on decode: what must end up there)."""
+    out = []
+    for r in range(eng.tp):
+        st = eng.storage(r)
+        buf = random_bytes(st.numel(), np.random.default_rng([seed, r]))
+        page_of, _ = page_fn(eng, r, buf)
+        lay = layouts(eng, r)
+        for q in reqs:
+            state, kv = _layer_blocks(eng, q.p_blocks if side == "prefill" else q.d_blocks)
+            n_tok = len(next(iter(kv.values()))) * lay.block_size if kv else 0
+            write_shards(buf, lay, 0, q.state, state, kv, n_tok, page_of=page_of)
+        out.append(buf)
+    return out
+
+
+def step(conn, meta) -> None:
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    conn.clear_connector_metadata()
+
+
+def send_meta(reqs: list[Request], lease_s: float = 60.0):
+    """The prefill scheduler's metadata once `reqs` finished prefill (blocks held for the decode side)."""
+    m = NixlConnectorMetadata()
+    for q in reqs:
+        m.reqs_in_batch.add("p" + q.req_id)
+        m.reqs_to_send["p" + q.req_id] = time.perf_counter() + lease_s
+    return m
+
+
+def recv_meta(reqs: list[Request], p: Engine):
+    """The decode scheduler's metadata for `reqs` (kv_transfer_params as the prefill side returns them)."""
+    m = NixlConnectorMetadata()
+    port = int(p.scheduler.connector_scheduler.side_channel_port)
+    for q in reqs:
+        params = {
+            "remote_block_ids": q.p_blocks,
+            "remote_engine_id": p.engine_id,
+            "remote_request_id": "p" + q.req_id,
+            "remote_host": "127.0.0.1",
+            "remote_port": port,
+            "tp_size": p.tp,
+        }
+        m.add_new_req_to_recv(q.req_id, q.d_blocks, params, awaiting_kvs=True)
+    return m
+
+
+def run_until(conns_p, conns_d, want_recv: set[str], want_sent: set[str], timeout: float = 60.0):
+    """Drive the workers' completion polling (what vLLM's model runner does each step) until every decode
+    rank reports `want_recv` done and every prefill rank `want_sent`; bounded by `timeout`."""
+    recv = [set() for _ in conns_d]
+    failed = [set() for _ in conns_d]
+    sent = [set() for _ in conns_p]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for c in (*conns_d, *conns_p):  # a model-runner step: start_load_kv with this step's (empty) metadata
+            step(c, NixlConnectorMetadata())
+        for i, c in enumerate(conns_d):
+            res = c.connector_worker.get_transfer_results()
+            recv[i] |= res.finished_recving
+            failed[i] |= res.failed_recving
+        for i, c in enumerate(conns_p):
+            res = c.connector_worker.get_transfer_results()
+            sent[i] |= res.finished_sending
+        if all(want_recv <= s for s in recv) and all(want_sent <= s for s in sent):
+            return recv, failed, sent
+        time.sleep(0.002)
+    raise TimeoutError(f"not finished in {timeout}s: recv {recv}, failed {failed}, sent {sent}")
