@@ -193,7 +193,16 @@ def _qwen_gdn(config: Config, name: str, arch: str) -> ModelSpec:
 
 def _nemotron_h(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
-    pattern = str(_req(cfg, "hybrid_override_pattern", name))
+    if "hybrid_override_pattern" not in cfg and "layers_block_type" in cfg:
+        # transformers' NemotronHConfig (what vLLM holds in memory) replaces the pattern with names
+        names = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
+        kinds = list(cfg["layers_block_type"])
+        unknown = sorted({k for k in kinds if k not in names})
+        if unknown:
+            raise ValueError(f"config of {name!r}: layers_block_type has {unknown} (supported: {', '.join(names)})")
+        pattern = "".join(names[k] for k in kinds)
+    else:
+        pattern = str(_req(cfg, "hybrid_override_pattern", name))
     table = {"M": [LayerKind.MAMBA2], "*": [LayerKind.ATTENTION], "-": [], "E": []}
     bad = sorted(set(pattern) - set(table))
     if bad:

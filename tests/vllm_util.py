@@ -25,12 +25,14 @@ from hybrid_kv.oracle import TORCH_DTYPES, random_bytes, random_global_state, wr
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_config, spec_from_config
 
-# preset -> (family, config edits that trim it to a few layers of the real dims)
+# preset -> (family, config edits that trim it to a few layers of the real dims, --block-size). The block
+# size is what vLLM's alignment picks at TP 1 (the largest of any TP): given as --block-size, both
+# sides of every TP pair get it, so the oracle compares whole attention blocks.
 MODELS = {
-    "qwen3-next-80b-a3b": ("GDN", lambda c: c.update(num_hidden_layers=8)),
-    "nemotron-h-8b": ("Mamba2", lambda c: c.update(num_hidden_layers=8, hybrid_override_pattern="M-M*M-M*")),
-    "falcon-h1-0.5b": ("Mamba2 n_groups=1", lambda c: c.update(num_hidden_layers=3)),
-    "jamba-v0.1": ("Mamba1", lambda c: c.update(num_hidden_layers=8, attn_layer_offset=3, attn_layer_period=4)),
+    "qwen3-next-80b-a3b": ("GDN", lambda c: c.update(num_hidden_layers=8), 1152),
+    "nemotron-h-8b": ("Mamba2", lambda c: c.update(num_hidden_layers=8, hybrid_override_pattern="M-M*M-M*"), 1152),
+    "falcon-h1-0.5b": ("Mamba2 n_groups=1", lambda c: c.update(num_hidden_layers=3), 1664),
+    "jamba-v0.1": ("Mamba1", lambda c: c.update(num_hidden_layers=8, attn_layer_offset=3, attn_layer_period=4), 256),
 }
 
 
@@ -76,6 +78,10 @@ def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, 
     )
     vc = VllmConfig(model_config=mc, kv_transfer_config=kt)
     vc.parallel_config.tensor_parallel_size = tp
+    block = MODELS.get(path.name, (None, None, None))[2]
+    if block:
+        vc.cache_config.block_size = block
+        vc.cache_config.user_specified_block_size = True
     vc.cache_config.kv_cache_layout = "LBHNC"  # what NixlConnector requires (get_required_kvcache_layout)
     return vc
 
