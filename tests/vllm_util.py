@@ -42,6 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, tries: int = 200) -> int:
+    """A base port with base .. base+n-1 all free (the stock listener, then one hybrid-kv port per rank)."""
+    for _ in range(tries):
+        base = free_port()
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def model_dir(tmp: Path, name: str, edit=None) -> Path:
     _, cfg = load_config(name)
     MODELS[name][1](cfg)
@@ -64,10 +83,10 @@ def tp_rank(rank: int, size: int):
         yield
 
 
-def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, dtype: str | None = None):
+def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, cache: dict | None = None):
     from vllm.config import KVTransferConfig, ModelConfig, VllmConfig
 
-    mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096, **({"dtype": dtype} if dtype else {}))
+    mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096)
     kt = KVTransferConfig(
         kv_connector="HybridKVConnector",
         kv_connector_module_path="hybrid_kv.vllm",
@@ -82,6 +101,8 @@ def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, 
     if block:
         vc.cache_config.block_size = block
         vc.cache_config.user_specified_block_size = True
+    for k, v in (cache or {}).items():  # e.g. --mamba-ssm-cache-dtype
+        setattr(vc.cache_config, k, v)
     vc.cache_config.kv_cache_layout = "LBHNC"  # what NixlConnector requires (get_required_kvcache_layout)
     return vc
 
@@ -173,14 +194,16 @@ class Engine:
             self.scheduler.shutdown()
 
 
-def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None) -> Engine:
+def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None, cache=None) -> Engine:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
     from vllm.v1.worker.utils import allocate_kv_cache
 
     from hybrid_kv.vllm import HybridKVConnector
 
-    vc = vllm_config(path, tp, engine_id, extra)
+    # side channels: the stock listener at `base`, hybrid-kv's of rank r at base + 1 + r
+    os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_ports(tp + 1))
+    vc = vllm_config(path, tp, engine_id, {"hybrid_kv_port_offset": 1, **(extra or {})}, cache)
     spec, specs = layer_specs(vc, name)
     page = max(s.page_size_bytes for s in specs.values())
     kcc = get_kv_cache_configs(vc, [specs], [blocks * page * len(specs)])[0]
@@ -196,7 +219,9 @@ def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6
             eng.caches.append(caches)
             eng.conns.append(conn)
         eng.scheduler = HybridKVConnector(vc, KVConnectorRole.SCHEDULER, kcc)
-        eng.scheduler.set_xfer_handshake_metadata_pp_aware({(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)})
+        eng.scheduler.set_xfer_handshake_metadata_pp_aware(
+            {(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)}
+        )
     except BaseException:
         eng.shutdown()
         raise
@@ -230,7 +255,8 @@ def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
 
 
 def layouts(eng: Engine, rank: int) -> RankLayout:
-    return RankLayout(eng.spec, eng.tp, rank, "DS", "HND", eng.vc.cache_config.block_size)
+    conv = os.environ.get("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+    return RankLayout(eng.spec, eng.tp, rank, conv, "HND", eng.vc.cache_config.block_size)
 
 
 @dataclass
@@ -244,13 +270,15 @@ class Request:
     d_blocks: list[list[int]]
 
 
-def make_request(req_id: str, p: Engine, d: Engine, tokens: int, p_free: list[int], d_free: list[int], seed: int) -> Request:
+def make_request(
+    req_id: str, p: Engine, d: Engine, tokens: int, p_free: list[int], d_free: list[int], seed: int
+) -> Request:
     gen = np.random.default_rng(seed)
     bs = p.vc.cache_config.block_size
     assert bs == d.vc.cache_config.block_size, "tests pair engines with one block size"
     n_kv = -(-tokens // bs)
     p_blocks, d_blocks = [], []
-    for g, _, kind in p.groups():
+    for _, _, kind in p.groups():
         n = n_kv if kind == "attn" else 1
         p_blocks.append([p_free.pop() for _ in range(n)])
         d_blocks.append([d_free.pop() for _ in range(n)])

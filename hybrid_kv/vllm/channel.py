@@ -100,7 +100,7 @@ class PrefillServer:
             self._reap()
             try:
                 conn, _ = self._sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 FLAG = "HYBRID_KV_TRANSFER"
 MODES = ("packed", "strided")
@@ -37,7 +38,7 @@ class PackedConfig:
     lease_s: float = 30.0  # a staged unit nobody read is freed after this (vLLM's kv_lease_duration)
     backend: str | None = None  # "triton" | "torch" for pack/scatter (default: triton on GPU)
 
-    KEYS = {
+    KEYS: ClassVar[dict[str, str]] = {
         "hybrid_kv_staging_bytes": "staging_bytes",
         "hybrid_kv_max_unit_bytes": "max_unit_bytes",
         "hybrid_kv_port_offset": "port_offset",

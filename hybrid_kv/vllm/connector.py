@@ -1,8 +1,9 @@
 """`HybridKVConnector`: vLLM's NIXL (pull) connector with hybrid-kv's packed recurrent-state backend.
 
-Select it with::
+Select it with (one line)::
 
-    --kv-transfer-config '{"kv_connector":"HybridKVConnector","kv_connector_module_path":"hybrid_kv.vllm","kv_role":"kv_both"}'
+    --kv-transfer-config '{"kv_connector":"HybridKVConnector",
+                           "kv_connector_module_path":"hybrid_kv.vllm","kv_role":"kv_both"}'
 
 `HYBRID_KV_TRANSFER=packed` (default) moves the Mamba/GDN state through hybrid-kv's gather -> one
 descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs vLLM's stock worker unchanged.

@@ -92,7 +92,8 @@ class StateGeometry:
         names = sorted((n for _, ns in groups for n in ns), key=lambda n: (_layer_index(n), n))
         if len(names) != len(state_idx):
             raise ValueError(
-                f"vLLM has {len(names)} Mamba layers but {spec.name} has {len(state_idx)} state layers in hybrid-kv's spec"
+                f"vLLM has {len(names)} Mamba layers but {spec.name} has {len(state_idx)} state layers "
+                "in hybrid-kv's spec"
             )
         index_of = dict(zip(names, state_idx))
         storage = {t.untyped_storage().data_ptr() for n, t in kv_caches.items() if n in index_of}
@@ -176,7 +177,10 @@ class PairTemplate:
         self.per_unit = max(1, max_unit_bytes // self.stride) if self.stride else 1
         cols = ("src_off", "dst_off", "rows", "row_bytes", "src_stride", "dst_stride")
         arr = np.array(
-            [(p.src.offset, p.dst.offset, p.src.rows, p.src.row_bytes, p.src.stride, p.dst.stride) for p in self.pieces],
+            [
+                (p.src.offset, p.dst.offset, p.src.rows, p.src.row_bytes, p.src.stride, p.dst.stride)
+                for p in self.pieces
+            ],
             dtype=np.int64,
         ).reshape(-1, len(cols))
         self.a = dict(zip(cols, arr.T))

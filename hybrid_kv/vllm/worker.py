@@ -20,6 +20,7 @@ Everything else (handshake, TP mapping, attention reads, leases, heartbeats, fai
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import queue
@@ -28,9 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 import vllm.envs as envs
+from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHandshakePayload
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
-from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+from vllm.model_executor.layers.mamba import mamba_utils
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
@@ -64,7 +67,26 @@ class HybridKVWorker(NixlPullConnectorWorker):
     """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source."""
 
     def __init__(self, vllm_config, engine_id: str, kv_cache_config) -> None:
-        super().__init__(vllm_config, engine_id, kv_cache_config)
+        # The stock worker asserts the DS conv layout because its 3-read needs channel-contiguous x|B|C.
+        # Packing addresses each channel slice itself, so SD works too: let those asserts see DS (the stock
+        # Mamba descriptors they guard are registered but never used in packed mode).
+        sd = not mamba_utils.is_conv_state_dim_first()
+        saved = [(m, "is_conv_state_dim_first") for m in (mamba_utils, ssm_conv_transfer_utils)]
+        saved.append((base_worker, "derive_mamba_conv_split"))
+        saved = [(m, name, getattr(m, name)) for m, name in saved]
+        if sd:
+            split = base_worker.derive_mamba_conv_split
+            for m, name, _ in saved[:2]:
+                setattr(m, name, lambda: True)
+            # its conv split reads the (dim, rows) shape: hand it the DS view of the same state
+            base_worker.derive_mamba_conv_split = lambda spec, tp: split(
+                dataclasses.replace(spec, shapes=(tuple(reversed(spec.shapes[0])), *spec.shapes[1:])), tp
+            )
+        try:
+            super().__init__(vllm_config, engine_id, kv_cache_config)
+        finally:
+            for m, name, f in saved:
+                setattr(m, name, f)
         self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
         if self._has_mamba:
             bad = {
@@ -136,7 +158,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
         mamba = next(s for s in specs.values() if isinstance(s, MambaSpec))
         attn = next((s for s in specs.values() if isinstance(s, AttentionSpec)), None)
         spec = model_spec(self.model_config.hf_config.to_dict(), mamba, attn, name=str(self.model_config.model))
-        conv_layout = "DS" if is_conv_state_dim_first() else "SD"
+        conv_layout = "DS" if mamba_utils.is_conv_state_dim_first() else "SD"
         kv_layout = "NHD" if self.kv_cache_layout in ("NHD", "LBNHC") else "HND"
         layout = RankLayout(spec, self.world_size, self.tp_rank, conv_layout, kv_layout)
         geom = StateGeometry(spec, layout, groups, kv_caches, specs, int(self.kv_cache_config.num_blocks))
@@ -177,7 +199,9 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_peer_addr = (host, port)  # handshakes run one at a time on the initiator thread
         return super()._nixl_handshake(host, port, remote_tp_size, expected_engine_id, *args, **kwargs)
 
-    def add_remote_agent(self, nixl_agent_meta, remote_tp_rank: int = 0, remote_tp_size: int = 1, remote_dcp_size: int = 1):
+    def add_remote_agent(
+        self, nixl_agent_meta, remote_tp_rank: int = 0, remote_tp_size: int = 1, remote_dcp_size: int = 1
+    ):
         key = (nixl_agent_meta.engine_id, remote_tp_rank)
         fresh = self._hkv_geom is not None and key not in self._hkv_links
         if fresh:
@@ -192,7 +216,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
     def _hkv_connect(self, key: tuple[str, int], remote_tp: int) -> None:
         """hello with one prefill rank: both sides check the other's pages before any descriptor exists."""
         assert self._hkv_geom is not None and self._hkv_plans is not None and self.transfer_topo is not None
-        engine_id, p_rank = key
+        p_rank = key[1]
         plan = self._hkv_plans.plan(remote_tp, self.world_size)  # refuses TP sizes the model cannot shard
         targets = set(self.transfer_topo.handshake_target_ranks(remote_tp, 1))
         missing = set(plan.sources_of(self.tp_rank)) - targets
@@ -209,7 +233,8 @@ class HybridKVWorker(NixlPullConnectorWorker):
                     f"hybrid-kv side channel {host}:{self._hkv_port(port, p_rank)} is prefill rank "
                     f"{peer['tp_rank']}/{peer['tp_size']}, expected {p_rank}/{remote_tp}"
                 )
-        except BaseException:
+        except BaseException as e:
+            log.error("hybrid-kv: handshake with prefill rank %d of %s refused: %s", p_rank, key[0], e)
             link.close()
             raise
         self._hkv_links[key] = link
@@ -251,9 +276,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
             remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
             n = len(self._hkv_geom.order(local))
             sources = self._hkv_plans.plan(remote_tp, self.world_size).sources_of(self.tp_rank)
-            units = {
-                p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(n) for p in sources
-            }
+            units = {p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(n) for p in sources}
             recv = _Recv(meta, engine_id, remote_tp, local, remote, units)
             self._alloc_recv(req_id, recv)
         except Exception as e:
@@ -264,25 +287,29 @@ class HybridKVWorker(NixlPullConnectorWorker):
         fut.add_done_callback(lambda f, r=req_id: self._hkv_ready.put((r, f)))
 
     def _alloc_recv(self, req_id: str, recv: _Recv) -> None:
+        """All of a request's receive slots or none."""
         assert self._hkv_pool is not None
-        for p, units in recv.units.items():
-            recv.slots[p] = []
-            for u, unit in enumerate(units):
-                slot = self._hkv_pool.alloc((req_id, p, u), unit.nbytes)
-                if slot is None:
-                    self._free_recv(req_id, recv)
-                    raise RuntimeError(
-                        f"hybrid-kv receive staging full: request {req_id} needs {unit.nbytes} B more, "
-                        f"{self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
-                        "(raise hybrid_kv_staging_bytes)"
-                    )
-                recv.slots[p].append(slot)
+        try:
+            for p, units in recv.units.items():
+                recv.slots[p] = []
+                for u, unit in enumerate(units):
+                    slot = self._hkv_pool.alloc((req_id, p, u), unit.nbytes)
+                    if slot is None:
+                        raise RuntimeError(
+                            f"hybrid-kv receive staging full: request {req_id} needs {unit.nbytes} B more, "
+                            f"{self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
+                            "(raise hybrid_kv_staging_bytes)"
+                        )
+                    recv.slots[p].append(slot)
+        except BaseException:
+            self._free_recv(req_id, recv)
+            raise
 
     def _free_recv(self, req_id: str, recv: _Recv) -> None:
         assert self._hkv_pool is not None
-        for p, slots in recv.slots.items():
-            for u in range(len(slots)):
-                self._hkv_pool.free((req_id, p, u))
+        for slots in recv.slots.values():
+            for slot in slots:
+                self._hkv_pool.free(slot.key)
         recv.slots.clear()
 
     def _request_pack(self, req_id: str, recv: _Recv) -> dict[int, list[list[int]]]:

@@ -1,0 +1,417 @@
+"""HybridKVConnector inside vLLM 0.32: prefill and decode connector workers built from vLLM's own objects
+(VllmConfig of a real model config, the model class's state shapes, MambaSpec / FullAttentionSpec, vLLM's
+KV cache grouping and allocation, the stock scheduler's handshake listener), real NIXL agents over UCX on
+DRAM. Each rank's whole backing buffer is compared byte for byte with the oracle, so every byte outside
+the written pages is checked too."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
+pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
+
+import vllm_util as U
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+from vllm.model_executor.layers.mamba import mamba_utils
+
+from hybrid_kv.transport.wire import recv_msg, send_msg
+from hybrid_kv.vllm import HybridKVConnector
+from hybrid_kv.vllm.worker import HybridKVWorker
+
+
+@pytest.fixture(autouse=True)
+def _ds_layout(monkeypatch):
+    monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+    mamba_utils.get_conv_state_layout.cache_clear()
+    yield
+    mamba_utils.get_conv_state_layout.cache_clear()
+
+
+class Pair:
+    """A prefill and a decode engine with `n` requests filled on P (and their expected D bytes)."""
+
+    def __init__(
+        self, tmp, monkeypatch, name, ptp, dtp, mode, *, n=2, p_extra=None, d_extra=None, d_edit=None, d_cache=None
+    ):
+        monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
+        self.engines = []
+        path = U.model_dir(tmp, name)
+        self.p = self._engine(path, name, ptp, "prefill", p_extra, None)
+        d_path = U.model_dir(tmp / "decode", name, d_edit) if d_edit else path
+        self.d = self._engine(d_path, name, dtp, "decode", d_extra, d_cache)
+        p_free, d_free = list(range(self.p.kcc.num_blocks)), list(range(self.d.kcc.num_blocks))
+        random.Random(1).shuffle(p_free)
+        random.Random(2).shuffle(d_free)
+        # interleaved block ids, different lengths
+        self.reqs = [U.make_request(f"req{i}", self.p, self.d, 90 + 700 * i, p_free, d_free, i) for i in range(n)]
+        for r, buf in enumerate(U.fill(self.p, self.reqs, "prefill", 11)):
+            self.p.storage(r).copy_(buf)
+        self.background = U.fill(self.d, [], "decode", 12)
+        for r, buf in enumerate(self.background):
+            self.d.storage(r).copy_(buf)
+
+    def _engine(self, path, name, tp, eid, extra, cache):
+        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache)
+        self.engines.append(eng)
+        return eng
+
+    def expected(self):
+        return U.fill(self.d, self.reqs, "decode", 12)
+
+    def run(self, timeout=60.0):
+        ids = {q.req_id for q in self.reqs}
+        for c in self.p.conns:
+            U.step(c, U.send_meta(self.reqs))
+        for c in self.d.conns:
+            U.step(c, U.recv_meta(self.reqs, self.p))
+        return U.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
+
+    def run_failing(self, timeout=30.0):
+        """Requests expected to fail on every decode rank: returns each rank's failed set."""
+        ids = {q.req_id for q in self.reqs}
+        for c in self.p.conns:
+            U.step(c, U.send_meta(self.reqs))
+        for c in self.d.conns:
+            U.step(c, U.recv_meta(self.reqs, self.p))
+        _, failed, _ = U.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
+        return failed
+
+    def telemetry_descriptors(self) -> list[int]:
+        return [sum(c.connector_worker.xfer_stats.data["num_descriptors"]) for c in self.d.conns]
+
+    def wait_no_leaks(self, timeout=10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            leaks = [c.connector_worker.hkv_leaks() for c in (*self.p.conns, *self.d.conns)]
+            if all(v == 0 for lk in leaks for v in lk.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"staging leaks after the transfers: {leaks}")
+            time.sleep(0.01)
+
+    def close(self):
+        while self.engines:
+            self.engines.pop().shutdown()
+
+
+@pytest.fixture
+def pairs(tmp_path, monkeypatch):
+    made = []
+
+    def make(*a, **kw):
+        made.append(Pair(tmp_path / str(len(made)), monkeypatch, *a, **kw))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def assert_exact(pair: Pair) -> None:
+    for r, (want, got) in enumerate(zip(pair.expected(), (pair.d.storage(r) for r in range(pair.d.tp)))):
+        bad = (want != got).nonzero().flatten()
+        assert bad.numel() == 0, f"decode rank {r}: {bad.numel()} bytes differ from the oracle, first at {bad[:4]}"
+
+
+# ---- the flag -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "cls"), [(None, HybridKVWorker), ("packed", HybridKVWorker), ("strided", None)])
+def test_flag_selects_the_worker(tmp_path, monkeypatch, value, cls):
+    if value is None:
+        monkeypatch.delenv("HYBRID_KV_TRANSFER", raising=False)
+    else:
+        monkeypatch.setenv("HYBRID_KV_TRANSFER", value)
+    eng = U.build_engine(U.model_dir(tmp_path, "jamba-v0.1"), "jamba-v0.1", 1, "e")
+    try:
+        w = eng.conns[0].connector_worker
+        if cls is None:
+            assert type(w) is NixlPullConnectorWorker  # strided: the stock worker, unchanged
+        else:
+            assert type(w) is cls
+        assert isinstance(eng.conns[0], HybridKVConnector)
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("value", ["auto", "fast", "PACKED2"])
+def test_invalid_flag_fails_at_startup(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", value)
+    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e")
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        with pytest.raises(ValueError, match=rf"HYBRID_KV_TRANSFER='{value}'.*accepted: packed, strided"):
+            HybridKVConnector(vc, role, None)
+
+
+def test_invalid_extra_config_fails_at_startup(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
+    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e", extra={"hybrid_kv_staging_byte": 1})
+    with pytest.raises(ValueError, match=r"unknown kv_connector_extra_config key.*hybrid_kv_staging_byte"):
+        HybridKVConnector(vc, KVConnectorRole.WORKER, None)
+    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e", extra={"hybrid_kv_staging_bytes": 10})
+    with pytest.raises(ValueError, match="hybrid_kv_staging_bytes=10 must be an integer >= 4096"):
+        HybridKVConnector(vc, KVConnectorRole.WORKER, None)
+
+
+# ---- byte-exact transfers -------------------------------------------------------------------------------
+
+CASES = [
+    ("qwen3-next-80b-a3b", 1, 2),
+    ("qwen3-next-80b-a3b", 2, 1),
+    ("qwen3-next-80b-a3b", 2, 4),
+    ("qwen3-next-80b-a3b", 4, 2),
+    ("nemotron-h-8b", 1, 2),
+    ("nemotron-h-8b", 2, 4),
+    ("nemotron-h-8b", 4, 2),
+    ("falcon-h1-0.5b", 1, 2),
+    ("falcon-h1-0.5b", 2, 1),
+    ("jamba-v0.1", 1, 2),
+    ("jamba-v0.1", 2, 1),
+]
+
+
+@pytest.mark.parametrize(("name", "ptp", "dtp"), CASES, ids=[f"{n}-{p}to{d}" for n, p, d in CASES])
+def test_packed_and_strided(pairs, name, ptp, dtp):
+    """Both flag values on the same requests; packed byte-exact always, strided wherever stock vLLM is right.
+    Descriptors per request: packed moves the state in one READ per source rank, attention identically."""
+    strided = pairs(name, ptp, dtp, "strided")
+    _, failed, _ = strided.run()
+    assert not any(failed)
+    stock_ok = not (name == "falcon-h1-0.5b" and ptp != dtp)  # replicated B/C: reference §4
+    if stock_ok:
+        assert_exact(strided)
+    strided.close()
+
+    packed = pairs(name, ptp, dtp, "packed")
+    _, failed, _ = packed.run()
+    assert not any(failed)
+    assert_exact(packed)
+    packed.wait_no_leaks()
+
+    state_layers = len(packed.p.spec.state_layers)
+    parts = 2 if packed.p.spec.state.kind.value == "mamba1" else 4
+    n = len(packed.reqs)
+    for r, (c, tel_packed, tel_strided) in enumerate(
+        zip(packed.d.conns, packed.telemetry_descriptors(), strided.telemetry_descriptors())
+    ):
+        w = c.connector_worker
+        sources = w._hkv_plans.plan(ptp, dtp).sources_of(r)
+        # one descriptor per (transfer unit, source rank): the default unit budget holds a request's state
+        assert w.hkv_descriptors == {q.req_id: len(sources) for q in packed.reqs}
+        # the stock path: 3 conv + 1 SSM (Mamba1: 1 + 1) per layer per block per SSM source rank
+        stock_ssm_sources = max(1, ptp // dtp)
+        attention = tel_strided - n * state_layers * parts * stock_ssm_sources
+        assert tel_packed == attention + n * len(sources)
+        print(
+            f"{name} {ptp}->{dtp} decode rank {r}: descriptors per request "
+            f"strided {tel_strided / n:g} (state {state_layers * parts * stock_ssm_sources}), "
+            f"packed {tel_packed / n:g} (state {len(sources)})"
+        )
+
+
+def test_stock_path_misreads_replicated_bc(pairs):
+    """Why packed exists: with Mamba2 n_groups=1 at different TP the stock 3-read reads SSM bytes as C
+    (reference §4). The damage is confined to the decode rank's state pages; attention is right."""
+    pair = pairs("falcon-h1-0.5b", 1, 2, "strided")
+    pair.run()
+    want, got = pair.expected()[1], pair.d.storage(1)
+    bad = (want != got).nonzero().flatten()
+    assert bad.numel() > 0
+    _, names = U.page_fn(pair.d, 1, got)
+    base = pair.d.storage(1).data_ptr()
+    state = {names[i] for i in (layer.index for layer in pair.d.spec.state_layers)}
+    spans = []
+    for n in state:
+        t = pair.d.caches[1][n]
+        spans.append((t.data_ptr() - base, t.data_ptr() - base + t.shape[0] * t.stride(0)))
+    assert all(any(a <= int(b) < z for a, z in spans) for b in bad[:: max(1, bad.numel() // 1000)])
+
+
+def test_triton_backend_under_the_interpreter(pairs):
+    """The Triton pack/scatter kernels (interpreted on CPU, native on GPU) give the same bytes."""
+    extra = {"hybrid_kv_backend": "triton", "hybrid_kv_timeout_s": 600}
+    pair = pairs("jamba-v0.1", 2, 1, "packed", n=1, p_extra=extra, d_extra=extra)
+    assert pair.p.conns[0].connector_worker._hkv_backend == "triton"
+    _, failed, _ = pair.run(timeout=600)
+    assert not any(failed)
+    assert_exact(pair)
+
+
+@pytest.mark.parametrize(("name", "ptp", "dtp"), [("nemotron-h-8b", 2, 1), ("falcon-h1-0.5b", 1, 2)])
+def test_sd_conv_layout(pairs, monkeypatch, name, ptp, dtp):
+    """Packing addresses each channel slice itself, so vLLM's SD conv layout works; the stock 3-read
+    refuses SD at start-up."""
+    monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "SD")
+    mamba_utils.get_conv_state_layout.cache_clear()
+    pair = pairs(name, ptp, dtp, "packed")
+    assert pair.d.conns[0].connector_worker._hkv_geom.layout.conv_layout == "SD"
+    _, failed, _ = pair.run()
+    assert not any(failed)
+    assert_exact(pair)
+    with pytest.raises(AssertionError, match="requires DS conv state layout"):
+        pairs(name, ptp, dtp, "strided")
+
+
+def test_large_request_split_into_units(pairs):
+    """A unit budget below one request's state: several descriptors per source, still byte-exact."""
+    extra = {"hybrid_kv_max_unit_bytes": 3 << 20}
+    pair = pairs("qwen3-next-80b-a3b", 2, 1, "packed", p_extra=extra, d_extra=extra)
+    _, failed, _ = pair.run()
+    assert not any(failed)
+    assert_exact(pair)
+    w = pair.d.conns[0].connector_worker
+    units = w._hkv_plans.template(2, 1, 0, 0).units(len(pair.d.spec.state_layers))
+    assert len(units) > 1
+    assert w.hkv_descriptors == {q.req_id: 2 * len(units) for q in pair.reqs}
+    pair.wait_no_leaks()
+
+
+# ---- refusals and failures ------------------------------------------------------------------------------
+
+
+def assert_untouched(pair: Pair) -> None:
+    for r in range(pair.d.tp):
+        assert bool((pair.d.storage(r) == pair.background[r]).all()), f"decode rank {r} pages were written"
+
+
+def test_mismatched_ssm_dtype_refused_at_handshake(pairs, caplog):
+    """vLLM's compatibility hash omits the Mamba dtypes (reference §4); hybrid-kv's hello names the field."""
+    pair = pairs("nemotron-h-8b", 2, 2, "packed", d_cache={"mamba_ssm_cache_dtype": "float16"})
+    failed = pair.run_failing()
+    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
+    assert "state.ssm_dtype: prefill 'float32' vs decode 'float16'" in caplog.text
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+def test_mismatched_model_refused_at_handshake(pairs, caplog):
+    """Even with vLLM's compatibility hash switched off, different state dims are refused by name."""
+    off = {"enforce_handshake_compat": False}
+    pair = pairs(
+        "nemotron-h-8b", 1, 1, "packed", p_extra=off, d_extra=off, d_edit=lambda c: c.update(ssm_state_size=64)
+    )
+    failed = pair.run_failing()
+    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
+    assert "state.head_shape" in caplog.text
+    assert_untouched(pair)
+
+
+def test_stock_and_packed_peers_refuse_each_other(tmp_path, monkeypatch, caplog):
+    pair = Pair(tmp_path, monkeypatch, "jamba-v0.1", 1, 1, "strided")
+    try:
+        monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
+        d = U.build_engine(U.model_dir(tmp_path / "d2", "jamba-v0.1"), "jamba-v0.1", 1, "decode2")
+        pair.engines.append(d)
+        for r, buf in enumerate(pair.background[:1]):
+            d.storage(r).copy_(buf)
+        pair.d = d
+        failed = pair.run_failing()
+        assert failed[0] == {q.req_id for q in pair.reqs}
+        assert sum(d.conns[0].connector_worker.xfer_stats.data["num_failed_handshakes"]) >= 1
+        assert_untouched(pair)
+    finally:
+        pair.close()
+
+
+def test_staging_too_small_fails_the_request_cleanly(pairs, caplog):
+    """A prefill pool that can never hold the request's unit: a clear error, the request fails through
+    vLLM's failure path, the decode pages stay untouched and nothing leaks."""
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", p_extra={"hybrid_kv_staging_bytes": 1 << 20})
+    failed = pair.run_failing()
+    assert failed[0] == {q.req_id for q in pair.reqs}
+    assert "can never fit the 1048576-byte staging pool" in caplog.text
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+def test_receive_staging_too_small(pairs, caplog):
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", d_extra={"hybrid_kv_staging_bytes": 1 << 20})
+    failed = pair.run_failing()
+    assert failed[0] == {q.req_id for q in pair.reqs}
+    assert "can never fit" in caplog.text
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+def test_dead_prefill_fails_requests(pairs, caplog):
+    """The prefill engine is gone before the decode side reads: the requests fail (bounded), pages untouched."""
+    pair = pairs("jamba-v0.1", 1, 1, "packed")
+    pair.p.shutdown()
+    pair.engines.remove(pair.p)
+    ids = {q.req_id for q in pair.reqs}
+    for c in pair.d.conns:
+        U.step(c, U.recv_meta(pair.reqs, pair.p))
+    _, failed, _ = U.run_until([], pair.d.conns, ids, set(), timeout=60)
+    assert failed[0] == ids
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+# ---- the prefill side channel ---------------------------------------------------------------------------
+
+
+def _server(pair: Pair):
+    w = pair.p.conns[0].connector_worker
+    return w, w._hkv_server
+
+
+def test_side_channel_rejects_malformed_and_unknown(pairs):
+    pair = pairs("jamba-v0.1", 1, 1, "packed")
+    _, srv = _server(pair)
+    host, port = srv.address
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "bad magic" in head["message"]
+    with socket.create_connection((host, port), timeout=5) as s:
+        send_msg(s, {"type": "pack", "request_id": "nope", "tp_size": 1, "tp_rank": 0, "blocks": [[0, [1]]]})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "request nope is not held" in head["message"]
+        send_msg(s, {"type": "hello", "fingerprint": {"architecture": "X"}, "tp_size": 1, "tp_rank": 0})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "configurations differ (architecture" in head["message"]
+        send_msg(s, {"type": "pack", "request_id": "nope", "tp_size": 3, "tp_rank": 0, "blocks": []})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "decode tp_size=3" in head["message"]
+
+
+def test_staged_slots_freed_on_disconnect_and_lease(pairs):
+    """A decode rank that packs and vanishes (connection closed) or never says done (lease) frees its slots."""
+    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra={"kv_lease_duration": 1})
+    _, srv = _server(pair)
+    q = pair.reqs[0]
+    for c in pair.p.conns:
+        U.step(c, U.send_meta(pair.reqs))
+    g = [i for i, (_, _, kind) in enumerate(pair.p.groups()) if kind == "mamba"]
+    msg = {
+        "type": "pack",
+        "request_id": "p" + q.req_id,
+        "tp_size": 1,
+        "tp_rank": 0,
+        "blocks": [[i, q.p_blocks[i]] for i in g],
+    }
+    with socket.create_connection(srv.address, timeout=5) as s:
+        send_msg(s, msg)
+        head, _ = recv_msg(s, 10)
+        assert head["type"] == "ready" and srv.live_slots == 1
+    deadline = time.monotonic() + 5
+    while srv.live_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.live_slots == 0  # disconnect
+    s = socket.create_connection(srv.address, timeout=5)
+    try:
+        send_msg(s, msg)
+        head, _ = recv_msg(s, 10)
+        assert head["type"] == "ready" and srv.live_slots == 1
+        deadline = time.monotonic() + 10
+        while srv.live_slots and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.live_slots == 0  # lease expiry with the connection still open
+    finally:
+        s.close()
