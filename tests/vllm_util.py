@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 from contextlib import contextmanager
@@ -43,9 +44,12 @@ def free_port() -> int:
 
 
 def free_ports(n: int, tries: int = 200) -> int:
-    """A base port with base .. base+n-1 all free (the stock listener, then one hybrid-kv port per rank)."""
+    """A base port with base .. base+n-1 all free (the stock listener, then one hybrid-kv port per rank).
+    Drawn below Linux's ephemeral range (32768+), where the kernel never hands out outgoing ports, so
+    no UCX/ZMQ socket can take one between this check and the bind."""
+    rng = random.Random()
     for _ in range(tries):
-        base = free_port()
+        base = rng.randrange(20000, 32000 - n)
         socks = []
         try:
             for p in range(base, base + n):

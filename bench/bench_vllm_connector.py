@@ -1,0 +1,136 @@
+"""HybridKVConnector inside vLLM 0.32: packed vs strided (stock) on the same requests, same run.
+
+Builds a prefill and a decode engine per TP pair from vLLM's own objects (see tests/vllm_util.py: a real
+model config at full layer count, vLLM's block alignment, KV cache grouping and allocation, one connector
+per rank, real NIXL/UCX on DRAM), fills the prefill caches, and times requests from the decode workers'
+`start_load_kv` to every decode rank reporting the request received (the step loop is driven in-process,
+as vLLM's model runner would). Reports per mode: descriptors per request (NIXL's own telemetry, summed over
+decode ranks, split into state and attention), bytes, p50 / p10-p90 latency, and verifies every decode rank
+byte for byte against the oracle after the timed requests.
+
+    python bench/bench_vllm_connector.py [--models nemotron-h-8b qwen3-next-80b-a3b] [--iters 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+
+import vllm_util as U  # noqa: E402
+
+from bench_repack import environment  # noqa: E402
+
+FULL = {  # full layer counts (the presets' own), attention every 4th / per pattern
+    "nemotron-h-8b": lambda c: None,
+    "qwen3-next-80b-a3b": lambda c: None,
+}
+BLOCKS = {"nemotron-h-8b": 1152, "qwen3-next-80b-a3b": 1152}
+
+
+def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: Path) -> dict:
+    os.environ["HYBRID_KV_TRANSFER"] = mode
+    U.MODELS[name] = (U.MODELS[name][0], FULL[name], BLOCKS[name])
+    path = U.model_dir(tmp, name)
+    p = U.build_engine(path, name, ptp, "prefill", blocks=4)
+    d = U.build_engine(path, name, dtp, "decode", blocks=4)
+    try:
+        p_free, d_free = list(range(p.kcc.num_blocks)), list(range(d.kcc.num_blocks))
+        random.Random(0).shuffle(p_free)
+        random.Random(1).shuffle(d_free)
+        reqs = [U.make_request(f"r{i}", p, d, tokens, list(p_free), list(d_free), i) for i in range(1)]
+        for r, buf in enumerate(U.fill(p, reqs, "prefill", 3)):
+            p.storage(r).copy_(buf)
+        lat, tel0 = [], None
+        for it in range(iters + 1):  # the first request also pays the handshakes: not timed
+            q = reqs[0]
+            q.req_id = f"it{it}"
+            t0 = time.perf_counter()
+            for c in p.conns:
+                U.step(c, U.send_meta([q]))
+            for c in d.conns:
+                U.step(c, U.recv_meta([q], p))
+            _, failed, _ = U.run_until(p.conns, d.conns, {q.req_id}, {"p" + q.req_id}, timeout=120)
+            if any(failed):
+                raise RuntimeError(f"{name} {ptp}->{dtp} {mode}: request failed")
+            if it:
+                lat.append(time.perf_counter() - t0)
+            else:
+                tel0 = [len(c.connector_worker.xfer_stats.data["num_descriptors"]) for c in d.conns]
+        want = U.fill(d, reqs, "decode", 4)
+        exact = all(bool((d.storage(r) == want[r]).all()) for r in range(d.tp))
+        desc = (
+            sum(sum(c.connector_worker.xfer_stats.data["num_descriptors"][n:]) for c, n in zip(d.conns, tel0)) / iters
+        )
+        nbytes = (
+            sum(sum(c.connector_worker.xfer_stats.data["bytes_transferred"][n:]) for c, n in zip(d.conns, tel0)) / iters
+        )
+        state = (
+            sum(sum(v for k, v in c.connector_worker.hkv_descriptors.items() if k != "it0") for c in d.conns) / iters
+            if mode == "packed"
+            else None
+        )
+        ms = np.array(lat) * 1e3
+        return {
+            "model": name,
+            "pair": f"{ptp}->{dtp}",
+            "mode": mode,
+            "descriptors": desc,
+            "state_descriptors": state,
+            "bytes": nbytes,
+            "p50_ms": float(np.median(ms)),
+            "p10_ms": float(np.percentile(ms, 10)),
+            "p90_ms": float(np.percentile(ms, 90)),
+            "verified": exact,
+        }
+    finally:
+        p.shutdown()
+        d.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(FULL))
+    ap.add_argument("--pairs", nargs="+", default=["1:2", "2:1", "2:4", "4:2"])
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--out", default="bench/results/vllm_connector_cpu.txt")
+    a = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.models:
+            for pair in a.pairs:
+                ptp, dtp = map(int, pair.split(":"))
+                for mode in ("strided", "packed"):
+                    r = one(name, ptp, dtp, mode, a.iters, a.tokens, Path(tmp) / f"{name}{pair}{mode}")
+                    rows.append(r)
+                    print(r, flush=True)
+    env = environment("cpu")
+    lines = [f"# {k}: {v}" for k, v in env.items()]
+    lines.append(
+        f"# HybridKVConnector, {a.tokens}-token requests, {a.iters} timed requests each (handshake excluded), "
+        "descriptors/bytes = NIXL telemetry per request summed over decode ranks"
+    )
+    head = f"{'model':<20} {'pair':<5} {'mode':<8} {'descr/req':>10} {'state':>6} {'MB/req':>8} {'p50 ms':>8} {'p10-p90 ms':>14} ok"
+    lines.append(head)
+    for r in rows:
+        st = "-" if r["state_descriptors"] is None else f"{r['state_descriptors']:g}"
+        lines.append(
+            f"{r['model']:<20} {r['pair']:<5} {r['mode']:<8} {r['descriptors']:>10g} {st:>6} "
+            f"{r['bytes'] / 1e6:>8.1f} {r['p50_ms']:>8.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['verified']}"
+        )
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
