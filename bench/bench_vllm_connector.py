@@ -26,9 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
 
-import vllm_util as U  # noqa: E402
-
-from bench_repack import environment  # noqa: E402
+import vllm_util as U
+from bench_repack import environment
 
 FULL = {  # full layer counts (the presets' own), attention every 4th / per pattern
     "nemotron-h-8b": lambda c: None,
@@ -41,8 +40,9 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
     os.environ["HYBRID_KV_TRANSFER"] = mode
     U.MODELS[name] = (U.MODELS[name][0], FULL[name], BLOCKS[name])
     path = U.model_dir(tmp, name)
-    p = U.build_engine(path, name, ptp, "prefill", blocks=4)
-    d = U.build_engine(path, name, dtp, "decode", blocks=4)
+    extra = {"hybrid_kv_staging_bytes": 512 << 20}
+    p = U.build_engine(path, name, ptp, "prefill", blocks=4, extra=extra)
+    d = U.build_engine(path, name, dtp, "decode", blocks=4, extra=extra)
     try:
         p_free, d_free = list(range(p.kcc.num_blocks)), list(range(d.kcc.num_blocks))
         random.Random(0).shuffle(p_free)
@@ -50,6 +50,8 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
         reqs = [U.make_request(f"r{i}", p, d, tokens, list(p_free), list(d_free), i) for i in range(1)]
         for r, buf in enumerate(U.fill(p, reqs, "prefill", 3)):
             p.storage(r).copy_(buf)
+        for r, buf in enumerate(U.fill(d, [], "decode", 4)):  # the background the oracle expects around
+            d.storage(r).copy_(buf)
         lat, tel0 = [], None
         for it in range(iters + 1):  # the first request also pays the handshakes: not timed
             q = reqs[0]
@@ -120,7 +122,10 @@ def main() -> None:
         f"# HybridKVConnector, {a.tokens}-token requests, {a.iters} timed requests each (handshake excluded), "
         "descriptors/bytes = NIXL telemetry per request summed over decode ranks"
     )
-    head = f"{'model':<20} {'pair':<5} {'mode':<8} {'descr/req':>10} {'state':>6} {'MB/req':>8} {'p50 ms':>8} {'p10-p90 ms':>14} ok"
+    head = (
+        f"{'model':<20} {'pair':<5} {'mode':<8} {'descr/req':>10} {'state':>6} {'MB/req':>8} {'p50 ms':>8} "
+        f"{'p10-p90 ms':>14} ok"
+    )
     lines.append(head)
     for r in rows:
         st = "-" if r["state_descriptors"] is None else f"{r['state_descriptors']:g}"

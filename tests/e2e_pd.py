@@ -137,11 +137,17 @@ def main() -> None:
             got += tokens(decode.generate([{"prompt_token_ids": p}], sp, use_tqdm=False))
         return got, params
 
-    decode = engine("kv_consumer")
-    got, params = disaggregated(engine("kv_producer"), decode)
-    # Control: a prefill engine with other weights. Its state is wrong for the decode engine's weights, so
-    # the outputs must change, which shows the decode engine continued from transferred state.
-    control, _ = disaggregated(engine("kv_producer", other), decode)
+    engines = [engine("kv_consumer"), engine("kv_producer")]
+    decode = engines[0]
+    try:
+        got, params = disaggregated(engines[1], decode)
+        # Control: a prefill engine with other weights. Its state is wrong for the decode engine's weights, so
+        # the outputs must change, which shows the decode engine continued from transferred state.
+        engines.append(engine("kv_producer", other))
+        control, _ = disaggregated(engines[2], decode)
+    finally:
+        for llm in engines:  # engine-core and worker processes must not outlive this script
+            llm.llm_engine.engine_core.shutdown()
     print(
         json.dumps(
             {
@@ -159,7 +165,6 @@ def main() -> None:
         flush=True,
     )
     sys.stdout.flush()
-    os._exit(0)  # engines' NIXL agents and UCX threads: do not wait for their teardown
 
 
 if __name__ == "__main__":

@@ -157,3 +157,15 @@ def test_truncated_keeps_order():
     s = load_spec("qwen3.5-27b").truncated(2, 1)
     assert [layer.kind.value for layer in s.layers] == ["gdn", "gdn", "attention"]
     assert [layer.index for layer in s.layers] == [0, 1, 2]
+
+
+def test_nemotron_h_layers_block_type_equals_pattern():
+    """transformers' NemotronHConfig (what vLLM holds in memory) names the layers instead of the pattern."""
+    _, cfg = load_config("nemotron-h-8b")
+    names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+    alt = {k: v for k, v in cfg.items() if k != "hybrid_override_pattern"}
+    alt["layers_block_type"] = [names[c] for c in cfg["hybrid_override_pattern"]]
+    assert spec_from_config(alt).fingerprint() == spec_from_config(cfg).fingerprint()
+    alt["layers_block_type"][0] = "conv"
+    with pytest.raises(ValueError, match=r"layers_block_type has \['conv'\]"):
+        spec_from_config(alt)
