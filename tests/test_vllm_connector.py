@@ -415,3 +415,18 @@ def test_staged_slots_freed_on_disconnect_and_lease(pairs):
         assert srv.live_slots == 0  # lease expiry with the connection still open
     finally:
         s.close()
+
+
+def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
+    eng = U.build_engine(U.model_dir(tmp_path, "jamba-v0.1"), "jamba-v0.1", 1, "e")
+    eng.shutdown()
+    eng.vc.parallel_config.pipeline_parallel_size = 2
+    created = []
+    monkeypatch.setattr(
+        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker.NixlWrapper",
+        lambda *a, **k: created.append(a),
+    )
+    with U.tp_rank(0, 1), pytest.raises(ValueError, match="does not support pipeline_parallel_size=2"):
+        HybridKVConnector(eng.vc, KVConnectorRole.WORKER, eng.kcc)
+    assert created == []

@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHandshakePayload
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 from vllm.model_executor.layers.mamba import mamba_utils
+from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
@@ -63,10 +64,34 @@ class _Recv:
     descriptors: int = 0
 
 
+def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
+    """Deployments the packed state path does not handle (the stock one may): a clear start-up error."""
+    has_state = any(
+        isinstance(s, MambaSpec)
+        for g in kv_cache_config.transfer_groups
+        for s in (getattr(g.kv_cache_spec, "kv_cache_specs", {}) or {None: g.kv_cache_spec}).values()
+    )
+    if not has_state:
+        return
+    pc, kt = vllm_config.parallel_config, vllm_config.kv_transfer_config
+    bad = {
+        "kv_buffer_device=cpu on an accelerator (host staging)": current_platform.device_type != "cpu"
+        and kt.kv_buffer_device == "cpu",
+        f"decode_context_parallel_size={pc.decode_context_parallel_size}": pc.decode_context_parallel_size > 1,
+        f"prefill_context_parallel_size={pc.prefill_context_parallel_size}": pc.prefill_context_parallel_size > 1,
+        f"pipeline_parallel_size={pc.pipeline_parallel_size}": pc.pipeline_parallel_size > 1,
+    }
+    for what, hit in bad.items():
+        if hit:
+            raise ValueError(f"HYBRID_KV_TRANSFER=packed does not support {what}; use HYBRID_KV_TRANSFER=strided")
+
+
 class HybridKVWorker(NixlPullConnectorWorker):
     """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source."""
 
     def __init__(self, vllm_config, engine_id: str, kv_cache_config) -> None:
+        self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
+        _refuse_unsupported(vllm_config, kv_cache_config)  # before the stock worker creates its NIXL agent
         # The stock worker asserts the DS conv layout because its 3-read needs channel-contiguous x|B|C.
         # Packing addresses each channel slice itself, so SD works too: let those asserts see DS (the stock
         # Mamba descriptors they guard are registered but never used in packed mode).
@@ -87,19 +112,6 @@ class HybridKVWorker(NixlPullConnectorWorker):
         finally:
             for m, name, f in saved:
                 setattr(m, name, f)
-        self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
-        if self._has_mamba:
-            bad = {
-                "kv_buffer_device=cpu on an accelerator (host staging)": self.use_host_buffer,
-                f"decode_context_parallel_size={self.dcp_size}": self.dcp_size > 1,
-                f"prefill_context_parallel_size={self.pcp_size}": self.pcp_size > 1,
-                f"pipeline_parallel_size={self.pp_size}": self.pp_size > 1,
-            }
-            for what, hit in bad.items():
-                if hit:
-                    raise ValueError(
-                        f"HYBRID_KV_TRANSFER=packed does not support {what}; use HYBRID_KV_TRANSFER=strided"
-                    )
         self._hkv_geom: StateGeometry | None = None
         self._hkv_plans: PlanCache | None = None
         self._hkv_server: PrefillServer | None = None
