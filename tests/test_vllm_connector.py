@@ -319,22 +319,15 @@ def test_stock_and_packed_peers_refuse_each_other(tmp_path, monkeypatch, caplog)
         pair.close()
 
 
-def test_staging_too_small_fails_the_request_cleanly(pairs, caplog):
-    """A prefill pool that can never hold the request's unit: a clear error, the request fails through
-    vLLM's failure path, the decode pages stay untouched and nothing leaks."""
-    pair = pairs("nemotron-h-8b", 1, 1, "packed", p_extra={"hybrid_kv_staging_bytes": 1 << 20})
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_staging_too_small_fails_the_request_cleanly(pairs, caplog, side):
+    """A staging pool (prefill) or receive pool (decode) that can never hold the request's unit: a clear
+    error, the request fails through vLLM's failure path, the decode pages stay untouched, nothing leaks."""
+    small = {"hybrid_kv_staging_bytes": 1 << 20}
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", **{f"{side[0]}_extra": small})
     failed = pair.run_failing()
     assert failed[0] == {q.req_id for q in pair.reqs}
     assert "can never fit the 1048576-byte staging pool" in caplog.text
-    assert_untouched(pair)
-    pair.wait_no_leaks()
-
-
-def test_receive_staging_too_small(pairs, caplog):
-    pair = pairs("nemotron-h-8b", 1, 1, "packed", d_extra={"hybrid_kv_staging_bytes": 1 << 20})
-    failed = pair.run_failing()
-    assert failed[0] == {q.req_id for q in pair.reqs}
-    assert "can never fit" in caplog.text
     assert_untouched(pair)
     pair.wait_no_leaks()
 
