@@ -29,17 +29,12 @@ os.environ.setdefault("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
 import vllm_util as U
 from bench_repack import environment
 
-FULL = {  # full layer counts (the presets' own), attention every 4th / per pattern
-    "nemotron-h-8b": lambda c: None,
-    "qwen3-next-80b-a3b": lambda c: None,
-}
-BLOCKS = {"nemotron-h-8b": 1152, "qwen3-next-80b-a3b": 1152}
+MODELS = ("nemotron-h-8b", "qwen3-next-80b-a3b")  # whole models; --block-size as in tests/vllm_util.MODELS
 
 
 def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: Path) -> dict:
     os.environ["HYBRID_KV_TRANSFER"] = mode
-    U.MODELS[name] = (U.MODELS[name][0], FULL[name], BLOCKS[name])
-    path = U.model_dir(tmp, name)
+    path = U.model_dir(tmp, name, trim=False)
     extra = {"hybrid_kv_staging_bytes": 512 << 20}
     p = U.build_engine(path, name, ptp, "prefill", blocks=4, extra=extra)
     d = U.build_engine(path, name, dtp, "decode", blocks=4, extra=extra)
@@ -47,7 +42,7 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
         p_free, d_free = list(range(p.kcc.num_blocks)), list(range(d.kcc.num_blocks))
         random.Random(0).shuffle(p_free)
         random.Random(1).shuffle(d_free)
-        reqs = [U.make_request(f"r{i}", p, d, tokens, list(p_free), list(d_free), i) for i in range(1)]
+        reqs = [U.make_request("r0", p, d, tokens, p_free, d_free, 0)]
         for r, buf in enumerate(U.fill(p, reqs, "prefill", 3)):
             p.storage(r).copy_(buf)
         for r, buf in enumerate(U.fill(d, [], "decode", 4)):  # the background the oracle expects around
@@ -57,10 +52,7 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
             q = reqs[0]
             q.req_id = f"it{it}"
             t0 = time.perf_counter()
-            for c in p.conns:
-                U.step(c, U.send_meta([q]))
-            for c in d.conns:
-                U.step(c, U.recv_meta([q], p))
+            U.submit(p, d, [q])
             _, failed, _ = U.run_until(p.conns, d.conns, {q.req_id}, {"p" + q.req_id}, timeout=120)
             if any(failed):
                 raise RuntimeError(f"{name} {ptp}->{dtp} {mode}: request failed")
@@ -101,7 +93,7 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(FULL))
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--pairs", nargs="+", default=["1:2", "2:1", "2:4", "4:2"])
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=8192)

@@ -66,19 +66,13 @@ class Pair:
 
     def run(self, timeout=60.0):
         ids = {q.req_id for q in self.reqs}
-        for c in self.p.conns:
-            U.step(c, U.send_meta(self.reqs))
-        for c in self.d.conns:
-            U.step(c, U.recv_meta(self.reqs, self.p))
+        U.submit(self.p, self.d, self.reqs)
         return U.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
 
     def run_failing(self, timeout=30.0):
         """Requests expected to fail on every decode rank: returns each rank's failed set."""
         ids = {q.req_id for q in self.reqs}
-        for c in self.p.conns:
-            U.step(c, U.send_meta(self.reqs))
-        for c in self.d.conns:
-            U.step(c, U.recv_meta(self.reqs, self.p))
+        U.submit(self.p, self.d, self.reqs)
         _, failed, _ = U.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
         return failed
 
@@ -223,7 +217,7 @@ def test_stock_path_misreads_replicated_bc(pairs):
     want, got = pair.expected()[1], pair.d.storage(1)
     bad = (want != got).nonzero().flatten()
     assert bad.numel() > 0
-    _, names = U.page_fn(pair.d, 1, got)
+    names = U.layer_names(pair.d)
     base = pair.d.storage(1).data_ptr()
     state = {names[i] for i in (layer.index for layer in pair.d.spec.state_layers)}
     spans = []

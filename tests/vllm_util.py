@@ -65,9 +65,11 @@ def free_ports(n: int, tries: int = 200) -> int:
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
-def model_dir(tmp: Path, name: str, edit=None) -> Path:
+def model_dir(tmp: Path, name: str, edit=None, trim: bool = True) -> Path:
+    """The preset's config.json in `tmp/name`: trimmed to a few layers (or whole), then `edit`ed."""
     _, cfg = load_config(name)
-    MODELS[name][1](cfg)
+    if trim:
+        MODELS[name][1](cfg)
     if edit:
         edit(cfg)
     d = tmp / name
@@ -237,9 +239,9 @@ def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6
 # ---- oracle fill / expectation -------------------------------------------------------------------------
 
 
-def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
-    """page_of(hybrid-kv layer index, block) over `buf` (a copy of rank `rank`'s storage)."""
-    names = {}
+def layer_names(eng: Engine) -> dict[int, str]:
+    """hybrid-kv layer index -> the vLLM layer name this engine gave it (per kind, in layer order)."""
+    names: dict[int, str] = {}
     by_kind = {"state": [], "attn": []}
     for n in sorted(eng.specs, key=lambda n: int(n.split(".")[2])):
         by_kind["attn" if n.endswith(".attn") else "state"].append(n)
@@ -248,6 +250,12 @@ def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
         kinds["attn" if layer.kind is LayerKind.ATTENTION else "state"].append(layer.index)
     for k in kinds:
         names.update(zip(kinds[k], by_kind[k]))
+    return names
+
+
+def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
+    """page_of(hybrid-kv layer index, block) over `buf` (a copy of rank `rank`'s storage)."""
+    names = layer_names(eng)
     base = eng.storage(rank).data_ptr()
 
     def page_of(layer: int, block: int) -> torch.Tensor:
@@ -255,7 +263,7 @@ def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
         off = t.data_ptr() - base + block * t.stride(0) * t.element_size()
         return buf[off : off + t.stride(0) * t.element_size()]
 
-    return page_of, names
+    return page_of
 
 
 def layouts(eng: Engine, rank: int) -> RankLayout:
@@ -292,7 +300,7 @@ def make_request(
 
 def _layer_blocks(eng: Engine, blocks: list[list[int]]):
     """(state block per state layer, kv blocks per attention layer) from per-group block lists."""
-    _, names = page_fn(eng, 0, torch.empty(0, dtype=torch.uint8))
+    names = layer_names(eng)
     group_of = {n: g for g, ns, _ in eng.groups() for n in ns}
     state, kv = {}, {}
     for layer in eng.spec.layers:
@@ -311,7 +319,7 @@ def fill(eng: Engine, reqs: list[Request], side: str, seed: int) -> list[torch.T
     for r in range(eng.tp):
         st = eng.storage(r)
         buf = random_bytes(st.numel(), np.random.default_rng([seed, r]))
-        page_of, _ = page_fn(eng, r, buf)
+        page_of = page_fn(eng, r, buf)
         lay = layouts(eng, r)
         for q in reqs:
             state, kv = _layer_blocks(eng, q.p_blocks if side == "prefill" else q.d_blocks)
@@ -351,6 +359,14 @@ def recv_meta(reqs: list[Request], p: Engine):
         }
         m.add_new_req_to_recv(q.req_id, q.d_blocks, params, awaiting_kvs=True)
     return m
+
+
+def submit(p: Engine, d: Engine, reqs: list[Request]) -> None:
+    """One step's metadata on both sides: P holds `reqs` for the decode side, D starts loading them."""
+    for c in p.conns:
+        step(c, send_meta(reqs))
+    for c in d.conns:
+        step(c, recv_meta(reqs, p))
 
 
 def run_until(conns_p, conns_d, want_recv: set[str], want_sent: set[str], timeout: float = 60.0):

@@ -110,24 +110,24 @@ class PrefillServer:
 
     def _reap(self) -> None:
         now = time.monotonic()
-        with self._cv:
-            expired = [k for k, t in self._leases.items() if t < now]
-            for k in expired:
-                self._free(k)
-            if expired:
-                log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", len(expired))
-                self._cv.notify_all()
+        expired = self._free_where(lambda k: self._leases[k] < now)
+        if expired:
+            log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", expired)
 
     def _free(self, key: tuple) -> None:
         if self.pool.held(key) is not None:
             self.pool.free(key)
         self._leases.pop(key, None)
 
-    def _free_where(self, pred) -> None:
+    def _free_where(self, pred) -> int:
+        """Free every leased slot whose key satisfies `pred` (and wake waiters); returns how many."""
         with self._cv:
-            for k in [k for k in self._leases if pred(k)]:
+            keys = [k for k in self._leases if pred(k)]
+            for k in keys:
                 self._free(k)
-            self._cv.notify_all()
+            if keys:
+                self._cv.notify_all()
+            return len(keys)
 
     # ---- one decode rank's connection -----------------------------------------------------------------
 

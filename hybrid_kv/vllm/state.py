@@ -14,8 +14,7 @@ order both sides compute from the same layer names.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -218,9 +217,7 @@ class PlanCache:
     conv_layout: str
     max_unit_bytes: int
 
-    @cached_property
-    def _memo(self) -> dict:
-        return {}
+    _memo: dict = field(default_factory=dict, init=False, repr=False)
 
     def plan(self, prefill_tp: int, decode_tp: int) -> TransferPlan:
         key = (prefill_tp, decode_tp)

@@ -27,6 +27,7 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import vllm.envs as envs
 from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils
@@ -58,6 +59,7 @@ class _Recv:
     remote_tp: int
     local: dict[int, list[int]]  # Mamba group -> decode block ids
     remote: dict[int, list[int]]  # Mamba group -> prefill block ids
+    order: list  # (StateLayer, decode block) of each layer slot of the chunk
     units: dict[int, list[Unit]]  # source prefill rank -> its transfer units
     slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
     posted: bool = False
@@ -286,10 +288,13 @@ class HybridKVWorker(NixlPullConnectorWorker):
         try:
             self._hkv_geom.check_blocks(local, "decode")
             remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
-            n = len(self._hkv_geom.order(local))
+            order = self._hkv_geom.order(local)
             sources = self._hkv_plans.plan(remote_tp, self.world_size).sources_of(self.tp_rank)
-            units = {p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(n) for p in sources}
-            recv = _Recv(meta, engine_id, remote_tp, local, remote, units)
+            units = {
+                p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(len(order))
+                for p in sources
+            }
+            recv = _Recv(meta, engine_id, remote_tp, local, remote, order, units)
             self._alloc_recv(req_id, recv)
         except Exception as e:
             self._hkv_fail(req_id, e)
@@ -435,14 +440,12 @@ class HybridKVWorker(NixlPullConnectorWorker):
 
     def _scatter(self, req_id: str, recv: _Recv) -> None:
         assert self._hkv_geom is not None and self._hkv_plans is not None
-        order = self._hkv_geom.order(recv.local)
+        order = recv.order
         tables = []
         for p, units in recv.units.items():
             tpl = self._hkv_plans.template(recv.remote_tp, self.world_size, p, self.tp_rank)
             for unit, slot in zip(units, recv.slots[p]):
                 tables.append(tpl.unpack_table(order[unit.first : unit.stop], slot.offset))
-        import numpy as np
-
         table = np.concatenate(tables) if tables else np.zeros((0, 6), dtype=np.int64)
         Prepared(self._hkv_staging, self._hkv_geom.storage, table, backend=self._hkv_backend)(
             self._hkv_staging, self._hkv_geom.storage
