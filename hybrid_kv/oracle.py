@@ -143,3 +143,79 @@ def kv_tokens_written(tokens: int, prefill_block: int, decode_block: int) -> tup
     receives whole blocks when the sizes agree, else up to the shorter padded end."""
     filled = cdiv(tokens, prefill_block) * prefill_block
     return filled, min(filled, cdiv(tokens, decode_block) * decode_block)
+
+
+def read_shards(
+    layouts: Sequence[RankLayout],
+    page_of: Sequence[Callable[[int, int], torch.Tensor]],
+    state_block: Mapping[int, int],
+    kv_blocks: Mapping[int, Sequence[int]],
+) -> GlobalState:
+    """The global state held by all ranks of one TP group: the inverse of `write_shards`, by the same rules.
+
+    `page_of[r](layer, block)` gives rank r's page bytes. KV is read from every token slot of `kv_blocks`
+    (whole blocks, as they are transferred). A row held by several ranks (replicated KV heads, a single
+    replicated Mamba2 group) must hold the same bytes on each: a difference raises.
+    """
+    spec = layouts[0].spec
+    tp = layouts[0].tp_size
+    st, at = spec.state, spec.attention
+    conv: dict[int, list[torch.Tensor]] = {}
+    ssm: dict[int, torch.Tensor] = {}
+    kv: dict[int, torch.Tensor] = {}
+
+    def put(dst: torch.Tensor, seen: torch.Tensor, rows: slice, src: torch.Tensor, what: str) -> None:
+        old = seen[rows]
+        if old.any() and not torch.equal(dst[rows][old].view(torch.uint8), src[old].view(torch.uint8)):
+            raise ValueError(f"{what}: ranks hold different bytes for replicated rows {rows.start}:{rows.stop}")
+        dst[rows] = src
+        seen[rows] = True
+
+    for layer in spec.layers:
+        if layer.kind is LayerKind.ATTENTION:
+            bs = layouts[0].block_size
+            blocks = kv_blocks[layer.index]
+            dt = TORCH_DTYPES[at.dtype]
+            g = torch.empty((at.num_kv_heads, len(blocks) * bs, 2 * at.head_dim), dtype=dt)
+            seen = torch.zeros((at.num_kv_heads, 1, 1), dtype=torch.bool).expand(-1, g.shape[1], g.shape[2])
+            seen = seen.contiguous()
+            for lay, pf in zip(layouts, page_of):
+                heads = _kv_heads(at.num_kv_heads, tp, lay.tp_rank)
+                h = heads.stop - heads.start
+                parts = []
+                for b in blocks:
+                    pg = pf(layer.index, b).view(dt)
+                    if lay.kv_layout == "HND":
+                        parts.append(pg[: h * bs * 2 * at.head_dim].view(h, bs, 2 * at.head_dim))
+                    else:
+                        parts.append(pg[: bs * h * 2 * at.head_dim].view(bs, h, 2 * at.head_dim).transpose(0, 1))
+                put(g, seen, heads, torch.cat(parts, dim=1), f"layer {layer.index} KV")
+            kv[layer.index] = g
+            continue
+        subs, seen_subs = [], []
+        for s in st.subprojections:
+            subs.append(torch.empty((s.channels, st.conv_rows), dtype=TORCH_DTYPES[st.conv_dtype]))
+            seen_subs.append(torch.zeros((s.channels, st.conv_rows), dtype=torch.bool))
+        glob_ssm = torch.empty((st.heads, *st.head_shape), dtype=TORCH_DTYPES[st.ssm_dtype])
+        seen_ssm = torch.zeros(glob_ssm.shape, dtype=torch.bool)
+        for lay, pf in zip(layouts, page_of):
+            r = lay.tp_rank
+            pg = pf(layer.index, state_block[layer.index])
+            rows = [_rank_rows(s.units, s.unit_channels, tp, r, s.replicate_single_unit) for s in st.subprojections]
+            n_ch = sum(x.stop - x.start for x in rows)
+            cdt = TORCH_DTYPES[st.conv_dtype]
+            cb = n_ch * st.conv_rows * cdt.itemsize
+            local = pg[:cb].view(cdt)
+            local = local.view(n_ch, st.conv_rows) if lay.conv_layout == "DS" else local.view(st.conv_rows, n_ch).t()
+            c0 = 0
+            for i, x in enumerate(rows):
+                n = x.stop - x.start
+                put(subs[i], seen_subs[i], x, local[c0 : c0 + n], f"layer {layer.index} conv part {i}")
+                c0 += n
+            heads = _rank_rows(st.heads, 1, tp, r, False)
+            sdt = TORCH_DTYPES[st.ssm_dtype]
+            n_h = heads.stop - heads.start
+            sb = pg[cb : cb + n_h * int(np.prod(st.head_shape)) * sdt.itemsize].view(sdt)
+            put(glob_ssm, seen_ssm, heads, sb.view(n_h, *st.head_shape), f"layer {layer.index} SSM")
+        conv[layer.index], ssm[layer.index] = subs, glob_ssm
+    return GlobalState(conv, ssm, kv)

@@ -1,6 +1,7 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit decorates (i.e. before the kernel
 modules are imported), so it is set here, first, whenever no GPU is present."""
 
+import logging
 import os
 
 import torch
@@ -37,3 +38,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _connector_logs_in_caplog(caplog):
+    """hybrid-kv's connector logs under vLLM's "vllm" logger, which does not propagate to the root logger
+    that caplog listens on: hand caplog's handler to it directly."""
+    lg = logging.getLogger("vllm.hybrid_kv")
+    lg.addHandler(caplog.handler)
+    yield
+    lg.removeHandler(caplog.handler)

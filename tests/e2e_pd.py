@@ -1,18 +1,29 @@
-"""End to end on vLLM's CPU backend: a prefill engine and a decode engine (HybridKVConnector, NIXL/UCX on
-DRAM) against a single engine, greedy, on a small Qwen3-Next-style GDN model with random weights saved as a
-real checkpoint (so every engine loads the same weights). Prints one JSON line.
+"""End to end on vLLM's CPU backend: prefill and decode engines (HybridKVConnector, NIXL/UCX on DRAM) on a
+small Qwen3-Next-style GDN model with random weights saved as a real checkpoint (every engine loads the
+same weights). Prints one JSON line (the last line starting with `{"scenario"`).
 
-    python tests/e2e_pd.py MODEL_DIR [--mode packed|strided]
+    python tests/e2e_pd.py MODEL_DIR --scenario tp1|1-2|2-1 --out DIR
+
+What makes it deterministic:
+- every engine's OpenMP threads are pinned the same way (`VLLM_CPU_OMP_THREADS_BIND`): vLLM reserves
+  cores for a connector, so a P/D engine and a plain engine would otherwise run different thread counts;
+- token comparisons run each prompt alone on every engine (bf16 on CPU is not batch-invariant, and an
+  engine core may start a step before all of a `generate` call's requests have arrived);
+- each decode request is sent as soon as its prefill finished, as a P/D proxy does: a prefill engine frees
+  blocks nobody asked for after vLLM's `kv_lease_duration` (30 s), and only a decode engine that already
+  holds the request renews that lease.
+What it checks: tokens against one engine (`tp1`), and inside the engines, for every request, the decode
+pages against the prefill pages resharded by the oracle (`pd_check`), byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import random
 import socket
-import sys
 import time
 
 SHAPE = dict(  # small dims vLLM's CPU GDN kernels accept (head dims 128)
@@ -65,106 +76,193 @@ def _port() -> int:
             continue
 
 
+BLOCK = 640  # vLLM's hybrid block size for SHAPE (asserted against the engines by pd_check)
+# transferred tokens are prompt - 1 (vLLM's P side stops one token short for Mamba): 0, 36, one block - 1,
+# exactly one block, one block + 1, several blocks
+PROMPT_LENGTHS = (1, 37, BLOCK, BLOCK + 1, BLOCK + 2, 2 * BLOCK + 220)
+
+
+def _bind(tp: int) -> str:
+    return "|".join(str(i % os.cpu_count()) for i in range(tp))
+
+
+def _log_lines(out: str, *ids: str) -> list[str]:
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out, "log-*.txt"))):
+        with open(path) as f:
+            lines += [ln.strip() for ln in f if any(i and i in ln for i in ids)]
+    return lines[-12:]
+
+
+def reference(prompts, n_new, make, shutdown, greedy, tokens) -> list[list[int]]:
+    """Greedy tokens of one plain engine per prompt, computing exactly what P/D computes: P prefills the
+    first N-1 tokens in one step and D runs token N alone from that state. A plain engine with a token
+    budget of N-1 per step does the same split (each prompt alone, so no batch effects either); without
+    it the reference would prefill all N tokens in one step, a different bf16 computation that can flip
+    a greedy token."""
+    want: dict[int, list[int]] = {}
+    for n in sorted({len(p) for p in prompts if len(p) > 1}):
+        llm = make(None, 1, max_num_batched_tokens=n - 1, max_num_seqs=1)
+        try:
+            for i, p in enumerate(prompts):  # a 1-token prompt is one step on any budget
+                if len(p) == n or (len(p) == 1 and i not in want):
+                    want[i] = tokens(llm.generate([{"prompt_token_ids": p}], greedy(n_new), use_tqdm=False))[0]
+        finally:
+            shutdown(llm)
+    return [want[i] for i in range(len(prompts))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--mode", default="packed")
+    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1"), default="tp1")
+    ap.add_argument("--out", required=True, help="probe records and logs")
+    ap.add_argument("--modes", default="packed,strided")
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     os.environ["VLLM_SSM_CONV_STATE_LAYOUT"] = "DS"
-    os.environ["HYBRID_KV_TRANSFER"] = a.mode
+    os.environ["HKV_PROBE_DIR"] = a.out
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     other = a.model.rstrip("/") + "-other-weights"
     for path, seed in ((a.model, 0), (other, 1)):
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             make_checkpoint(path, seed)
 
+    from pd_check import check_request
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
+    p_tp, d_tp = (1, 1) if a.scenario == "tp1" else tuple(int(x) for x in a.scenario.split("-"))
     common = dict(
-        model=a.model,
         skip_tokenizer_init=True,
         max_model_len=2048,
         enforce_eager=True,
         enable_prefix_caching=False,
         async_scheduling=False,
         seed=0,
-        max_num_seqs=4,
+        max_num_seqs=8,
+        num_gpu_blocks_override=64,
     )
     rng = random.Random(0)
-    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in (37, 300, 1100)]
-    greedy = SamplingParams(max_tokens=16, temperature=0, detokenize=False, ignore_eos=True)
-    t0 = time.time()
+    prompts = [[rng.randrange(1, 1000) for _ in range(n)] for n in PROMPT_LENGTHS]
+    n_new = 16
 
-    def tokens(outs):
-        return [list(o.outputs[0].token_ids) for o in outs]
+    def greedy(n: int, **extra) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0, detokenize=False, ignore_eos=True, extra_args=extra)
 
-    ref = LLM(**common)
-    want = tokens(ref.generate([{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False))
-    ref.llm_engine.engine_core.shutdown()
-    del ref
-
-    def engine(role: str, model: str = a.model):
+    def make(role: str | None, tp: int, model: str = a.model, **over):
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind(tp)
+        if role is None:
+            return LLM(model=model, tensor_parallel_size=tp, **{**common, **over})
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_port())
         kt = KVTransferConfig(
-            kv_connector="HybridKVConnector",
-            kv_connector_module_path="hybrid_kv.vllm",
+            kv_connector="ProbeConnector",  # HybridKVConnector + the page recorder of pd_probe
+            kv_connector_module_path="pd_probe",
             kv_role=role,
             kv_buffer_device="cpu",
             kv_connector_extra_config={
                 "hybrid_kv_staging_bytes": 64 << 20,
                 "hybrid_kv_port_offset": 1,
-                # the control below pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
+                # the control pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
                 # own handshake still checks every dimension and dtype
                 "enforce_handshake_compat": False,
             },
             kv_load_failure_policy="fail",  # a failed load must fail the request, not silently recompute
         )
-        return LLM(**{**common, "model": model}, kv_transfer_config=kt)
+        return LLM(
+            model=model,
+            tensor_parallel_size=tp,
+            kv_transfer_config=kt,
+            worker_extension_cls="pd_probe.ProbeWorker",
+            **common,
+        )
 
-    first = SamplingParams(
-        max_tokens=1, temperature=0, detokenize=False, extra_args={"kv_transfer_params": {"do_remote_decode": True}}
-    )
-
-    def disaggregated(prefill, decode):
-        p_outs = prefill.generate([{"prompt_token_ids": p} for p in prompts], first, use_tqdm=False)
-        params = [o.kv_transfer_params for o in p_outs]
-        got = []
-        for p, kv in zip(prompts, params):
-            sp = SamplingParams(
-                max_tokens=16, temperature=0, detokenize=False, ignore_eos=True, extra_args={"kv_transfer_params": kv}
-            )
-            got += tokens(decode.generate([{"prompt_token_ids": p}], sp, use_tqdm=False))
-        return got, params
-
-    engines = [engine("kv_consumer"), engine("kv_producer")]
-    decode = engines[0]
-    try:
-        got, params = disaggregated(engines[1], decode)
-        # Control: a prefill engine with other weights. Its state is wrong for the decode engine's weights, so
-        # the outputs must change, which shows the decode engine continued from transferred state.
-        engines.append(engine("kv_producer", other))
-        control, _ = disaggregated(engines[2], decode)
-    finally:
-        for llm in engines:  # engine-core and worker processes must not outlive this script
+    def shutdown(*llms) -> None:
+        for llm in llms:  # engine-core and worker processes must not outlive this script
             llm.llm_engine.engine_core.shutdown()
-    print(
-        json.dumps(
-            {
-                "mode": a.mode,
-                "match": got == want,
-                "want": want,
-                "got": got,
-                "control_differs": control != want,
-                "control": control,
-                "prompt_tokens": [len(p) for p in prompts],
-                "remote_tp": [kv["tp_size"] for kv in params],
-                "seconds": round(time.time() - t0, 1),
+
+    def tokens(outs) -> list[list[int]]:
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def run_pd(prefill, decode, batch: list[list[int]], n: int, tag: str) -> tuple[list, list[dict]]:
+        """Prefill `batch`, dump the prefill pages, then decode it; per request what was seen."""
+        p_outs = prefill.generate(
+            [{"prompt_token_ids": p} for p in batch],
+            greedy(1, kv_transfer_params={"do_remote_decode": True}),
+            use_tqdm=False,
+        )
+        params = [o.kv_transfer_params for o in p_outs]
+        for kv in params:
+            if kv and kv.get("remote_block_ids"):
+                prefill.collective_rpc("hkv_dump", args=(a.out, kv["remote_request_id"], kv["remote_block_ids"]))
+        d_outs = decode.generate(
+            [{"prompt_token_ids": p} for p in batch],
+            [greedy(n, kv_transfer_params=kv) for kv in params],
+            use_tqdm=False,
+        )
+        info = []
+        for p, kv, o in zip(batch, params, d_outs):
+            rid = (kv or {}).get("remote_request_id")
+            got = list(o.outputs[0].token_ids)
+            rec = {
+                "tag": tag,
+                "prompt_tokens": len(p),
+                "remote_request_id": rid,
+                "tokens": got,
+                "remote_tp": (kv or {}).get("tp_size"),
+                "finish_reason": o.outputs[0].finish_reason,
             }
-        ),
-        flush=True,
-    )
-    sys.stdout.flush()
+            if len(got) != n:
+                rec["error"] = _log_lines(a.out, rid, o.request_id) or [f"finish_reason={rec['finish_reason']}"]
+            info.append(rec)
+        return tokens(d_outs), info
+
+    t0 = time.time()
+    result = {
+        "scenario": a.scenario,
+        "prefill_tp": p_tp,
+        "decode_tp": d_tp,
+        "prompt_tokens": PROMPT_LENGTHS,
+        "modes": {},
+    }
+    if a.scenario == "tp1":
+        result["want"] = reference(prompts, n_new, make, shutdown, greedy, tokens)
+    for mode in a.modes.split(","):
+        os.environ["HYBRID_KV_TRANSFER"] = mode
+        engines = [make("kv_consumer", d_tp), make("kv_producer", p_tp)]
+        decode, prefill = engines
+        res: dict = {"requests": []}
+        try:
+            got = []
+            for p in prompts:  # one at a time: tokens comparable, and whole-rank byte checks
+                toks, info = run_pd(prefill, decode, [p], n_new, "alone")
+                got += toks
+                res["requests"] += info
+            res["got"] = got
+            # several requests received concurrently (bytes only: the batch composition is up to vLLM)
+            _, info = run_pd(prefill, decode, prompts[1:], 4, "concurrent")
+            res["requests"] += info
+            if mode == "packed" and a.scenario == "tp1":
+                # Control: a prefill engine with other weights sends state that is wrong for the decode
+                # engine's weights, so the outputs must change: the decode engine continued from it.
+                shutdown(prefill)
+                engines[1] = make("kv_producer", p_tp, other)
+                res["control"], _ = run_pd(engines[1], decode, [prompts[1]], n_new, "control")
+        finally:
+            shutdown(*engines)
+        for rec in res["requests"]:
+            if rec["tag"] == "control" or rec["remote_request_id"] is None or "error" in rec:
+                continue
+            try:
+                rec["problems"] = check_request(a.model, a.out, rec["remote_request_id"], rec["tag"] == "alone")
+            except AssertionError as e:
+                rec["problems"] = [str(e)]
+            rec["checked"] = True
+        result["modes"][mode] = res
+    result["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

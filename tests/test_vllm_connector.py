@@ -229,7 +229,7 @@ def test_stock_path_misreads_replicated_bc(pairs):
 
 def test_triton_backend_under_the_interpreter(pairs):
     """The Triton pack/scatter kernels (interpreted on CPU, native on GPU) give the same bytes."""
-    extra = {"hybrid_kv_backend": "triton", "hybrid_kv_timeout_s": 600}
+    extra = {"hybrid_kv_backend": "triton", "hybrid_kv_timeout_s": 600, "hybrid_kv_staging_lease_s": 1200}
     pair = pairs("jamba-v0.1", 2, 1, "packed", n=1, p_extra=extra, d_extra=extra)
     assert pair.p.conns[0].connector_worker._hkv_backend == "triton"
     _, failed, _ = pair.run(timeout=600)
@@ -370,7 +370,7 @@ def test_side_channel_rejects_malformed_and_unknown(pairs):
 
 def test_staged_slots_freed_on_disconnect_and_lease(pairs):
     """A decode rank that packs and vanishes (connection closed) or never says done (lease) frees its slots."""
-    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra={"kv_lease_duration": 1})
+    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra={"hybrid_kv_staging_lease_s": 1, "hybrid_kv_timeout_s": 0.5})
     _, srv = _server(pair)
     q = pair.reqs[0]
     for c in pair.p.conns:

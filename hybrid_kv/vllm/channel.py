@@ -18,13 +18,13 @@ Packing runs on the connection's thread, not the engine loop, so an idle prefill
 from __future__ import annotations
 
 import itertools
-import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
 
 import torch
+from vllm.logger import init_logger
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.ops import Prepared
@@ -33,7 +33,8 @@ from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 from hybrid_kv.vllm.state import PlanCache, StateGeometry
 
-log = logging.getLogger("hybrid_kv.vllm")
+# under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
+log = init_logger("vllm.hybrid_kv")
 
 IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between requests
 
@@ -60,14 +61,14 @@ class PrefillServer:
         staging: torch.Tensor,
         staging_desc: tuple[int, int, int],
         agent_name: str,
-        is_held: Callable[[str], bool],
+        not_held: Callable[[str], str | None],
         lease_s: float,
         timeout_s: float,
         backend: str | None,
     ) -> None:
         self.geom, self.plans, self.staging = geometry, plans, staging
         self.staging_desc, self.agent_name = staging_desc, agent_name
-        self.is_held, self.lease_s, self.timeout_s, self.backend = is_held, lease_s, timeout_s, backend
+        self.not_held, self.lease_s, self.timeout_s, self.backend = not_held, lease_s, timeout_s, backend
         self.pool = StagingPool(staging.numel())
         self._cv = threading.Condition()
         self._leases: dict[tuple, float] = {}
@@ -196,8 +197,9 @@ class PrefillServer:
     def _pack(self, head: dict, cid: int) -> dict:
         dec = self._decode_layout(head)
         req = str(head["request_id"])
-        if not self.is_held(req):
-            raise ValueError(f"request {req} is not held by this prefill rank (unknown, finished or expired)")
+        why = self.not_held(req)
+        if why is not None:
+            raise ValueError(f"request {req} is not held by this prefill rank: {why}")
         blocks = {int(g): [int(b) for b in ids] for g, ids in head["blocks"]}
         self.geom.check_blocks(blocks, "prefill")
         lay = self.geom.layout
@@ -226,7 +228,8 @@ class PrefillServer:
 
     def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
         """All of a request's slots or none: wait (bounded) while the pool is full."""
-        deadline = time.monotonic() + self.timeout_s
+        wait_s = self.timeout_s / 2  # answer before the decode rank's reply deadline
+        deadline = time.monotonic() + wait_s
         with self._cv:
             while True:
                 got = []
@@ -245,8 +248,8 @@ class PrefillServer:
                 if left <= 0:
                     raise TimeoutError(
                         f"staging pool full: request {req} needs {sum(sizes)} B in {len(sizes)} slot(s), "
-                        f"{self.pool.in_use} of {self.pool.capacity} B held for {self.timeout_s:.0f} s "
-                        "(raise hybrid_kv_staging_bytes)"
+                        f"{self.pool.in_use} of {self.pool.capacity} B held for {wait_s:.0f} s "
+                        "(raise hybrid_kv_staging_bytes, or hybrid_kv_timeout_s to wait longer)"
                     )
                 self._cv.wait(min(left, 0.5))
 
@@ -266,7 +269,12 @@ class PrefillLink:
     def call(self, msg: dict, *expected: str) -> dict:
         with self._lock:
             send_msg(self._sock, msg)
-            head, _ = recv_msg(self._sock, self.timeout_s)
+            try:
+                head, _ = recv_msg(self._sock, self.timeout_s)
+            except TimeoutError as e:
+                raise TimeoutError(
+                    f"no {msg['type']} reply from the prefill rank within hybrid_kv_timeout_s={self.timeout_s:g} s: {e}"
+                ) from e
         return expect(head, *expected)
 
     def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:

@@ -34,8 +34,12 @@ class PackedConfig:
     staging_bytes: int = 1 << 30  # per rank, prefill staging and decode receive staging each
     max_unit_bytes: int = 256 << 20  # one NIXL descriptor moves at most this much
     port_offset: int = 1000  # hybrid-kv side channel of TP rank r: NIXL side port + offset * (r + 1)
-    timeout_s: float = 30.0  # side-channel replies and the wait for a staging slot
-    lease_s: float = 30.0  # a staged unit nobody read is freed after this (vLLM's kv_lease_duration)
+    # A decode rank waits this long for a prefill rank's pack reply; the prefill rank waits at most half of
+    # it for a free staging slot, so that it answers (with the reason) before the decode rank gives up.
+    timeout_s: float = 60.0
+    # A staged unit nobody read is freed after this. Longer than the reply wait plus the READ, so that a
+    # slot is never reused while a slow decode rank may still READ it.
+    lease_s: float = 180.0
     backend: str | None = None  # "triton" | "torch" for pack/scatter (default: triton on GPU)
 
     KEYS: ClassVar[dict[str, str]] = {
@@ -43,7 +47,7 @@ class PackedConfig:
         "hybrid_kv_max_unit_bytes": "max_unit_bytes",
         "hybrid_kv_port_offset": "port_offset",
         "hybrid_kv_timeout_s": "timeout_s",
-        "kv_lease_duration": "lease_s",
+        "hybrid_kv_staging_lease_s": "lease_s",
         "hybrid_kv_backend": "backend",
     }
 
@@ -56,6 +60,11 @@ class PackedConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{self._key(name)}={v!r} must be a positive number of seconds")
+        if self.lease_s < 2 * self.timeout_s:
+            raise ValueError(
+                f"hybrid_kv_staging_lease_s={self.lease_s!r} must be at least twice hybrid_kv_timeout_s="
+                f"{self.timeout_s!r}: a staged slot must outlive the decode rank's wait for it and its READ"
+            )
         if self.backend not in (None, "triton", "torch"):
             raise ValueError(f"hybrid_kv_backend={self.backend!r} (accepted: triton, torch)")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import logging
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHandshakePayload
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+from vllm.logger import init_logger
 from vllm.model_executor.layers.mamba import mamba_utils
 from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
@@ -45,7 +45,8 @@ from hybrid_kv.vllm.channel import PrefillLink, PrefillServer
 from hybrid_kv.vllm.config import PackedConfig, side_port
 from hybrid_kv.vllm.state import PlanCache, StateGeometry, Unit, model_spec
 
-log = logging.getLogger("hybrid_kv.vllm")
+# under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
+log = init_logger("vllm.hybrid_kv")
 
 COMPAT_TAG = "hybrid-kv-packed/1"
 
@@ -125,6 +126,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_reg = None
         self._hkv_pool: StagingPool | None = None
         self._hkv_backend: str | None = None
+        self._hkv_expired: dict[str, None] = {}  # recently expired P-side leases, oldest first (bounded)
         self.hkv_descriptors: dict[str, int] = {}  # state descriptors posted per request (telemetry aside)
 
     # ---- registration ---------------------------------------------------------------------------------
@@ -156,11 +158,29 @@ class HybridKVWorker(NixlPullConnectorWorker):
                 staging=self._hkv_staging,
                 staging_desc=self._hkv_desc,
                 agent_name=self.nixl_wrapper.name,
-                is_held=lambda r: r in held[0] or r in held[1],
+                not_held=lambda r: None if r in held[0] or r in held[1] else self._hkv_why_gone(r),
                 lease_s=float(self.hkv.lease_s),
                 timeout_s=self.hkv.timeout_s,
                 backend=self._hkv_backend,
             )
+
+    def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
+        before = set(done_sending)
+        super()._reap_expired_send_leases(done_sending)
+        for req in done_sending - before:  # remembered so that a late pack can say why it is refused
+            self._hkv_expired[req] = None
+            while len(self._hkv_expired) > 4096:
+                self._hkv_expired.pop(next(iter(self._hkv_expired)))
+
+    def _hkv_why_gone(self, req: str) -> str:
+        if req in self._hkv_expired:
+            lease = self.vllm_config.kv_transfer_config.get_from_extra_config("kv_lease_duration", 30)
+            return (
+                f"its KV lease expired (kv_lease_duration={lease} s in the prefill engine's "
+                "kv_connector_extra_config) before this decode rank asked for it; a decode engine renews the "
+                "lease only while it holds the request, so send the decode request when the prefill ends"
+            )
+        return "unknown, already read, or aborted"
 
     def _hkv_setup(self, kv_caches: dict[str, torch.Tensor]) -> None:
         groups = [
