@@ -53,9 +53,49 @@ def shard_even(units: int, tp: int, rank: int, what: str, *, replicate_single: b
         return Shard(0, 1, replicated=True)
     if units % tp:
         accepted = f"{what} % tp == 0" + (f", or {what} == 1" if replicate_single else "")
-        raise ValueError(f"{what}={units} does not divide tp={tp} (supported: {accepted})")
+        raise ValueError(f"tp={tp} does not divide {what}={units} (supported: {accepted})")
     per = units // tp
     return Shard(rank * per, (rank + 1) * per)
+
+
+def _family(st) -> str:
+    return {LayerKind.MAMBA2: "Mamba2", LayerKind.GDN: "GDN", LayerKind.MAMBA1: "Mamba1"}[st.kind]
+
+
+def _unit_name(st, sub) -> str:
+    names = {"B": "n_groups", "C": "n_groups", "q": "num_k_heads", "k": "num_k_heads", "v": "num_v_heads"}
+    return f"{_family(st)} " + names.get(sub.name, "num_heads" if st.kind is LayerKind.MAMBA2 else "intermediate_size")
+
+
+def _heads_name(st) -> str:
+    return {LayerKind.MAMBA2: "Mamba2 num_heads", LayerKind.GDN: "GDN num_v_heads"}.get(
+        st.kind, "Mamba1 intermediate_size"
+    )
+
+
+def tp_problem(spec, tp: int) -> str | None:
+    """Why `spec` cannot be sharded over `tp` ranks (vLLM's divisibility rules), or None."""
+    if tp < 1:
+        return f"tp={tp} must be >= 1"
+    try:
+        st = spec.state
+        if st is not None:
+            for sub in st.subprojections:
+                shard_even(sub.units, tp, 0, _unit_name(st, sub), replicate_single=sub.replicate_single_unit)
+            shard_even(st.heads, tp, 0, _heads_name(st))
+        if spec.attention is not None:
+            shard_kv_heads(spec.attention.num_kv_heads, tp, 0)
+    except ValueError as e:
+        return str(e)
+    for key, value in spec.sharded:
+        if value % tp:
+            return f"tp={tp} does not divide {key}={value}"
+    return None
+
+
+def tp_hint(spec, limit: int = 64) -> str:
+    ok = [t for t in range(1, limit + 1) if tp_problem(spec, t) is None]
+    return f"TP sizes that work for {spec.name}: {', '.join(map(str, ok))}" if ok else "no TP size works"
 
 
 def shard_kv_heads(num_kv_heads: int, tp: int, rank: int) -> Shard:
@@ -119,6 +159,9 @@ class RankLayout:
         if self.cache_block_size < 1:
             raise ValueError(f"cache_block_size={self.cache_block_size} must be >= 1")
         # Shard eagerly so that a TP that does not fit the model fails at construction.
+        problem = tp_problem(self.spec, self.tp_size)
+        if problem is not None:
+            raise ValueError(f"{self.spec.name} cannot run at TP {self.tp_size}: {problem}; {tp_hint(self.spec)}")
         _ = self.conv_parts, self.ssm_shard, self.kv_shard
 
     # ---- recurrent state ------------------------------------------------------------------------------
@@ -128,13 +171,10 @@ class RankLayout:
         st = self.spec.state
         if st is None:
             return ()
-        family = {LayerKind.MAMBA2: "Mamba2", LayerKind.GDN: "GDN", LayerKind.MAMBA1: "Mamba1"}[st.kind]
-        unit_name = {"B": "n_groups", "C": "n_groups", "q": "num_k_heads", "k": "num_k_heads", "v": "num_v_heads"}
         parts, offset = [], 0
         for sub in st.subprojections:
-            what = unit_name.get(sub.name, "num_heads" if st.kind is LayerKind.MAMBA2 else "intermediate_size")
             shard = shard_even(
-                sub.units, self.tp_size, self.tp_rank, f"{family} {what}", replicate_single=sub.replicate_single_unit
+                sub.units, self.tp_size, self.tp_rank, _unit_name(st, sub), replicate_single=sub.replicate_single_unit
             )
             part = ConvPart(sub, shard, offset)
             parts.append(part)
@@ -146,10 +186,7 @@ class RankLayout:
         st = self.spec.state
         if st is None:
             return None
-        what = {LayerKind.MAMBA2: "Mamba2 num_heads", LayerKind.GDN: "GDN num_v_heads"}.get(
-            st.kind, "Mamba1 intermediate_size"
-        )
-        return shard_even(st.heads, self.tp_size, self.tp_rank, what)
+        return shard_even(st.heads, self.tp_size, self.tp_rank, _heads_name(st))
 
     @property
     def conv_rows(self) -> int:

@@ -90,6 +90,8 @@ class StateDims:
     num_spec: int = 0  # speculative tokens: extra conv rows (not for Mamba1)
 
     def __post_init__(self) -> None:
+        if self.num_spec < 0:
+            raise ValueError(f"num_spec={self.num_spec} must be >= 0 (speculative tokens)")
         for field in ("conv_kernel", "heads"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{self.kind.value} {field}={getattr(self, field)} must be >= 1")
@@ -170,6 +172,8 @@ class ModelSpec:
     layers: tuple[CacheLayer, ...]
     state: StateDims | None
     attention: AttentionDims | None
+    # other dims vLLM splits over TP (query heads, MLP / expert widths): (config key, value)
+    sharded: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         kinds = {layer.kind for layer in self.layers}

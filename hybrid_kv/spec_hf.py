@@ -6,6 +6,7 @@ State dtypes follow vLLM 0.32's defaults: conv = model dtype; SSM = model dtype,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from importlib import resources
@@ -15,6 +16,9 @@ from typing import Any
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims, normalize_dtype
 
 Config = Mapping[str, Any]
+
+MAX_LAYERS = 4096  # decoder layers (released hybrid models have at most a few hundred)
+MAX_DIM = 1 << 20  # any one head count, head or state dim, kernel or hidden size
 
 
 def list_presets() -> list[str]:
@@ -54,14 +58,37 @@ def load_spec(
 
 
 def spec_from_config(config: Config, *, name: str = "model") -> ModelSpec:
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config of {name!r} must be a JSON object, got {type(config).__name__}")
+    if "text_config" in config and not isinstance(config["text_config"], (Mapping, type(None))):
+        raise ValueError(
+            f"config of {name!r}: text_config must be an object, got {type(config['text_config']).__name__}"
+        )
     archs = config.get("architectures") or []
+    if isinstance(archs, str):
+        raise ValueError(
+            f"config of {name!r}: architectures must be a list of names, got the string {archs!r} (write [{archs!r}])"
+        )
+    if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"config of {name!r}: architectures must be a list of names, got {archs!r}")
     if not archs:
         raise ValueError(f"config of {name!r} has no 'architectures' entry (supported: {', '.join(sorted(_PARSERS))})")
     arch = archs[0]
     parser = _PARSERS.get(arch)
     if parser is None:
         raise ValueError(f"unknown architecture {arch!r} in {name!r} (supported: {', '.join(sorted(_PARSERS))})")
-    return parser(config, name, arch)
+    spec = parser(config, name, arch)
+    return dataclasses.replace(spec, sharded=_sharded_dims(config.get("text_config") or config, name))
+
+
+def _sharded_dims(cfg: Config, name: str) -> tuple[tuple[str, int], ...]:
+    """Dims vLLM splits over TP ranks that the cache layout does not show (query heads, MLP and expert
+    widths): a TP size must divide each, or vLLM cannot load the model."""
+    out = []
+    for key in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), (list, tuple)):
+            out.append((key, _int(cfg, key, name)))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -82,6 +109,34 @@ def _req(cfg: Config, key: str, name: str) -> Any:
     return cfg[key]
 
 
+def _as_int(value: Any, key: str, name: str, lo: int = 1, hi: int = MAX_DIM) -> int:
+    """A config integer in [lo, hi]: JSON may spell it 1e8 (a float), never a list, string or bool."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"config of {name!r}: {key}={value!r} must be an integer (got {type(value).__name__})")
+    if not lo <= value <= hi:
+        raise ValueError(f"config of {name!r}: {key}={value} is outside the accepted range [{lo}, {hi}]")
+    return value
+
+
+def _int(cfg: Config, key: str, name: str, lo: int = 1, hi: int | None = None) -> int:
+    if hi is None:
+        hi = MAX_LAYERS if key == "num_hidden_layers" else MAX_DIM
+    return _as_int(_req(cfg, key, name), key, name, lo, hi)
+
+
+def _layer_list(cfg: Config, key: str, name: str) -> list:
+    value = _req(cfg, key, name)
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError(f"config of {name!r}: {key} must be a list (got {type(value).__name__})")
+    if len(value) > MAX_LAYERS:
+        raise ValueError(
+            f"config of {name!r}: {key} has {len(value)} entries; at most {MAX_LAYERS} layers are accepted"
+        )
+    return list(value)
+
+
 def _model_dtype(cfg: Config, outer: Config) -> str:
     for c in (cfg, outer):
         for key in ("torch_dtype", "dtype"):
@@ -94,14 +149,14 @@ def _model_dtype(cfg: Config, outer: Config) -> str:
 
 def _attn_head_dim(cfg: Config, name: str, *keys: str) -> int:
     for key in keys:
-        if cfg.get(key):
-            return int(cfg[key])
-    return int(_req(cfg, "hidden_size", name)) // int(_req(cfg, "num_attention_heads", name))
+        if cfg.get(key) is not None:
+            return _int(cfg, key, name)
+    return _int(cfg, "hidden_size", name) // _int(cfg, "num_attention_heads", name)
 
 
 def _attention(cfg: Config, name: str, dtype: str, *head_dim_keys: str) -> AttentionDims:
-    heads = cfg.get("num_key_value_heads") or _req(cfg, "num_attention_heads", name)
-    return AttentionDims(int(heads), _attn_head_dim(cfg, name, *head_dim_keys), dtype)
+    key = "num_key_value_heads" if cfg.get("num_key_value_heads") is not None else "num_attention_heads"
+    return AttentionDims(_int(cfg, key, name), _attn_head_dim(cfg, name, *head_dim_keys), dtype)
 
 
 def _build(
@@ -141,17 +196,17 @@ def _mamba2_state(
     kernel: str,
     expand: str | None = None,
 ) -> StateDims:
-    n_heads = int(_req(cfg, heads, name))
+    n_heads = _int(cfg, heads, name)
     hd = cfg.get(head_dim)
     if hd in (None, "auto"):  # Granite / Bamba allow head_dim = expand * hidden / heads
-        hd = int(_req(cfg, expand or "mamba_expand", name)) * int(_req(cfg, "hidden_size", name)) // n_heads
+        hd = int(_req(cfg, expand or "mamba_expand", name)) * _int(cfg, "hidden_size", name) // n_heads
     return StateDims(
         kind=LayerKind.MAMBA2,
-        conv_kernel=int(_req(cfg, kernel, name)),
+        conv_kernel=_int(cfg, kernel, name),
         heads=n_heads,
-        head_shape=(int(hd), int(_req(cfg, state, name))),
-        groups=int(_req(cfg, groups, name)),
-        group_channels=int(_req(cfg, state, name)),
+        head_shape=(int(hd), _int(cfg, state, name)),
+        groups=_int(cfg, groups, name),
+        group_channels=_int(cfg, state, name),
         conv_dtype=conv_dtype,
         ssm_dtype=ssm_dtype,
     )
@@ -164,13 +219,13 @@ def _mamba2_state(
 def _qwen_gdn(config: Config, name: str, arch: str) -> ModelSpec:
     cfg = config.get("text_config") or config
     dtype = _model_dtype(cfg, config)
-    n = int(_req(cfg, "num_hidden_layers", name))
+    n = _int(cfg, "num_hidden_layers", name)
     if cfg.get("layer_types"):
-        types = list(cfg["layer_types"])
+        types = _layer_list(cfg, "layer_types", name)
         if len(types) != n:
             raise ValueError(f"config of {name!r}: layer_types has {len(types)} entries, num_hidden_layers={n}")
     else:
-        interval = int(_req(cfg, "full_attention_interval", name))
+        interval = _int(cfg, "full_attention_interval", name)
         types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
     mixers = []
     for t in types:
@@ -180,11 +235,11 @@ def _qwen_gdn(config: Config, name: str, arch: str) -> ModelSpec:
     ssm_dtype = normalize_dtype(cfg.get("mamba_ssm_dtype") or config.get("mamba_ssm_dtype") or dtype)
     state = StateDims(
         kind=LayerKind.GDN,
-        conv_kernel=int(_req(cfg, "linear_conv_kernel_dim", name)),
-        heads=int(_req(cfg, "linear_num_value_heads", name)),
-        head_shape=(int(_req(cfg, "linear_value_head_dim", name)), int(_req(cfg, "linear_key_head_dim", name))),
-        groups=int(_req(cfg, "linear_num_key_heads", name)),
-        group_channels=int(_req(cfg, "linear_key_head_dim", name)),
+        conv_kernel=_int(cfg, "linear_conv_kernel_dim", name),
+        heads=_int(cfg, "linear_num_value_heads", name),
+        head_shape=(_int(cfg, "linear_value_head_dim", name), _int(cfg, "linear_key_head_dim", name)),
+        groups=_int(cfg, "linear_num_key_heads", name),
+        group_channels=_int(cfg, "linear_key_head_dim", name),
         conv_dtype=dtype,
         ssm_dtype=ssm_dtype,
     )
@@ -196,13 +251,20 @@ def _nemotron_h(cfg: Config, name: str, arch: str) -> ModelSpec:
     if "hybrid_override_pattern" not in cfg and "layers_block_type" in cfg:
         # transformers' NemotronHConfig (what vLLM holds in memory) replaces the pattern with names
         names = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E"}
-        kinds = list(cfg["layers_block_type"])
+        kinds = _layer_list(cfg, "layers_block_type", name)
         unknown = sorted({k for k in kinds if k not in names})
         if unknown:
             raise ValueError(f"config of {name!r}: layers_block_type has {unknown} (supported: {', '.join(names)})")
         pattern = "".join(names[k] for k in kinds)
     else:
-        pattern = str(_req(cfg, "hybrid_override_pattern", name))
+        pattern = _req(cfg, "hybrid_override_pattern", name)
+        if not isinstance(pattern, str):
+            raise ValueError(f"config of {name!r}: hybrid_override_pattern must be a string like 'M-M*'")
+        if len(pattern) > MAX_LAYERS:
+            raise ValueError(
+                f"config of {name!r}: hybrid_override_pattern has {len(pattern)} layers; "
+                f"at most {MAX_LAYERS} are accepted"
+            )
     table = {"M": [LayerKind.MAMBA2], "*": [LayerKind.ATTENTION], "-": [], "E": []}
     bad = sorted(set(pattern) - set(table))
     if bad:
@@ -241,7 +303,7 @@ def _granite_h(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
     table = {"mamba": [LayerKind.MAMBA2], "attention": [LayerKind.ATTENTION]}
     mixers = []
-    for t in _req(cfg, "layer_types", name):
+    for t in _layer_list(cfg, "layer_types", name):
         if t not in table:
             raise ValueError(f"config of {name!r}: layer type {t!r} (supported: mamba, attention)")
         mixers.append(table[t])
@@ -250,18 +312,18 @@ def _granite_h(cfg: Config, name: str, arch: str) -> ModelSpec:
 
 def _bamba(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
-    attn_idx = set(_req(cfg, "attn_layer_indices", name))
-    n = int(_req(cfg, "num_hidden_layers", name))
+    attn_idx = set(_layer_list(cfg, "attn_layer_indices", name))
+    n = _int(cfg, "num_hidden_layers", name)
     mixers = [[LayerKind.ATTENTION] if i in attn_idx else [LayerKind.MAMBA2] for i in range(n)]
     return _build(name, arch, mixers, _mamba2_hf_state(cfg, name, dtype), _attention(cfg, name, dtype, "head_dim"))
 
 
 def _falcon_h1(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
-    n = int(_req(cfg, "num_hidden_layers", name))
+    n = _int(cfg, "num_hidden_layers", name)
     state = _mamba2_hf_state(cfg, name, dtype)
     d_ssm = cfg.get("mamba_d_ssm")
-    if d_ssm and int(d_ssm) != state.heads * state.head_shape[0]:
+    if d_ssm is not None and _int(cfg, "mamba_d_ssm", name) != state.heads * state.head_shape[0]:
         raise ValueError(f"config of {name!r}: mamba_d_ssm={d_ssm} != mamba_n_heads*mamba_d_head")
     # Every decoder layer runs attention and Mamba2 in parallel: two cache layers each.
     mixers = [[LayerKind.MAMBA2, LayerKind.ATTENTION] for _ in range(n)]
@@ -272,7 +334,7 @@ def _zamba2(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
     table = {"mamba": [LayerKind.MAMBA2], "hybrid": [LayerKind.MAMBA2, LayerKind.ATTENTION]}
     mixers = []
-    for t in _req(cfg, "layers_block_type", name):
+    for t in _layer_list(cfg, "layers_block_type", name):
         if t not in table:
             raise ValueError(f"config of {name!r}: layer block type {t!r} (supported: mamba, hybrid)")
         mixers.append(table[t])
@@ -287,22 +349,26 @@ def _zamba2(cfg: Config, name: str, arch: str) -> ModelSpec:
         state="mamba_d_state",
         kernel="mamba_d_conv",
     )
-    heads = int(_req(cfg, "num_attention_heads", name))
-    head_dim = cfg.get("attention_head_dim") or 2 * int(_req(cfg, "hidden_size", name)) // heads
-    attn = AttentionDims(int(cfg.get("num_key_value_heads") or heads), int(head_dim), dtype)
+    heads = _int(cfg, "num_attention_heads", name)
+    if cfg.get("attention_head_dim") is not None:
+        head_dim = _int(cfg, "attention_head_dim", name)
+    else:
+        head_dim = 2 * _int(cfg, "hidden_size", name) // heads
+    kv = _int(cfg, "num_key_value_heads", name) if cfg.get("num_key_value_heads") is not None else heads
+    attn = AttentionDims(kv, head_dim, dtype)
     return _build(name, arch, mixers, state, attn)
 
 
 def _jamba(cfg: Config, name: str, arch: str) -> ModelSpec:
     dtype = _model_dtype(cfg, cfg)
-    n = int(_req(cfg, "num_hidden_layers", name))
-    period, offset = int(_req(cfg, "attn_layer_period", name)), int(_req(cfg, "attn_layer_offset", name))
+    n = _int(cfg, "num_hidden_layers", name)
+    period, offset = _int(cfg, "attn_layer_period", name), _int(cfg, "attn_layer_offset", name, lo=0)
     mixers = [[LayerKind.ATTENTION] if i % period == offset else [LayerKind.MAMBA1] for i in range(n)]
     state = StateDims(
         kind=LayerKind.MAMBA1,
-        conv_kernel=int(_req(cfg, "mamba_d_conv", name)),
-        heads=int(_req(cfg, "mamba_expand", name)) * int(_req(cfg, "hidden_size", name)),
-        head_shape=(int(_req(cfg, "mamba_d_state", name)),),
+        conv_kernel=_int(cfg, "mamba_d_conv", name),
+        heads=_int(cfg, "mamba_expand", name) * _int(cfg, "hidden_size", name),
+        head_shape=(_int(cfg, "mamba_d_state", name),),
         conv_dtype=dtype,
         ssm_dtype=normalize_dtype(cfg.get("mamba_ssm_cache_dtype") or dtype),
     )

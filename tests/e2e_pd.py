@@ -115,7 +115,7 @@ def reference(prompts, n_new, make, shutdown, greedy, tokens) -> list[list[int]]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1"), default="tp1")
+    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "lease"), default="tp1")
     ap.add_argument("--out", required=True, help="probe records and logs")
     ap.add_argument("--modes", default="packed,strided")
     a = ap.parse_args()
@@ -134,7 +134,7 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    p_tp, d_tp = (1, 1) if a.scenario == "tp1" else tuple(int(x) for x in a.scenario.split("-"))
+    p_tp, d_tp = (1, 1) if a.scenario in ("tp1", "lease") else tuple(int(x) for x in a.scenario.split("-"))
     common = dict(
         skip_tokenizer_init=True,
         max_model_len=2048,
@@ -152,7 +152,7 @@ def main() -> None:
     def greedy(n: int, **extra) -> SamplingParams:
         return SamplingParams(max_tokens=n, temperature=0, detokenize=False, ignore_eos=True, extra_args=extra)
 
-    def make(role: str | None, tp: int, model: str = a.model, **over):
+    def make(role: str | None, tp: int, model: str = a.model, extra: dict | None = None, **over):
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind(tp)
         if role is None:
             return LLM(model=model, tensor_parallel_size=tp, **{**common, **over})
@@ -168,6 +168,7 @@ def main() -> None:
                 # the control pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
                 # own handshake still checks every dimension and dtype
                 "enforce_handshake_compat": False,
+                **(extra or {}),
             },
             kv_load_failure_policy="fail",  # a failed load must fail the request, not silently recompute
         )
@@ -215,7 +216,7 @@ def main() -> None:
                 "finish_reason": o.outputs[0].finish_reason,
             }
             if len(got) != n:
-                rec["error"] = _log_lines(a.out, rid, o.request_id) or [f"finish_reason={rec['finish_reason']}"]
+                rec["error"] = _log_lines(a.out, rid) or [f"finish_reason={rec['finish_reason']}"]
             info.append(rec)
         return tokens(d_outs), info
 
@@ -227,6 +228,30 @@ def main() -> None:
         "prompt_tokens": PROMPT_LENGTHS,
         "modes": {},
     }
+    if a.scenario == "lease":
+        # A decode request sent after the prefill engine's lease on its blocks ran out (nobody renewed it):
+        # the request must fail, saying which limit expired and which key sets it.
+        os.environ["HYBRID_KV_TRANSFER"] = "packed"
+        engines = [make("kv_consumer", 1), make("kv_producer", 1, extra={"kv_lease_duration": 2})]
+        try:
+            outs = engines[1].generate(
+                [{"prompt_token_ids": prompts[1]}],
+                greedy(1, kv_transfer_params={"do_remote_decode": True}),
+                use_tqdm=False,
+            )
+            time.sleep(8)
+            kv = outs[0].kv_transfer_params
+            o = engines[0].generate(
+                [{"prompt_token_ids": prompts[1]}], greedy(4, kv_transfer_params=kv), use_tqdm=False
+            )[0]
+            result["late"] = {
+                "tokens": list(o.outputs[0].token_ids),
+                "log": _log_lines(a.out, kv["remote_request_id"]),
+            }
+        finally:
+            shutdown(*engines)
+        print(json.dumps(result), flush=True)
+        return
     if a.scenario == "tp1":
         result["want"] = reference(prompts, n_new, make, shutdown, greedy, tokens)
     for mode in a.modes.split(","):

@@ -102,7 +102,7 @@ def test_human_output(capsys, monkeypatch):
     [
         (
             ["plan", "--model", "qwen3.5-27b", "--prefill-tp", "3", "--decode-tp", "4"],
-            "GDN num_k_heads=16 does not divide tp=3",
+            "tp=3 does not divide GDN num_k_heads=16",
         ),
         (["layout", "--model", "nope", "--tp", "1"], "neither a config.json path nor a preset"),
         (["layout", "--model", "jamba-v0.1", "--tp", "1", "--ssm-dtype", "int3"], "unsupported dtype 'int3'"),

@@ -86,17 +86,34 @@ def test_nhd():
 @pytest.mark.parametrize(
     "model,tp,msg",
     [
-        ("qwen3.5-27b", 3, r"GDN num_k_heads=16 does not divide tp=3"),
-        ("nemotron-h-8b", 3, r"Mamba2 num_heads=128 does not divide tp=3"),
-        ("jamba-v0.1", 3, r"Mamba1 intermediate_size=8192 does not divide tp=3"),
-        ("nemotron-h-8b", 16, r"attention num_kv_heads=8 does not divide|Mamba2 n_groups=8 does not divide tp=16"),
+        ("qwen3.5-27b", 3, r"tp=3 does not divide GDN num_k_heads=16 .*TP sizes that work for qwen3.5-27b: 1, 2, 4, 8"),
+        ("nemotron-h-8b", 3, r"tp=3 does not divide Mamba2 num_heads=128"),
+        ("jamba-v0.1", 3, r"tp=3 does not divide Mamba1 intermediate_size=8192"),
+        ("nemotron-h-8b", 16, r"tp=16 does not divide Mamba2 n_groups=8"),
         ("falcon-h1-0.5b", 3, r"attention num_kv_heads=2 cannot be replicated over tp=3"),
+        # dims the cache does not show: query heads, MLP width
+        ("falcon-h1-0.5b", 6, r"cannot run at TP 6: tp=6 does not divide num_attention_heads=8; .*: 1, 2, 4, 8$"),
         ("qwen3.5-27b", 0, r"tp_rank=0 is not in \[0, tp_size=0\)"),
     ],
 )
 def test_tp_that_does_not_fit(model, tp, msg):
     with pytest.raises(ValueError, match=msg):
         RankLayout(load_spec(model), tp, 0)
+
+
+def test_query_heads_and_mlp_width_limit_tp():
+    """A 12-head model shards at 6 but not 8, even where every cache dim would fit."""
+    from hybrid_kv.spec_hf import load_config, spec_from_config
+
+    _, cfg = load_config("qwen3.5-0.8b")
+    cfg["text_config"]["num_attention_heads"] = 12
+    spec = spec_from_config(cfg, name="twelve")
+    with pytest.raises(ValueError, match=r"tp=8 does not divide num_attention_heads=12"):
+        RankLayout(spec, 8, 0)
+    cfg["text_config"]["num_attention_heads"] = 8
+    cfg["text_config"]["intermediate_size"] = 3100
+    with pytest.raises(ValueError, match=r"tp=8 does not divide intermediate_size=3100"):
+        RankLayout(spec_from_config(cfg, name="w"), 8, 0)
 
 
 def test_mamba2_groups_message():
@@ -106,7 +123,7 @@ def test_mamba2_groups_message():
     spec = ModelSpec("m", "X", (CacheLayer(0, "l0", 0, LayerKind.MAMBA2),), st, None)
     with pytest.raises(
         ValueError,
-        match=r"Mamba2 n_groups=3 does not divide tp=2 "
+        match=r"tp=2 does not divide Mamba2 n_groups=3 "
         r"\(supported: Mamba2 n_groups % tp == 0, or Mamba2 n_groups == 1\)",
     ):
         RankLayout(spec, 2, 0)

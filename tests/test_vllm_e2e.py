@@ -68,9 +68,7 @@ def test_tp1_both_modes_match_reference_and_oracle(model, tmp_path):
     assert "hybrid-kv packed state transfer: 3 Mamba layers in 3 groups" in text  # README's start-up line
     want = res["want"]
     for mode, m in res["modes"].items():
-        diff = [
-            (res["prompt_tokens"][i], g, w) for i, (g, w) in enumerate(zip(m["got"], want)) if g != w
-        ]
+        diff = [(res["prompt_tokens"][i], g, w) for i, (g, w) in enumerate(zip(m["got"], want)) if g != w]
         assert not diff, f"{mode}: P/D tokens differ from the single engine (prompt tokens, got, want): {diff}"
     control = res["modes"]["packed"]["control"][0]
     assert control != want[1], "outputs did not depend on the prefill engine's state"
@@ -98,3 +96,14 @@ def test_hetero_tp_packed_matches_oracle(model, tmp_path, scenario):
     p_tp, d_tp = (int(x) for x in scenario.split("-"))
     assert {q["remote_tp"] for q in res["modes"]["packed"]["requests"] if q["remote_tp"]} == {p_tp}
     assert (res["prefill_tp"], res["decode_tp"]) == (p_tp, d_tp)
+
+
+def test_late_decode_request_fails_naming_the_expired_lease(model, tmp_path):
+    """The first symptom of the clean-machine failure, on purpose: the prefill engine's lease on a request's
+    blocks (vLLM's kv_lease_duration, renewed only by a decode engine that holds the request) runs out
+    before the decode request arrives. The request fails, and the log says which limit and which key."""
+    res, _ = run(model, tmp_path, "lease", "packed")
+    late = res["late"]
+    assert late["tokens"] == [], f"a request whose prefill state was released produced tokens: {late}"
+    want = "its KV lease expired (kv_lease_duration=2 s in the prefill engine's kv_connector_extra_config)"
+    assert any(want in ln for ln in late["log"]), late["log"]
