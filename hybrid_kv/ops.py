@@ -53,17 +53,32 @@ def check_table(table: np.ndarray | torch.Tensor, src_bytes: int, dst_bytes: int
     if len(t) == 0:
         return t
     src, dst, rows, rb, ss, ds = t.T
-    if (rows < 0).any() or (rb < 0).any() or (src < 0).any() or (dst < 0).any():
-        raise ValueError("segment table has negative offsets, rows or row_bytes")
+    for name, col in (
+        ("src_offset", src),
+        ("dst_offset", dst),
+        ("rows", rows),
+        ("row_bytes", rb),
+        ("src_stride", ss),
+        ("dst_stride", ds),
+    ):
+        if (col < 0).any():
+            i = int(np.argmax(col < 0))
+            raise ValueError(f"segment {i}: {name}={int(col[i])} is negative (offsets, rows and strides must be >= 0)")
     nonempty = (rows > 0) & (rb > 0)
-    src_end = np.where(nonempty, src + (rows - 1) * ss + rb, 0)
-    dst_end = np.where(nonempty, dst + (rows - 1) * ds + rb, 0)
-    if src_end.max() > src_bytes:
-        i = int(src_end.argmax())
-        raise ValueError(f"segment {i} reads up to byte {int(src_end[i])} of a {src_bytes}-byte source")
-    if dst_end.max() > dst_bytes:
-        i = int(dst_end.argmax())
-        raise ValueError(f"segment {i} writes up to byte {int(dst_end[i])} of a {dst_bytes}-byte destination")
+    # Bounds without int64 overflow: every term is checked against the buffer before it is multiplied.
+    for what, buf, off, stride, size in (
+        ("reads", "source", src, ss, src_bytes),
+        ("writes", "destination", dst, ds, dst_bytes),
+    ):
+        room = size - rb  # >= 0 needed; then off <= room, then (rows - 1) * stride <= room - off
+        bad = nonempty & ((rb > size) | (off > room))
+        left = np.where(bad | ~nonempty, 0, room - off)
+        fits = np.where(stride > 0, (rows - 1) <= left // np.maximum(stride, 1), True)
+        bad |= nonempty & ~fits
+        if bad.any():
+            i = int(np.argmax(bad))
+            end = int(off[i]) + (int(rows[i]) - 1) * int(stride[i]) + int(rb[i])  # Python ints: no wrap
+            raise ValueError(f"segment {i} {what} up to byte {end} of a {size}-byte {buf}")
     return t
 
 

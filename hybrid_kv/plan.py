@@ -27,6 +27,7 @@ from hybrid_kv.spec import LayerKind, ModelSpec
 
 STAGING_ALIGN = 16  # bytes: piece starts in staging, so kernels can use 16-byte accesses
 DEFAULT_MAX_UNIT_BYTES = 64 << 20  # largest transfer unit (one NIXL descriptor, one staging slot)
+MAX_PIECES = 1_000_000  # a plan larger than this is refused before it is built (~1 KB of memory a piece)
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,33 @@ class TransferPlan:
                         f"{side} layout {r} has tp {lay.tp_rank}/{lay.tp_size}, expected {r}/{len(layouts)}"
                     )
         check_compatible(self.prefill[0], self.decode[0])
+        self._check_size()
         self.pieces = [p for d in range(self.decode_tp) for p in self._pieces_for(d)]
+
+    def _check_size(self) -> None:
+        """Refuse, before allocating, a plan whose piece count would not fit in memory."""
+        spec = self.prefill[0].spec
+        n_state, n_attn = len(spec.state_layers), len(spec.attention_layers)
+        bs = min(self.prefill[0].block_size, self.decode[0].block_size)
+        blocks = cdiv(self.tokens, bs)
+        ranks = max(self.prefill_tp, self.decode_tp)
+        # per decode rank: each source rank's slices of every state layer and of every attention block
+        per_block = self.decode_tp * ranks * n_attn
+        est = self.decode_tp * ranks * 8 * n_state + per_block * (blocks + 1)
+        if est > MAX_PIECES:
+            most = max(0, (MAX_PIECES - self.decode_tp * ranks * 8 * n_state) // max(per_block, 1) - 1) * bs
+            raise ValueError(
+                f"tokens={self.tokens}: a plan for {spec.name} at TP {self.prefill_tp}->{self.decode_tp} would hold "
+                f"about {est:,} pieces, over the limit of {MAX_PIECES:,}; at most about {most:,} tokens fit"
+            )
+        page = max(lay.page_bytes for lay in (*self.prefill, *self.decode))
+        moved = self.decode_tp * (n_state + n_attn * blocks) * page  # an upper bound of the bytes moved
+        if moved // self.max_unit_bytes > MAX_PIECES:
+            raise ValueError(
+                f"max_unit_bytes={self.max_unit_bytes} would cut this plan into about "
+                f"{moved // self.max_unit_bytes:,} pieces, over the limit of {MAX_PIECES:,}; "
+                f"use at least {cdiv(moved, MAX_PIECES):,} bytes"
+            )
 
     @classmethod
     def build(

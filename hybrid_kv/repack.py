@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 from hybrid_kv.harness import Harness
@@ -19,14 +20,28 @@ def _stats(samples: list[float], nbytes: int) -> dict:
     }
 
 
+INTERPRETER_MAX_BYTES = 256 << 20  # what the Triton interpreter copies in minutes and a few GB
+
+
 def run_repack(plan: TransferPlan, args: argparse.Namespace) -> dict:
+    import torch
+
+    from hybrid_kv.ops import resolve_backend
+
     if args.requests < 0 or args.repeats < 1:
         raise ValueError(f"--requests={args.requests} must be >= 0 and --repeats={args.repeats} >= 1")
     if args.device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {args.device} but no CUDA device is available")
+    backend = resolve_backend(args.backend, torch.device(args.device))
+    total = plan.bytes_moved() * args.requests
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and total > INTERPRETER_MAX_BYTES:
+        raise ValueError(
+            f"--backend triton runs under the Triton interpreter here (TRITON_INTERPRET=1, no GPU): "
+            f"{args.requests} x {plan.bytes_moved() / 2**20:.0f} MiB = {total / 2**20:.0f} MiB would take tens of "
+            f"minutes and many GB (limit {INTERPRETER_MAX_BYTES >> 20} MiB); use --backend torch on CPU, or "
+            f"fewer --requests / --tokens"
+        )
     h = Harness(plan, [plan.tokens] * args.requests, seed=args.seed, device=args.device)
     backend = args.backend
     first = h.run_packed(backend)  # warm-up (compiles the kernel) and the run that is verified

@@ -139,6 +139,15 @@ def _fmt(n: int) -> str:
     return f"{n:,}"
 
 
+def _span(x) -> str:
+    """A [start, stop) shard as printed; "-" where the rank holds none of that kind."""
+    return "-" if x is None else f"[{x[0]}, {x[1]})"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def print_layout(rep: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -192,7 +201,10 @@ def print_layout(rep: dict) -> None:
     r.add_column("kv heads")
     for row in rep["ranks"]:
         r.add_row(
-            str(row["rank"]), *(str(row["conv_units"][n]) for n in names), str(row["ssm_heads"]), str(row["kv_heads"])
+            str(row["rank"]),
+            *(_span(row["conv_units"][n]) for n in names),
+            _span(row["ssm_heads"]),
+            _span(row["kv_heads"]),
         )
     con.print(r)
 
@@ -253,7 +265,7 @@ def print_repack(rep: dict) -> None:
     from rich.table import Table
 
     t = Table(
-        title=f"repack {rep['model']} TP {rep['prefill_tp']} -> {rep['decode_tp']}, {rep['requests']} requests, "
+        title=f"repack {rep['model']} TP {rep['prefill_tp']} -> {rep['decode_tp']}, {_n(rep['requests'], 'request')}, "
         f"backend {rep['backend']} on {rep['device']}"
     )
     for col in ("stage", "bytes (read+written)", "segments", "launches", "median ms", "min ms", "max ms", "GB/s"):
@@ -272,8 +284,10 @@ def print_repack(rep: dict) -> None:
         )
     con = Console()
     con.print(t)
-    v = rep["verified"]
-    con.print("verified: " + ("[green]byte-exact[/]" if v else "[red]MISMATCH[/]" if v is False else "not checked"))
+    if not rep["checked"]:
+        con.print("verification not requested (add --verify to check every decode byte against the oracle)")
+    else:
+        con.print("verified: " + ("[green]byte-exact[/]" if rep["verified"] else "[red]MISMATCH[/]"))
     for m in rep.get("mismatches", []):
         con.print(f"  {m}")
 
@@ -322,10 +336,25 @@ def transfer_report(out: dict, args) -> dict:
         "modes": modes,
         **{m: modes[m] for m in modes},
         "cost_model": out.get("cost_model", []),
+        "checked": bool(args.verify),
         "verified": bool(args.verify) and all(v["verified"] for v in modes.values()),
         "failed_requests": sum(len(v["failures"]) for v in modes.values()),
         "leaks": {k: v for k, v in leaks.items() if v},
     }
+
+
+def auto_summary(c: dict) -> str:
+    """What auto decided on decode rank 0, and why, in words."""
+    measured = (
+        f"one extra NIXL descriptor costs {c['desc_cost_us']:.2f} us, a local copy runs at {c['copy_gbps']:.1f} GB/s, "
+        f"a side-channel round trip takes {c['rtt_us']:.0f} us"
+    )
+    if c["threshold_bytes"] <= 0:
+        return f"auto (decode rank 0): {measured}; packing never pays here, so every run is read directly (as strided)"
+    return (
+        f"auto (decode rank 0): {measured}; runs shorter than {c['threshold_bytes']:,} B are packed where the "
+        "descriptors saved pay for the round trip and both copies at the packer's load; longer runs are read directly"
+    )
 
 
 def print_transfer(rep: dict) -> None:
@@ -334,7 +363,7 @@ def print_transfer(rep: dict) -> None:
 
     t = Table(
         title=f"{rep['model']}: prefill TP {rep['prefill_tp']} -> decode TP {rep['decode_tp']}, "
-        f"{rep['requests']} requests x {rep['tokens']} tokens, concurrency {rep['concurrency']}, "
+        f"{_n(rep['requests'], 'request')} x {rep['tokens']} tokens, concurrency {rep['concurrency']}, "
         f"{rep['device']} memory over NIXL/UCX"
     )
     for col in ("mode", "ok", "MB moved", "descriptors/req", "p50 ms", "p99 ms", "GB/s", "NIXL post+xfer ms"):
@@ -353,14 +382,13 @@ def print_transfer(rep: dict) -> None:
     con = Console()
     con.print(t)
     if rep.get("cost_model") and "auto" in rep["modes"]:
-        c = rep["cost_model"][0]
-        con.print(
-            f"auto (decode rank 0): descriptor {c['desc_cost_us']:.2f} us, copy {c['copy_gbps']:.1f} GB/s, "
-            f"round trip {c['rtt_us']:.0f} us -> runs under {c['threshold_bytes']:,} B are packed where that pays "
-            "for the packer's load, the rest read directly"
-        )
-    v = rep["verified"]
-    con.print("verified: " + ("[green]every decode byte matches the oracle[/]" if v else "[red]NOT verified[/]"))
+        con.print(auto_summary(rep["cost_model"][0]))
+    if not rep["checked"]:
+        con.print("verification not requested (add --verify to check every decode byte against the oracle)")
+    elif rep["verified"]:
+        con.print("verified: [green]every decode byte matches the oracle[/]")
+    else:
+        con.print("verified: [red]MISMATCH or failed requests: see below[/]")
     for r in rep["modes"].values():
         for f in r["failures"][:5]:
             con.print(f"  [red]failed[/] {f['id']}: {f['errors'][0]}")

@@ -86,7 +86,10 @@ def _sharded_dims(cfg: Config, name: str) -> tuple[tuple[str, int], ...]:
     widths): a TP size must divide each, or vLLM cannot load the model."""
     out = []
     for key in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
-        if cfg.get(key) is not None and not isinstance(cfg.get(key), (list, tuple)):
+        value = cfg.get(key)
+        if isinstance(value, (list, tuple)) and key != "num_attention_heads":  # per-layer widths
+            out += [(f"{key}[{i}]", _as_int(v, f"{key}[{i}]", name)) for i, v in enumerate(value)]
+        elif value is not None:
             out.append((key, _int(cfg, key, name)))
     return tuple(out)
 
@@ -199,7 +202,9 @@ def _mamba2_state(
     n_heads = _int(cfg, heads, name)
     hd = cfg.get(head_dim)
     if hd in (None, "auto"):  # Granite / Bamba allow head_dim = expand * hidden / heads
-        hd = int(_req(cfg, expand or "mamba_expand", name)) * _int(cfg, "hidden_size", name) // n_heads
+        hd = _int(cfg, expand or "mamba_expand", name) * _int(cfg, "hidden_size", name) // n_heads
+    else:
+        hd = _int(cfg, head_dim, name)
     return StateDims(
         kind=LayerKind.MAMBA2,
         conv_kernel=_int(cfg, kernel, name),

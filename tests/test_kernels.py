@@ -119,6 +119,14 @@ def test_bad_table_writes_nothing(backend):
     assert not dst.any()  # the first, valid segment was not applied either
     with pytest.raises(ValueError, match=r"reads up to byte 105 of a 100-byte source"):
         ops.copy_segments(src, dst, np.array([[95, 0, 1, 10, 10, 10]]), backend=backend)
+    # a negative stride would write before the destination; 2**62 rows would wrap int64 arithmetic
+    with pytest.raises(ValueError, match=r"segment 0: dst_stride=-16 is negative"):
+        ops.copy_segments(src, dst, np.array([[0, 32, 2, 16, 16, -16]]), backend=backend)
+    with pytest.raises(ValueError, match=r"segment 0 reads up to byte 4611686018427387907 of a 100-byte source"):
+        ops.copy_segments(src, dst, np.array([[0, 0, 2**62, 4, 1, 0]]), backend=backend)
+    with pytest.raises(ValueError, match=r"segment 0 writes up to byte 1180591620717411303169 of a 50-byte"):
+        ops.copy_segments(src, dst, np.array([[0, 0, 2**62, 1, 0, 256]]), backend=backend)
+    assert not dst.any()
     with pytest.raises(ValueError, match=r"shape \(n, 6\)"):
         ops.copy_segments(src, dst, np.zeros((2, 5), dtype=np.int64), backend=backend)
     with pytest.raises(ValueError, match=r"not contiguous"):

@@ -6,6 +6,7 @@ Every wait is bounded: a rank that does not answer within its deadline is an err
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -39,14 +40,27 @@ class RankFailed(RuntimeError):
     """A rank process reported an error (and has exited)."""
 
 
-def _recv(conn, what: str, timeout: float, *tags: str):
+def _death(proc) -> str:
+    """How a rank process that closed its pipe ended."""
+    if proc is None:
+        return "the process died"
+    proc.join(5)
+    code = proc.exitcode
+    if code == -signal.SIGKILL:
+        return "the process was killed (SIGKILL: out of memory?)"
+    if code is not None and code < 0:
+        return f"the process died of signal {signal.Signals(-code).name}"
+    return f"the process died (exit code {code})"
+
+
+def _recv(conn, what: str, timeout: float, *tags: str, proc=None):
     """The next message of a rank process, which must carry one of `tags` (if given)."""
     if not conn.poll(timeout):
         raise TimeoutError(f"{what}: no answer within {timeout:.0f} s")
     try:
         msg = conn.recv()
     except EOFError as e:
-        raise RuntimeError(f"{what}: the process died") from e
+        raise RuntimeError(f"{what}: {_death(proc)}") from e
     if msg[0] == "failed":
         raise RankFailed(f"{what}: {msg[1]}")
     if tags and msg[0] not in tags:
@@ -115,7 +129,7 @@ class Cluster:
             self.pconns.append(a)
         ports = []
         for r, c in enumerate(self.pconns):
-            msg = _recv(c, f"prefill rank {r} start", t, "port")
+            msg = _recv(c, f"prefill rank {r} start", t, "port", proc=self.pprocs[r])
             ports.append(msg[1])
         host = self.job.prefill_opts.host
         self.addrs = [(host, port) for port in ports]
@@ -123,7 +137,7 @@ class Cluster:
         for c in self.pconns:
             c.send(("fill", self.job.seed, self.requests, bs_d))
         for r, c in enumerate(self.pconns):
-            _recv(c, f"prefill rank {r} fill", t, "filled")
+            _recv(c, f"prefill rank {r} fill", t, "filled", proc=self.pprocs[r])
         for r in range(self.dcfg.tp_size):
             a, b = self.ctx.Pipe()
             p = self.ctx.Process(
@@ -137,7 +151,7 @@ class Cluster:
             self.dconns.append(a)
         for r, c in enumerate(self.dconns):
             try:
-                self.ready_info.append(_recv(c, f"decode rank {r} handshake", t, "ready")[1])
+                self.ready_info.append(_recv(c, f"decode rank {r} handshake", t, "ready", proc=self.dprocs[r])[1])
             except RankFailed:
                 self._failed.add(id(c))
                 raise
@@ -154,7 +168,7 @@ class Cluster:
         for c in self.dconns:
             c.send(("arm", self._mode, self._reqs, self.job.concurrency, self.job.seed, self.job.verify))
         for r, c in enumerate(self.dconns):
-            _recv(c, f"decode rank {r} arm", self.job.start_timeout_s, "armed")
+            _recv(c, f"decode rank {r} arm", self.job.start_timeout_s, "armed", proc=self.dprocs[r])
         for c in self.dconns:  # all decode ranks start together: latency spans ranks without skew
             c.send(("go",))
 
@@ -164,7 +178,7 @@ class Cluster:
         for r, c in enumerate(self.dconns):
             if r in skip:
                 continue
-            msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result")
+            msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result", proc=self.dprocs[r])
             results.append(msg[1])
         return summarize(self._mode, self._reqs, results, self.job.verify)
 
@@ -241,6 +255,36 @@ def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool
         "mismatches": mism,
         "decode_counts": [res["counts"] for res in results],
     }
+
+
+def memory_estimate(job: TransferJob) -> dict:
+    """Bytes the rank processes will hold: caches for every request's blocks, staging pools, the decode
+    side's oracle copy when verifying, and a fixed cost per process (Python, torch, UCX)."""
+    plan, _, nbp, nbd = plan_requests(job)
+    n_layers = len(plan.spec.layers)
+    per_process = 400 << 20
+    prefill = n_layers * max(job.prefill.num_blocks, nbp) * plan.prefill[0].page_bytes + job.prefill_opts.pool_bytes
+    decode = n_layers * max(job.decode.num_blocks, nbd) * plan.decode[0].page_bytes
+    decode = decode * (2 if job.verify else 1) + job.decode_opts.pool_bytes
+    total = plan.prefill_tp * (prefill + per_process) + plan.decode_tp * (decode + per_process)
+    return {
+        "total": total,
+        "prefill_rank": prefill + per_process,
+        "decode_rank": decode + per_process,
+        "processes": plan.prefill_tp + plan.decode_tp,
+    }
+
+
+def available_memory() -> int | None:
+    """MemAvailable of this machine (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def run_job(job: TransferJob, modes: list[str], progress=None) -> dict:
