@@ -1,0 +1,249 @@
+"""One prepared GPU run: validate the GPU path and measure it, writing CSV/JSON under OUT.
+
+    python bench/gpu/run.py OUT [--dry-run]        (or: bash bench/gpu/run.sh OUT)
+
+Steps, each bounded in time and recorded in OUT/summary.json (status ok | failed | skipped, reason,
+seconds, files):
+
+  env             device, driver, Python / torch / Triton / NIXL versions, git sha, date
+  cuda-tests      the `cuda`-marked tests: the Triton kernels natively, byte-exact
+  memcheck        one kernel test under compute-sanitizer memcheck (where it is installed)
+  kernels         pack / unpack bandwidth against torch copy_ (L2 flushed), qwen3.5-27b 2->4 and 1->8,
+                  nemotron-h-8b 2->4, 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
+  host            host time per request: packed tables + kernel preparation vs the strided descriptor list
+  vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU, packed and strided in one
+                  run, every byte verified against the oracle; then the timed transfer sweep
+
+Without a GPU (or with --dry-run) every step that needs one is reported as skipped by name, and runs a
+CPU smoke version of itself instead (tiny sizes), so that the script cannot rot: CI runs the dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def steps(out: Path, gpu: bool) -> list[dict]:
+    """(name, command on GPU, CPU smoke command, limit in seconds, what it needs)."""
+    kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,nemotron-h-8b:2:4"
+    one = "tests/test_kernels.py::test_triton_non_integer_ratio_random_ids[cuda]"
+    return [
+        dict(
+            name="cuda-tests",
+            needs=["gpu"],
+            limit=240,
+            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_kernels.py", f"--junitxml={out}/cuda-tests.xml"],
+            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", "tests/test_kernels.py"],
+        ),
+        dict(
+            name="memcheck",
+            needs=["gpu", "compute-sanitizer"],
+            limit=180,
+            gpu=[
+                "compute-sanitizer",
+                "--tool",
+                "memcheck",
+                "--error-exitcode",
+                "1",
+                PY,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "cuda",
+                one,
+            ],
+            cpu=[PY, "-m", "pytest", "-q", "--co", one],
+        ),
+        dict(
+            name="kernels",
+            needs=["gpu"],
+            limit=240,
+            gpu=[
+                PY,
+                "bench/bench_repack.py",
+                "--device",
+                "cuda",
+                "--cases",
+                kcases,
+                "--requests",
+                "1",
+                "8",
+                "64",
+                "--csv",
+                f"{out}/kernels.csv",
+            ],
+            cpu=[
+                PY,
+                "bench/bench_repack.py",
+                "--device",
+                "cpu",
+                "--cases",
+                "qwen3.5-27b:2:4",
+                "--requests",
+                "1",
+                "--layers",
+                "2,1",
+                "--repeats",
+                "1",
+                "--tokens",
+                "64",
+                "--csv",
+                f"{out}/kernels-cpu.csv",
+            ],
+        ),
+        dict(
+            name="host",
+            needs=["gpu"],
+            limit=120,
+            gpu=[PY, "bench/gpu/host_time.py", "--device", "cuda", "--json", f"{out}/host.json"],
+            cpu=[PY, "bench/gpu/host_time.py", "--device", "cpu", "--repeats", "5", "--json", f"{out}/host-cpu.json"],
+        ),
+        dict(
+            name="vram-transfer",
+            needs=["gpu", "nixl"],
+            limit=300,
+            gpu=[
+                "bash",
+                "-c",
+                f"hybrid-kv transfer --model nemotron-h-8b --prefill-tp 1 --decode-tp 2 --device cuda --mode both "
+                f"--verify --json > {out}/transfer-verified.json && "
+                f"{PY} bench/bench_transfer.py --device cuda --repeats 3 --csv {out}/transfer.csv "
+                "--cases nemotron-h-8b:1:2:8192:8,falcon-h1-0.5b:2:4:8192:8,qwen3.5-27b:1:8:8192:8",
+            ],
+            cpu=[
+                PY,
+                "-m",
+                "hybrid_kv.cli",
+                "transfer",
+                "--model",
+                "falcon-h1-0.5b",
+                "--prefill-tp",
+                "1",
+                "--decode-tp",
+                "1",
+                "--requests",
+                "2",
+                "--tokens",
+                "64",
+                "--mode",
+                "both",
+                "--verify",
+                "--json",
+            ],
+        ),
+    ]
+
+
+def env_info(gpu: bool) -> dict:
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "python": sys.version.split()[0]}
+    from importlib import metadata
+
+    for dist in ("torch", "triton", "nixl", "numpy", "hybrid-kv"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # a missing package is a fact to record here
+            info[dist] = "not installed"
+    try:
+        info["git"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["git"] = "unknown"
+    if gpu:
+        import torch
+
+        info["device"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        if shutil.which("nvidia-smi"):
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            info["nvidia_smi"] = q.stdout.strip()
+    else:
+        info["device"] = "cpu (no GPU: dry run)"
+    return info
+
+
+def run_step(step: dict, gpu: bool, out: Path) -> dict:
+    missing = [
+        n
+        for n in step["needs"]
+        if (n == "gpu" and not gpu)
+        or (n == "nixl" and not _have("nixl"))
+        or (n not in ("gpu", "nixl") and shutil.which(n) is None)
+    ]
+    rec = {"name": step["name"]}
+    cmd = step["cpu"] if missing else step["gpu"]
+    if missing:
+        rec.update(status="skipped", reason=f"needs {', '.join(missing)}", smoke=True)
+    log = out / f"{step['name']}.log"
+    t0 = time.monotonic()
+    try:
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=step["limit"]).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    rec["seconds"] = round(time.monotonic() - t0, 1)
+    rec["log"] = log.name
+    if rc != 0:
+        # a failing smoke run is a failure too: it means the GPU command has rotted
+        rec.update(status="failed", reason=f"{'smoke ' if missing else ''}exit {rc} (see {log.name})")
+    elif not missing:
+        rec["status"] = "ok"
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="folder for the CSV / JSON results and logs")
+    ap.add_argument("--dry-run", action="store_true", help="treat the machine as GPU-less")
+    ap.add_argument("--only", default="", help="comma list of step names")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = _gpu() and not args.dry_run
+    if not gpu:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    summary = {"env": env_info(gpu), "steps": []}
+    for step in steps(out, gpu):
+        if args.only and step["name"] not in args.only.split(","):
+            continue
+        rec = run_step(step, gpu, out)
+        summary["steps"].append(rec)
+        print(f"{rec['name']:<14} {rec['status']:<8} {rec['seconds']:>6.1f} s  {rec.get('reason', '')}", flush=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return 1 if any(s["status"] == "failed" for s in summary["steps"]) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
