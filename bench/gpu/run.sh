@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The prepared GPU run (see bench/gpu/run.py): bash bench/gpu/run.sh OUT [--dry-run]
-# On the GPU machine (no network): wheels carried in bench/gpu/wheels (made by bench/gpu/fetch_wheels.sh on a
-# machine with a package index) are installed first, then hybrid-kv itself without dependencies.
+# On the GPU machine (no network): the NIXL wheels carried in .whl/ (made by bench/gpu/fetch_wheels.sh on a
+# machine with a package index) are installed first, then hybrid-kv is used from the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:?usage: bench/gpu/run.sh OUT [--dry-run]}
 shift
-if [ -d bench/gpu/wheels ] && ls bench/gpu/wheels/*.whl >/dev/null 2>&1; then
-  python -m pip install -q --no-index --no-deps bench/gpu/wheels/*.whl
+py=$(command -v python3 || command -v python)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hkv-site .whl/*.whl
+  export PYTHONPATH=/tmp/hkv-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python -c 'import hybrid_kv' 2>/dev/null || python -m pip install -q --no-deps --no-build-isolation -e .
-exec python bench/gpu/run.py "$out" "$@"
+# hybrid-kv from this tree (the kernels live in kernels/, installed as hybrid_kv.kernels by pip -e)
+"$py" -c 'import hybrid_kv.kernels' 2>/dev/null || "$py" -m pip install -q --no-deps --no-build-isolation -e .
+exec "$py" bench/gpu/run.py "$out" "$@"
