@@ -7,9 +7,13 @@ cd "$(dirname "$0")/../.."
 out=${1:?usage: bench/gpu/run.sh OUT [--dry-run]}
 shift
 py=$(command -v python3 || command -v python)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hkv-site .whl/*.whl
-  export PYTHONPATH=/tmp/hkv-site${PYTHONPATH:+:$PYTHONPATH}
+case " $* " in *" --dry-run "*) dry=1 ;; *) dry=0 ;; esac
+if [ "$dry" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
+  if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hkv-site .whl/*.whl; then
+    export PYTHONPATH=/tmp/hkv-site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "run.sh: the wheels in .whl/ do not install here; steps that need NIXL will be skipped" >&2
+  fi
 fi
 # hybrid-kv from this tree (the kernels live in kernels/, installed as hybrid_kv.kernels by pip -e)
 "$py" -c 'import hybrid_kv.kernels' 2>/dev/null || "$py" -m pip install -q --no-deps --no-build-isolation -e .
