@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["cuda-tests", "memcheck", "kernels", "host", "vram-transfer"]
+STEPS = ["cuda-tests", "kernels", "host", "vram-transfer", "memcheck"]
 
 
 def test_gpu_script_dry_run(tmp_path):

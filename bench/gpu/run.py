@@ -7,12 +7,14 @@ seconds, files):
 
   env             device, driver, Python / torch / Triton / NIXL versions, git sha, date
   cuda-tests      the `cuda`-marked tests: the Triton kernels natively, byte-exact
-  memcheck        one kernel test under compute-sanitizer memcheck (where it is installed)
   kernels         pack / unpack bandwidth against torch copy_ (L2 flushed), qwen3.5-27b 2->4 and 1->8,
                   nemotron-h-8b 2->4, 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
   host            host time per request: packed tables + kernel preparation vs the strided descriptor list
   vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU, packed and strided in one
                   run, every byte verified against the oracle; then the timed transfer sweep
+  memcheck        one kernel test under compute-sanitizer memcheck (where it is installed); last, as the
+                  slowest and the one the others do not depend on
+The steps share one time budget (--budget, 480 s): a step gets at most what is left.
 
 Without a GPU (or with --dry-run) every step that needs one is reported as skipped by name, and runs a
 CPU smoke version of itself instead (tiny sizes), so that the script cannot rot: CI runs the dry run.
@@ -60,26 +62,6 @@ def steps(out: Path, gpu: bool) -> list[dict]:
             limit=240,
             gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_kernels.py", f"--junitxml={out}/cuda-tests.xml"],
             cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", "tests/test_kernels.py"],
-        ),
-        dict(
-            name="memcheck",
-            needs=["gpu", "compute-sanitizer"],
-            limit=180,
-            gpu=[
-                "compute-sanitizer",
-                "--tool",
-                "memcheck",
-                "--error-exitcode",
-                "1",
-                PY,
-                "-m",
-                "pytest",
-                "-q",
-                "-m",
-                "cuda",
-                one,
-            ],
-            cpu=[PY, "-m", "pytest", "-q", "--co", one],
         ),
         dict(
             name="kernels",
@@ -158,6 +140,26 @@ def steps(out: Path, gpu: bool) -> list[dict]:
                 "--json",
             ],
         ),
+        dict(
+            name="memcheck",
+            needs=["gpu", "compute-sanitizer"],
+            limit=180,
+            gpu=[
+                "compute-sanitizer",
+                "--tool",
+                "memcheck",
+                "--error-exitcode",
+                "1",
+                PY,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "cuda",
+                one,
+            ],
+            cpu=[PY, "-m", "pytest", "-q", "--co", one],
+        ),
     ]
 
 
@@ -212,7 +214,7 @@ def run_step(step: dict, gpu: bool, out: Path) -> dict:
         with open(log, "w") as f:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=step["limit"]).returncode
     except subprocess.TimeoutExpired:
-        rc = "timeout"
+        rc = f"timeout after {step['limit']:.0f} s"
     rec["seconds"] = round(time.monotonic() - t0, 1)
     rec["log"] = log.name
     if rc != 0:
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("out", help="folder for the CSV / JSON results and logs")
     ap.add_argument("--dry-run", action="store_true", help="treat the machine as GPU-less")
     ap.add_argument("--only", default="", help="comma list of step names")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for all steps together (default 480)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -235,10 +238,21 @@ def main(argv=None) -> int:
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     summary = {"env": env_info(gpu), "steps": []}
+    t_end = time.monotonic() + args.budget
     for step in steps(out, gpu):
         if args.only and step["name"] not in args.only.split(","):
             continue
-        rec = run_step(step, gpu, out)
+        left = t_end - time.monotonic()
+        if left < 10:
+            rec = {
+                "name": step["name"],
+                "status": "skipped",
+                "reason": f"out of the {args.budget:.0f} s budget",
+                "seconds": 0.0,
+            }
+        else:
+            step["limit"] = min(step["limit"], left)  # a slow step cannot push the run past the budget
+            rec = run_step(step, gpu, out)
         summary["steps"].append(rec)
         print(f"{rec['name']:<14} {rec['status']:<8} {rec['seconds']:>6.1f} s  {rec.get('reason', '')}", flush=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
