@@ -34,16 +34,16 @@ def run_repack(plan: TransferPlan, args: argparse.Namespace) -> dict:
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {args.device} but no CUDA device is available")
     backend = resolve_backend(args.backend, torch.device(args.device))
-    total = plan.bytes_moved() * args.requests
+    per_request = plan.bytes_moved()
+    total = per_request * args.requests
     if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and total > INTERPRETER_MAX_BYTES:
         raise ValueError(
             f"--backend triton runs under the Triton interpreter here (TRITON_INTERPRET=1, no GPU): "
-            f"{args.requests} x {plan.bytes_moved() / 2**20:.0f} MiB = {total / 2**20:.0f} MiB would take tens of "
+            f"{args.requests} x {per_request / 2**20:.0f} MiB = {total / 2**20:.0f} MiB would take tens of "
             f"minutes and many GB (limit {INTERPRETER_MAX_BYTES >> 20} MiB); use --backend torch on CPU, or "
             f"fewer --requests / --tokens"
         )
     h = Harness(plan, [plan.tokens] * args.requests, seed=args.seed, device=args.device)
-    backend = args.backend
     first = h.run_packed(backend)  # warm-up (compiles the kernel) and the run that is verified
     mismatches = h.mismatches() if args.verify else []
     runs = [h.run_packed(backend) for _ in range(args.repeats)]

@@ -209,7 +209,7 @@ def _mamba2_state(
         kind=LayerKind.MAMBA2,
         conv_kernel=_int(cfg, kernel, name),
         heads=n_heads,
-        head_shape=(int(hd), _int(cfg, state, name)),
+        head_shape=(hd, _int(cfg, state, name)),
         groups=_int(cfg, groups, name),
         group_channels=_int(cfg, state, name),
         conv_dtype=conv_dtype,
