@@ -1,0 +1,14 @@
+"""The packed-transfer core shared by both shells (the CLI rank processes and the vLLM connector).
+
+* `pagemap`  - where each (layer, block) page of one rank sits in its backing buffer;
+* `template` - static per (model, TP pair, block sizes, source, destination): the pieces of one slot,
+  packed end to end, and the bounded memo that builds them once;
+* `chunk`    - one request's slots for one pair: page offsets, staging offsets, transfer units;
+* `copier`   - executes the chunks that are ready in one step in one launch per side (Triton, or the
+  torch reference), on its own CUDA stream, validated before any byte is written;
+* `pool`     - the leased, all-or-none staging slot pool;
+* `mode`     - the one `HYBRID_KV_TRANSFER` / `--mode` parser;
+* `handshake`- the page-fingerprint comparison both shells run before any descriptor exists.
+
+Nothing here does I/O: the shells move messages and post NIXL READs.
+"""

@@ -1,0 +1,111 @@
+"""One request's chunk for one (prefill rank -> decode rank) pair, on one side.
+
+A chunk is the request's slots laid end to end: slot `i` uses template `tpl[i]`, sits at `page[i]` in
+this side's backing buffer and at `stage[i]` in the chunk. Transfer units (one descriptor each) are runs
+of whole slots; each gets its own staging slot, so `slot_bases(unit_offsets)` gives every slot's
+absolute staging offset for the kernel. Both sides build the same chunk from the same block-id lists,
+so their staging layouts agree byte for byte without exchanging offsets.
+
+Per request this is O(slots) numpy work and no Python loop over pieces: the templates are static.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybrid_kv.plan import copied_tokens
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import PairPlan
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    pair: PairPlan
+    tpl: np.ndarray  # [S] template index
+    page: np.ndarray  # [S] page byte offset in this side's buffer (-1 where this side is not known)
+    stage: np.ndarray  # [S] byte offset in the chunk
+    unit_of: np.ndarray  # [S] transfer unit of each slot
+    units: np.ndarray  # [U, 2] (start, stop) byte ranges of the chunk
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.units[-1, 1]) if len(self.units) else 0
+
+    @property
+    def unit_bytes(self) -> list[int]:
+        return (self.units[:, 1] - self.units[:, 0]).tolist()
+
+    def slot_bases(self, unit_offsets: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Absolute staging offset of every slot, given each unit's staging slot offset."""
+        off = np.asarray(unit_offsets, dtype=np.int64)
+        if len(off) != len(self.units):
+            raise ValueError(f"{len(off)} unit offsets for a chunk of {len(self.units)} units")
+        return off[self.unit_of] + self.stage - self.units[self.unit_of, 0]
+
+
+def make_chunk(pair: PairPlan, tpl: np.ndarray, page: np.ndarray) -> Chunk:
+    """Lay the slots out and cut them into units of at most the pair's unit budget.
+
+    Unit k holds the slots whose chunk offset falls in [k*H, (k+1)*H) with H = budget - largest stride + 1,
+    so a unit never exceeds the budget (its last slot starts before (k+1)*H and is at most the largest
+    stride long), and the cut is the same vectorized arithmetic on both sides."""
+    strides = pair.strides[tpl] if len(tpl) else _EMPTY
+    stage = np.cumsum(strides) - strides
+    if not len(tpl):
+        return Chunk(pair, tpl, page, stage, _EMPTY, np.zeros((0, 2), dtype=np.int64))
+    h = pair.max_unit_bytes - int(strides.max()) + 1
+    bucket = stage // h
+    first = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    unit_of = np.cumsum(np.r_[False, bucket[1:] != bucket[:-1]]).astype(np.int64)
+    last = np.r_[first[1:] - 1, len(tpl) - 1]
+    units = np.stack([stage[first], stage[last] + strides[last]], axis=1)
+    return Chunk(pair, tpl, page, stage, unit_of, units)
+
+
+def flat_slots(
+    pair: PairPlan, side: str, tokens: int, state_block: int | None, kv_blocks: Sequence[int], block_sizes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(template, layer, block) of every slot of a request in the CLI's flat caches: every state layer's
+    state block, then every attention layer's KV intersections, in token order.
+
+    `block_sizes` are the two sides' layout block sizes (tokens per KV page); `kv_blocks` are this side's."""
+    tpl, layer, block = [], [], []
+    if pair.state is not None and len(pair.state_layers):
+        if state_block is None:
+            raise ValueError(f"{side}: the model has state layers but no state block id was given")
+        n = len(pair.state_layers)
+        tpl.append(np.full(n, pair.state, dtype=np.int64))
+        layer.append(pair.state_layers)
+        block.append(np.full(n, state_block, dtype=np.int64))
+    if len(pair.kv) and len(pair.attention_layers):
+        end = copied_tokens(tokens, *block_sizes)
+        full, rem = divmod(end, pair.period)
+        k_last = int(np.searchsorted(pair.kv_end, rem, side="right")) if rem else 0
+        types = np.concatenate([np.tile(np.arange(len(pair.kv)), full), np.arange(k_last)]).astype(np.int64)
+        period = np.concatenate([np.repeat(np.arange(full), len(pair.kv)), np.full(k_last, full)]).astype(np.int64)
+        per = pair.blocks_per_period[0 if side == "prefill" else 1]
+        idx = period * per + (pair.kv_ib if side == "prefill" else pair.kv_jb)[types]
+        kv = np.asarray(kv_blocks, dtype=np.int64)
+        if len(idx) and int(idx.max()) >= len(kv):
+            raise ValueError(f"{side}: {len(kv)} kv block ids for {tokens} tokens (need {int(idx.max()) + 1})")
+        n_attn = len(pair.attention_layers)
+        tpl.append(np.tile(pair.kv[types], n_attn))
+        layer.append(np.repeat(pair.attention_layers, len(types)))
+        block.append(np.tile(kv[idx], n_attn))
+    cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else _EMPTY
+    return cat(tpl), cat(layer), cat(block)
+
+
+def chunk_for(
+    pair: PairPlan, pages: PageMap | None, side: str, tpl: np.ndarray, layer: np.ndarray, block: np.ndarray
+) -> Chunk:
+    """A chunk whose slots are (template, page-map layer, block id); `pages` None: offsets only."""
+    if pages is None:
+        return make_chunk(pair, tpl, np.full(len(tpl), -1, dtype=np.int64))
+    pages.check_blocks(block, side)
+    return make_chunk(pair, tpl, pages.pages(layer, block))

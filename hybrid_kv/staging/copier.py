@@ -1,0 +1,154 @@
+"""Execute the chunks that are ready in one step: one launch per side, validated before any byte moves.
+
+`Copier` binds one rank's backing buffer (with its `PageMap`) and its staging buffer. `run(jobs)` takes
+(chunk, unit staging offsets) pairs - every request ready now, for every pair of this side - builds one
+int64 row per slot (`hybrid_kv.kernels.slot_copy.SLOT_COLUMNS`), checks every staging range against the
+buffer (pages were checked through their block ids), and copies:
+
+* ``triton`` - one `slot_copy` launch for all jobs, on the copier's own CUDA stream; `run` returns a
+  `Done` whose `ready()` polls the stream's event, so no caller blocks on the GPU;
+* ``torch``  - the reference: one strided copy per piece per slot (CPU or GPU), complete on return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from hybrid_kv.ops import as_bytes, resolve_backend
+from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import PairPlan
+
+Job = tuple[Chunk, Sequence[int]]  # a chunk and the staging offset of each of its units
+
+
+class Done:
+    """Completion of one `Copier.run`: `ready()` never blocks; `wait()` does (off the engine thread)."""
+
+    def __init__(self, event=None) -> None:
+        self._event = event
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+
+class Copier:
+    def __init__(
+        self, storage: torch.Tensor, pages: PageMap, staging: torch.Tensor, side: str, backend: str | None = None
+    ) -> None:
+        if side not in ("prefill", "decode"):
+            raise ValueError(f"side={side!r} (accepted: prefill, decode)")
+        self.storage, self.staging = as_bytes(storage), as_bytes(staging)
+        if self.storage.device != self.staging.device:
+            raise ValueError(f"cache on {self.storage.device} but staging on {self.staging.device}")
+        if pages.storage_bytes > self.storage.numel():
+            raise ValueError(f"page map spans {pages.storage_bytes} B of a {self.storage.numel()}-byte buffer")
+        self.pages, self.side = pages, side
+        self.pack = side == "prefill"
+        self.backend = resolve_backend(backend, self.storage.device)
+        self.launches = 0
+        self._pairs: dict[int, tuple[PairPlan, np.ndarray, np.ndarray]] = {}  # id -> (pair, lo, n)
+        self._table = None
+        self._stream = None
+        if self.backend == "triton":
+            from hybrid_kv.kernels.slot_copy import TileTable
+
+            self._table = TileTable(self.storage.device)
+            if self.storage.is_cuda:
+                self._stream = torch.cuda.Stream(self.storage.device)
+
+    # ---- static, once per pair ----------------------------------------------------------------------------
+
+    def register(self, pair: PairPlan) -> None:
+        """Check the pair's templates against this side's pages and put their tiles on the device."""
+        if id(pair) in self._pairs:
+            return
+        for t in pair.templates:
+            if t.reach(self.side) > self.pages.page_bytes:
+                raise ValueError(
+                    f"a template of pair {pair.src_rank}->{pair.dst_rank} reaches byte {t.reach(self.side)} of a "
+                    f"{self.pages.page_bytes}-byte {self.side} page"
+                )
+        lo = np.zeros(len(pair.templates), dtype=np.int64)
+        n = np.zeros(len(pair.templates), dtype=np.int64)
+        if self._table is not None:
+            for i, t in enumerate(pair.templates):
+                lo[i], n[i] = self._table.add((id(pair), i), t.side_tiles(self.side))
+        self._pairs[id(pair)] = (pair, lo, n)  # holds `pair`, so its id stays unique
+
+    # ---- per step -------------------------------------------------------------------------------------------
+
+    def rows(self, jobs: Sequence[Job]) -> np.ndarray:
+        """The kernel's slot rows for `jobs`, every staging range checked against the staging buffer."""
+        parts = []
+        for chunk, offsets in jobs:
+            self.register(chunk.pair)
+            _, lo, n = self._pairs[id(chunk.pair)]
+            stage = chunk.slot_bases(offsets)
+            if len(stage):
+                end = stage + chunk.pair.strides[chunk.tpl]
+                if int(stage.min()) < 0 or int(end.max()) > self.staging.numel():
+                    raise ValueError(
+                        f"staging range [{int(stage.min())}, {int(end.max())}) outside the "
+                        f"{self.staging.numel()}-byte staging buffer"
+                    )
+                if int(chunk.page.min()) < 0:
+                    pair = f"{chunk.pair.src_rank}->{chunk.pair.dst_rank}"
+                    raise ValueError(f"a chunk of pair {pair} has no {self.side} page offsets")
+            parts.append(np.stack([chunk.page, stage, lo[chunk.tpl], n[chunk.tpl]], axis=1))
+        return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
+
+    def run(self, jobs: Sequence[Job]) -> Done:
+        rows = self.rows(jobs)
+        if not len(rows):
+            return Done()
+        self.launches += 1
+        if self._table is None:
+            self._run_torch(jobs, rows)
+            return Done()
+        from hybrid_kv.kernels.slot_copy import element_size, launch
+
+        elem, align = element_size(
+            self._table.offset_gcd,
+            self._table.length_gcd,
+            self.pages.gcd,
+            16,
+            self.storage.data_ptr(),
+            self.staging.data_ptr(),
+            self.storage.numel(),
+            self.staging.numel(),
+        )
+        max_tiles = int(rows[:, 3].max())
+        if self._stream is None:
+            launch(self.storage, self.staging, self._table, torch.from_numpy(rows), max_tiles,
+                   pack=self.pack, elem=elem, align=align)  # fmt: skip
+            return Done()
+        self._stream.wait_stream(torch.cuda.current_stream(self.storage.device))  # pages written by the model
+        with torch.cuda.stream(self._stream):
+            dev_rows = torch.from_numpy(rows).pin_memory().to(self.storage.device, non_blocking=True)
+            launch(self.storage, self.staging, self._table, dev_rows, max_tiles, pack=self.pack, elem=elem, align=align)
+            dev_rows.record_stream(self._stream)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return Done(event)
+
+    def _run_torch(self, jobs: Sequence[Job], rows: np.ndarray) -> None:
+        s, d = self.storage, self.staging
+        i = 0
+        for chunk, _ in jobs:
+            temps = chunk.pair.templates
+            for t in chunk.tpl.tolist():
+                page, stage = int(rows[i, 0]), int(rows[i, 1])
+                i += 1
+                for src, dst, nrows, rb, ss, ds, st in temps[t].pieces.tolist():
+                    p_off, p_stride = (src, ss) if self.pack else (dst, ds)
+                    a = s.as_strided((nrows, rb), (p_stride, 1), page + p_off)
+                    b = d.as_strided((nrows, rb), (rb, 1), stage + st)
+                    (b if self.pack else a).copy_(a if self.pack else b)

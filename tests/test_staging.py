@@ -1,0 +1,192 @@
+"""The packed-transfer core (`hybrid_kv.staging`) against the oracle: static templates, chunks built from
+block ids only, one launch per rank and side; byte-exact decode caches (random background, so every byte
+outside the write set is checked too), and every bad input refused before a byte moves."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from conftest import PRESETS, fits
+
+from hybrid_kv.harness import Harness
+from hybrid_kv.plan import TransferPlan
+from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
+from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.staging.chunk import chunk_for, flat_slots, make_chunk
+from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import PlanCache
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 8), (8, 1), (2, 3), (3, 2), (4, 6), (6, 4)]
+
+
+def _cases():
+    for name in PRESETS:
+        spec = load_spec(name)
+        for p, d in TP_PAIRS:
+            if fits(spec, p) and fits(spec, d):
+                yield pytest.param(name, p, d, id=f"{name}-P{p}-D{d}")
+
+
+@pytest.mark.parametrize("name,p,d", list(_cases()))
+def test_presets_staged_torch(name, p, d):
+    """Real dims (2 state + 1 attention layers), both conv layouts, unequal block sizes, mixed lengths."""
+    spec = load_spec(name).truncated(2, 1)
+    for conv, bs_d in (("DS", 16), ("SD", 32)):
+        plan = TransferPlan.build(spec, p, d, 10, conv_layout=conv, decode_block_size=bs_d)
+        h = Harness(plan, [37, 1, 500, 16], seed=p * 31 + d)
+        h.run_staged(backend="torch")
+        assert h.mismatches() == [], conv
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name,p,d,conv",
+    [
+        ("qwen3.5-0.8b", 1, 2, "DS"),
+        ("nemotron-h-8b", 2, 4, "SD"),
+        ("falcon-h1-0.5b", 2, 1, "DS"),
+        ("jamba-v0.1", 4, 2, "SD"),
+    ],
+)
+def test_staged_triton(name, p, d, conv, device):
+    spec = load_spec(name).truncated(1, 1)
+    plan = TransferPlan.build(spec, p, d, 10, conv_layout=conv, decode_block_size=48)
+    h = Harness(plan, [37, 1, 100], seed=p * 7 + d, device=device)
+    tm = h.run_staged(backend="triton")
+    assert h.mismatches() == []
+    assert tm.launches == p + d  # one launch per rank and side for the whole batch
+
+
+def _replicated_spec() -> ModelSpec:
+    """Mamba2 with replicated B/C (one group), replicated KV heads: shards by 6, so 2 <-> 3 and 4 <-> 6."""
+    st = StateDims(LayerKind.MAMBA2, 4, 12, (8, 16), 1, 16, "bfloat16", "float32")
+    kinds = [LayerKind.MAMBA2, LayerKind.ATTENTION, LayerKind.MAMBA2]
+    layers = tuple(CacheLayer(i, f"l{i}", i, k) for i, k in enumerate(kinds))
+    return ModelSpec("r", "R", layers, st, AttentionDims(1, 64))
+
+
+@pytest.mark.parametrize("p,d", [(2, 3), (3, 2), (4, 6), (6, 4), (1, 6)])
+def test_non_integer_ratios_small_units(p, d):
+    """Units of one or two slots: every chunk spans several descriptors and staging slots."""
+    plan = TransferPlan.build(_replicated_spec(), p, d, 10, decode_block_size=32)
+    h = Harness(plan, [40, 7, 100, 0], seed=d, spare_blocks=5)
+    budget = 2 * max(plan.prefill[0].page_bytes, plan.decode[0].page_bytes)
+    h.run_staged(backend="torch", max_unit_bytes=budget)
+    assert h.mismatches() == []
+    st = h.staged("torch", budget)
+    assert max(len(c.units) for jobs in st["jobs_d"] for c, _ in jobs) > 1
+
+
+def test_the_staged_check_can_fail():
+    plan = TransferPlan.build(load_spec("falcon-h1-0.5b").truncated(1, 1), 1, 2, 20)
+    h = Harness(plan, [20, 20], seed=3)
+    assert h.mismatches() != []  # nothing moved: the decode background differs
+    h.run_staged(backend="torch")
+    assert h.mismatches() == []
+    h = Harness(plan, [20, 20], seed=3)
+    jobs = h.staged("torch")["jobs_d"][1]
+    (c0, o0), (c1, o1) = jobs
+    jobs[:] = [(c0, o1), (c1, o0)]  # each request scattered from the other's receive slot
+    h.run_staged(backend="torch")
+    assert h.mismatches()[0].startswith("decode rank 1:")
+
+
+def test_plans_keyed_by_tp_pair_not_tokens_and_bounded():
+    spec = load_spec("qwen3.5-0.8b").truncated(2, 1)
+    cache = PlanCache(spec, "DS", "HND", 64 << 20, max_pairs=4)
+    pair = cache.pair(2, 4, 0, 1)
+    assert cache.pair(2, 4, 0, 1) is pair  # reused, whatever the request's length
+    bs = (16, 16)
+    lay = TransferPlan.build(spec, 2, 4, 1).prefill[0]
+    bsz = (lay.block_size, lay.block_size)
+    a = flat_slots(pair, "prefill", 100, 0, list(range(50)), bsz)
+    b = flat_slots(pair, "prefill", 3000, 0, list(range(500)), bsz)
+    assert len(b[0]) > len(a[0]) and len(cache) == 1
+    for d in range(4):
+        for p in range(2):
+            cache.pair(2, 4, p, d, bs)
+    assert len(cache) == 4  # the memo never grows past its bound
+
+
+def test_chunk_units_respect_the_budget():
+    plan = TransferPlan.build(_replicated_spec(), 2, 3, 10)
+    for budget in (4096, 10_000, 1 << 20):
+        cache = PlanCache(plan.spec, "DS", "HND", budget)
+        pair = cache.pair(2, 3, 0, 0)
+        lay = plan.prefill[0]
+        tpl, _, _ = flat_slots(pair, "prefill", 300, 1, list(range(40)), (lay.block_size,) * 2)
+        c = make_chunk(pair, tpl, np.zeros(len(tpl), dtype=np.int64))
+        sizes = c.units[:, 1] - c.units[:, 0]
+        assert (sizes <= budget).all() and (sizes > 0).all()
+        assert c.units[0, 0] == 0 and (c.units[1:, 0] == c.units[:-1, 1]).all()  # back to back, no gap
+        assert c.nbytes == int(pair.strides[tpl].sum())
+
+
+def test_slot_larger_than_the_unit_budget_is_refused():
+    spec = load_spec("nemotron-h-8b").truncated(1, 1)
+    with pytest.raises(ValueError, match=r"more than the transfer unit budget max_unit_bytes=4096; use at least"):
+        PlanCache(spec, "DS", "HND", 4096).pair(1, 2, 0, 0)
+
+
+def _one_copier(backend="torch"):
+    spec = load_spec("falcon-h1-0.5b").truncated(1, 1)
+    lay = TransferPlan.build(spec, 1, 2, 10).prefill[0]
+    pages = PageMap.flat(len(spec.layers), 4, lay.page_bytes)
+    cache = torch.zeros(pages.storage_bytes, dtype=torch.uint8)
+    pair = PlanCache(spec, "DS", "HND", 64 << 20).pair(1, 2, 0, 1)
+    staging = torch.zeros(1 << 20, dtype=torch.uint8)
+    return Copier(cache, pages, staging, "prefill", backend), pair, pages, cache, staging, lay
+
+
+def test_bad_block_ids_and_staging_ranges_are_refused_before_any_write():
+    copier, pair, pages, cache, staging, lay = _one_copier()
+    bs = (lay.block_size, lay.block_size)
+    with pytest.raises(ValueError, match=r"prefill block id 4 out of range \[0, 4\)"):
+        chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 4, [0], bs))
+    with pytest.raises(ValueError, match=r"prefill block id -1 out of range"):
+        chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 0, [-1], bs))
+    with pytest.raises(ValueError, match=rf"1 kv block ids for {2 * lay.block_size + 1} tokens \(need 3\)"):
+        flat_slots(pair, "prefill", 2 * lay.block_size + 1, 0, [0], bs)
+    cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8))
+    chunk = chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 1, [2], bs))
+    before = staging.clone()
+    for offs in ([staging.numel() - 16], [-16]):
+        with pytest.raises(ValueError, match=r"outside the 1048576-byte staging buffer"):
+            copier.run([(chunk, offs)])
+    with pytest.raises(ValueError, match=r"2 unit offsets for a chunk of 1 units"):
+        copier.run([(chunk, [0, 64])])
+    assert torch.equal(staging, before)
+    copier.run([(chunk, [0])]).wait()
+    assert not torch.equal(staging, before)
+
+
+def test_page_map_checks_the_buffer_once():
+    with pytest.raises(ValueError, match=r"layer 1's last page ends at byte 4096 of a 4000-byte buffer"):
+        PageMap.of_views([(0, 1024), (1024, 1024)], 1024, 3, 4000)
+    with pytest.raises(ValueError, match=r"block stride shorter than the page"):
+        PageMap.of_views([(0, 512)], 1024, 3, 4096)
+    _, _, pages, cache, staging, _ = _one_copier()
+    with pytest.raises(ValueError, match=r"page map spans"):
+        Copier(cache[:100], pages, staging, "prefill", "torch")
+
+
+@pytest.mark.parametrize("p,d", list(itertools.product((1, 2, 3), repeat=2)))
+def test_both_sides_agree_on_the_layout(p, d):
+    """A decode rank rebuilds the prefill rank's chunk from its own block ids (other ids, other block
+    size): same templates, stage offsets and units; only the page offsets differ."""
+    plan = TransferPlan.build(_replicated_spec(), p, d, 10, decode_block_size=32)
+    cache = PlanCache(plan.spec, "DS", "HND", 8192)
+    bs = (plan.prefill[0].block_size, plan.decode[0].block_size)
+    for dd, sources in cache.sources(p, d, (16, 32)).items():
+        for pp in sources:
+            pair = cache.pair(p, d, pp, dd, (16, 32))
+            for tokens in (1, 77, 300):
+                kp = list(range(100, 100 + plan.for_tokens(tokens).num_kv_blocks("prefill")))
+                kd = list(range(plan.for_tokens(tokens).num_kv_blocks("decode")))[::-1]
+                a = make_chunk(pair, *flat_slots(pair, "prefill", tokens, 7, kp, bs)[:1], np.zeros(0))
+                b = make_chunk(pair, *flat_slots(pair, "decode", tokens, 3, kd, bs)[:1], np.zeros(0))
+                assert np.array_equal(a.tpl, b.tpl) and np.array_equal(a.stage, b.stage)
+                assert np.array_equal(a.units, b.units) and np.array_equal(a.unit_of, b.unit_of)
