@@ -11,6 +11,7 @@ import socket
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
@@ -195,7 +196,7 @@ def test_packed_and_strided(pairs, name, ptp, dtp):
         zip(packed.d.conns, packed.telemetry_descriptors(), strided.telemetry_descriptors())
     ):
         w = c.connector_worker
-        sources = w._hkv_plans.plan(ptp, dtp).sources_of(r)
+        sources = range(max(1, ptp // dtp))  # integer ratios: the prefill ranks whose shards overlap rank r's
         # one descriptor per (transfer unit, source rank): the default unit budget holds a request's state
         assert w.hkv_descriptors == {q.req_id: len(sources) for q in packed.reqs}
         # the stock path: 3 conv + 1 SSM (Mamba1: 1 + 1) per layer per block per SSM source rank
@@ -260,9 +261,56 @@ def test_large_request_split_into_units(pairs):
     assert not any(failed)
     assert_exact(pair)
     w = pair.d.conns[0].connector_worker
-    units = w._hkv_plans.template(2, 1, 0, 0).units(len(pair.d.spec.state_layers))
-    assert len(units) > 1
-    assert w.hkv_descriptors == {q.req_id: 2 * len(units) for q in pair.reqs}
+    # 2 -> 1: decode rank 0 reads all of each prefill rank's state, at most 3 MiB per descriptor
+    lay = U.layouts(pair.p, 0)
+    least = -(-len(pair.d.spec.state_layers) * lay.state_bytes // (3 << 20))
+    assert least > 1
+    assert all(w.hkv_descriptors[q.req_id] >= 2 * least for q in pair.reqs)
+    pair.wait_no_leaks()
+
+
+class _LateScatter:
+    """A scatter that completes only on its 5th poll (as a GPU stream may): the copy runs then."""
+
+    def __init__(self, copy) -> None:
+        self.copy, self.polls, self.done = copy, 0, False
+
+    def ready(self) -> bool:
+        self.polls += 1
+        if self.polls >= 5 and not self.done:
+            self.copy().wait()
+            self.done = True
+        return self.done
+
+
+def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
+    """A request is reported received only after its scatter completed: at the moment it is reported,
+    the decode pages already hold every byte (a worker that reports on READ completion fails here)."""
+    pair = pairs("nemotron-h-8b", 1, 2, "packed", n=1)
+    late = []
+    for c in pair.d.conns:
+        cop = c.connector_worker._hkv_copier
+        real = cop.run
+
+        def run(jobs, real=real):
+            late.append(_LateScatter(lambda: real(jobs)))
+            return late[-1]
+
+        monkeypatch.setattr(cop, "run", run)
+    U.submit(pair.p, pair.d, pair.reqs)
+    want, reported = pair.expected(), set()
+    deadline = time.monotonic() + 60
+    while len(reported) < pair.d.tp and time.monotonic() < deadline:
+        for c in (*pair.d.conns, *pair.p.conns):
+            U.step(c, U.NixlConnectorMetadata())
+        for r, c in enumerate(pair.d.conns):
+            res = c.connector_worker.get_transfer_results()
+            assert not res.failed_recving
+            if res.finished_recving:
+                assert torch.equal(pair.d.storage(r), want[r]), f"decode rank {r} reported before its pages landed"
+                reported.add(r)
+        time.sleep(0.002)
+    assert reported == set(range(pair.d.tp)) and late and all(x.polls >= 5 for x in late)
     pair.wait_no_leaks()
 
 

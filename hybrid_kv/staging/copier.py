@@ -12,6 +12,7 @@ buffer (pages were checked through their block ids), and copies:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -54,6 +55,7 @@ class Copier:
         self.pack = side == "prefill"
         self.backend = resolve_backend(backend, self.storage.device)
         self.launches = 0
+        self._lock = threading.Lock()  # the prefill side packs from one thread per decode connection
         self._pairs: dict[int, tuple[PairPlan, np.ndarray, np.ndarray]] = {}  # id -> (pair, lo, n)
         self._table = None
         self._stream = None
@@ -106,6 +108,11 @@ class Copier:
         return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
 
     def run(self, jobs: Sequence[Job]) -> Done:
+        """Copy every slot of `jobs` in one launch; nothing is written unless every job is valid."""
+        with self._lock:
+            return self._run(jobs)
+
+    def _run(self, jobs: Sequence[Job]) -> Done:
         rows = self.rows(jobs)
         if not len(rows):
             return Done()

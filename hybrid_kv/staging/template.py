@@ -104,11 +104,19 @@ class PairPlan:
 
     @classmethod
     def build(
-        cls, prefill: Sequence[RankLayout], decode: Sequence[RankLayout], src: int, dst: int, max_unit_bytes: int
+        cls,
+        prefill: Sequence[RankLayout],
+        decode: Sequence[RankLayout],
+        src: int,
+        dst: int,
+        max_unit_bytes: int,
+        *,
+        kv: bool = True,
     ) -> PairPlan:
+        """`kv=False`: state templates only (the vLLM connector leaves attention KV to the stock READ)."""
         spec = prefill[0].spec
         bs_p, bs_d = prefill[0].block_size, decode[0].block_size
-        period = math.lcm(bs_p, bs_d) if spec.attention_layers else 0
+        period = math.lcm(bs_p, bs_d) if spec.attention_layers and kv else 0
         plan = TransferPlan(list(prefill), list(decode), period, max_unit_bytes=1 << 62)
         mine = plan.pairs.get((src, dst), [])
         templates: list[SlotTemplate] = []
@@ -120,7 +128,7 @@ class PairPlan:
                 state = len(templates)
                 templates.append(tpl)
         kv, ib, jb, end = [], [], [], []
-        if spec.attention_layers:
+        if period:
             first = spec.attention_layers[0].index
             cuts = sorted({0, period, *range(0, period, bs_p), *range(0, period, bs_d)})
             for t0, t1 in itertools.pairwise(cuts):
@@ -152,7 +160,7 @@ class PairPlan:
             period,
             (period // bs_p, period // bs_d) if period else (0, 0),
             i64([layer.index for layer in spec.state_layers]),
-            i64([layer.index for layer in spec.attention_layers]),
+            i64([layer.index for layer in spec.attention_layers] if period else []),
             max_unit_bytes,
         )
 
@@ -167,10 +175,20 @@ def layouts_of(
 
 class PlanCache:
     """`PairPlan`s and per-TP-pair source lists, built once, keyed by TP pair and block sizes (never by
-    token count), least recently used dropped beyond `max_pairs` entries."""
+    token count), least recently used dropped beyond `max_pairs` entries. `kv=False` builds state
+    templates only."""
 
-    def __init__(self, spec, conv_layout: str, kv_layout: str, max_unit_bytes: int, max_pairs: int = MEMO_PAIRS):
-        self.spec, self.conv_layout, self.kv_layout = spec, conv_layout, kv_layout
+    def __init__(
+        self,
+        spec,
+        conv_layout: str,
+        kv_layout: str,
+        max_unit_bytes: int,
+        max_pairs: int = MEMO_PAIRS,
+        *,
+        kv: bool = True,
+    ) -> None:
+        self.spec, self.conv_layout, self.kv_layout, self.kv = spec, conv_layout, kv_layout, kv
         self.max_unit_bytes, self.max_pairs = max_unit_bytes, max_pairs
         self._pairs: OrderedDict[tuple, PairPlan] = OrderedDict()
         self._sources: OrderedDict[tuple, dict[int, list[int]]] = OrderedDict()
@@ -186,7 +204,7 @@ class PlanCache:
         key = (prefill_tp, decode_tp, *block_sizes)
         if key not in self._sources:
             pre, dec = self._layouts(prefill_tp, decode_tp, block_sizes)
-            probe = TransferPlan(pre, dec, 1 if self.spec.attention_layers else 0, max_unit_bytes=1 << 62)
+            probe = TransferPlan(pre, dec, 1 if self.spec.attention_layers and self.kv else 0, max_unit_bytes=1 << 62)
             self._sources[key] = {d: probe.sources_of(d) for d in range(decode_tp)}
             while len(self._sources) > self.max_pairs:
                 self._sources.popitem(last=False)
@@ -198,7 +216,7 @@ class PlanCache:
         hit = self._pairs.get(key)
         if hit is None:
             pre, dec = self._layouts(prefill_tp, decode_tp, block_sizes)
-            hit = self._pairs[key] = PairPlan.build(pre, dec, src, dst, self.max_unit_bytes)
+            hit = self._pairs[key] = PairPlan.build(pre, dec, src, dst, self.max_unit_bytes, kv=self.kv)
             while len(self._pairs) > self.max_pairs:
                 self._pairs.popitem(last=False)
         self._pairs.move_to_end(key)

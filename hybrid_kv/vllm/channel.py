@@ -27,11 +27,12 @@ import torch
 from vllm.logger import init_logger
 
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.ops import Prepared
 from hybrid_kv.plan import fingerprint_diff
+from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
-from hybrid_kv.vllm.state import PlanCache, StateGeometry
+from hybrid_kv.vllm.state import StateGeometry, state_chunk
 
 # under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
 log = init_logger("vllm.hybrid_kv")
@@ -74,7 +75,7 @@ class PrefillServer:
         self._leases: dict[tuple, float] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
-        self._stream = torch.cuda.Stream(staging.device) if staging.is_cuda else None
+        self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
         self._sock = socket.create_server((host, port), reuse_port=False)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
@@ -203,28 +204,19 @@ class PrefillServer:
         blocks = {int(g): [int(b) for b in ids] for g, ids in head["blocks"]}
         self.geom.check_blocks(blocks, "prefill")
         lay = self.geom.layout
-        tpl = self.plans.template(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
-        slots = self.geom.order(blocks)
-        units = tpl.units(len(slots))
-        keys = [(cid, req, dec.tp_rank, u) for u in range(len(units))]
+        pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+        chunk = state_chunk(pair, self.geom, blocks, "prefill")
+        sizes = chunk.unit_bytes
+        keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
         if any(self.pool.held(k) for k in keys):
             raise ValueError(f"request {req} for decode rank {dec.tp_rank} is already staged")
-        offsets = self._alloc(keys, [u.nbytes for u in units], req)
+        offsets = self._alloc(keys, sizes, req)
         try:
-            for u, off in zip(units, offsets):
-                table = tpl.pack_table(slots[u.first : u.stop], off)
-                run = Prepared(self.geom.storage, self.staging, table, backend=self.backend)
-                if self._stream is not None:
-                    with torch.cuda.stream(self._stream):
-                        run(self.geom.storage, self.staging)
-                else:
-                    run(self.geom.storage, self.staging)
-            if self._stream is not None:
-                self._stream.synchronize()
+            self.copier.run([(chunk, offsets)]).wait()  # on this connection's thread: the READ must see it
         except BaseException:
             self._free_where(lambda k: k in keys)
             raise
-        return {"type": "ready", "units": [[off, u.nbytes] for off, u in zip(offsets, units)]}
+        return {"type": "ready", "units": [[off, n] for off, n in zip(offsets, sizes)]}
 
     def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
         """All of a request's slots or none: wait (bounded) while the pool is full."""

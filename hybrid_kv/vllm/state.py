@@ -1,29 +1,29 @@
 """hybrid-kv's view of one vLLM rank's recurrent state: which vLLM layer is which hybrid-kv layer, where
-each Mamba layer's pages sit in vLLM's single backing allocation, and the segment tables that gather a
-request's state slices for one decode rank into one contiguous chunk (prefill) or scatter it back
-(decode).
+each Mamba layer's pages sit in vLLM's single backing allocation (a `PageMap` for the packed-transfer
+core), and the order of a request's slots, which both sides compute from the same layer names.
 
 vLLM aliases its KV cache groups from byte 0 of one buffer (reference §2.3): the page of Mamba layer `n`
 for block `b` sits at `offset(n) + b * stride(n)`, where `offset`/`stride` are read from the layer's own
 tensor view, so nothing here re-derives vLLM's allocator. Every Mamba layer of a model shares one state
-geometry, so a (prefill rank -> decode rank) pair needs one *template* (the hybrid-kv plan's pieces of
-one state layer); a request's chunk is the template repeated for each (group, block, layer) in the
-order both sides compute from the same layer names.
+geometry, so a (prefill rank -> decode rank) pair needs one state template (`hybrid_kv.staging`); a
+request's chunk is that template repeated for each (group, block, layer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.layout import RankLayout
 from hybrid_kv.oracle import TORCH_DTYPES
-from hybrid_kv.plan import STAGING_ALIGN, PackedLayout, TransferPlan
 from hybrid_kv.spec import LayerKind, ModelSpec
 from hybrid_kv.spec_hf import spec_from_config
+from hybrid_kv.staging.chunk import Chunk, chunk_for
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import PairPlan
 
 _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -124,6 +124,12 @@ class StateGeometry:
                     raise ValueError(f"{n}: page stride {stride} B < state bytes {layout.state_bytes}")
                 self.layers.append(StateLayer(n, index_of[n], g, t.data_ptr() - base, stride))
         self.groups = [g for g, _ in groups]
+        self.pages = PageMap.of_views(
+            [(s.offset, s.stride) for s in self.layers], layout.state_bytes, num_blocks, self.storage.numel()
+        )
+        self._group_layers = {
+            g: np.array([i for i, s in enumerate(self.layers) if s.group == g], dtype=np.int64) for g in self.groups
+        }
 
     def fingerprint(self) -> dict:
         return {
@@ -133,13 +139,16 @@ class StateGeometry:
             "state_layers": [[s.group, s.name] for s in self.layers],
         }
 
-    def order(self, blocks: Mapping[int, Sequence[int]]) -> list[tuple[StateLayer, int]]:
-        """(layer, block) of a request's chunk, in the order both sides use."""
-        out = []
+    def slots(self, blocks: Mapping[int, Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(page-map layer, block id) of each slot of a request's chunk, in the order both sides use:
+        per Mamba group, per block, every layer of the group."""
+        layer, block = [], []
         for g in self.groups:
-            for b in blocks.get(g, ()):
-                out += [(s, b) for s in self.layers if s.group == g]
-        return out
+            ids = np.asarray(blocks.get(g, ()), dtype=np.int64)
+            pos = self._group_layers[g]
+            layer.append(np.tile(pos, len(ids)))
+            block.append(np.repeat(ids, len(pos)))
+        return np.concatenate(layer), np.concatenate(block)
 
     def check_blocks(self, blocks: Mapping[int, Sequence[int]], side: str) -> None:
         for g, ids in blocks.items():
@@ -150,83 +159,9 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
-@dataclass(frozen=True)
-class Unit:
-    """One transfer unit of a request's chunk: layer slots [first, stop) -> `nbytes` of staging."""
-
-    first: int
-    stop: int
-    nbytes: int
-
-
-class PairTemplate:
-    """The pieces of one state layer for one (prefill rank -> decode rank) pair, packed end to end."""
-
-    def __init__(self, plan: TransferPlan, src_rank: int, dst_rank: int, max_unit_bytes: int) -> None:
-        first = next(layer.index for layer in plan.spec.layers if layer.kind is not LayerKind.ATTENTION)
-        pieces = [p for p in plan.pairs.get((src_rank, dst_rank), []) if p.layer == first]
-        lay = PackedLayout.of(pieces, 1 << 62)
-        self.pieces = lay.pieces
-        self.stride = cdiv(lay.nbytes, STAGING_ALIGN) * STAGING_ALIGN  # bytes per layer slot
-        if self.stride > max_unit_bytes:
-            raise ValueError(
-                f"one layer's state for rank {src_rank} -> {dst_rank} is {self.stride} B, more than the "
-                f"transfer unit budget hybrid_kv_max_unit_bytes={max_unit_bytes}"
-            )
-        self.per_unit = max(1, max_unit_bytes // self.stride) if self.stride else 1
-        cols = ("src_off", "dst_off", "rows", "row_bytes", "src_stride", "dst_stride")
-        arr = np.array(
-            [
-                (p.src.offset, p.dst.offset, p.src.rows, p.src.row_bytes, p.src.stride, p.dst.stride)
-                for p in self.pieces
-            ],
-            dtype=np.int64,
-        ).reshape(-1, len(cols))
-        self.a = dict(zip(cols, arr.T))
-        self.stage_off = np.array(lay.offsets, dtype=np.int64)
-
-    def units(self, n_slots: int) -> list[Unit]:
-        k = self.per_unit
-        return [Unit(i, min(i + k, n_slots), (min(i + k, n_slots) - i) * self.stride) for i in range(0, n_slots, k)]
-
-    def _rows(self, slots: Sequence[tuple[StateLayer, int]], stage_base: int, prefill: bool) -> np.ndarray:
-        a = self.a
-        page = np.array([s.offset + b * s.stride for s, b in slots], dtype=np.int64)
-        stage = stage_base + np.arange(len(slots), dtype=np.int64) * self.stride
-        cache = (page[:, None] + (a["src_off"] if prefill else a["dst_off"])[None, :]).reshape(-1)
-        stg = (stage[:, None] + self.stage_off[None, :]).reshape(-1)
-        n = len(slots)
-        rows, rb = np.tile(a["rows"], n), np.tile(a["row_bytes"], n)
-        stride = np.tile(a["src_stride"] if prefill else a["dst_stride"], n)
-        if prefill:  # cache -> staging
-            return np.stack([cache, stg, rows, rb, stride, rb], axis=1)
-        return np.stack([stg, cache, rows, rb, rb, stride], axis=1)  # staging -> cache
-
-    def pack_table(self, slots: Sequence[tuple[StateLayer, int]], stage_base: int) -> np.ndarray:
-        return self._rows(slots, stage_base, prefill=True)
-
-    def unpack_table(self, slots: Sequence[tuple[StateLayer, int]], stage_base: int) -> np.ndarray:
-        return self._rows(slots, stage_base, prefill=False)
-
-
-@dataclass
-class PlanCache:
-    """Templates per (prefill TP, decode TP, src, dst), built once from hybrid-kv's plan."""
-
-    spec: ModelSpec
-    conv_layout: str
-    max_unit_bytes: int
-
-    _memo: dict = field(default_factory=dict, init=False, repr=False)
-
-    def plan(self, prefill_tp: int, decode_tp: int) -> TransferPlan:
-        key = (prefill_tp, decode_tp)
-        if key not in self._memo:
-            self._memo[key] = TransferPlan.build(self.spec, prefill_tp, decode_tp, 0, conv_layout=self.conv_layout)
-        return self._memo[key]
-
-    def template(self, prefill_tp: int, decode_tp: int, src: int, dst: int) -> PairTemplate:
-        key = (prefill_tp, decode_tp, src, dst)
-        if key not in self._memo:
-            self._memo[key] = PairTemplate(self.plan(prefill_tp, decode_tp), src, dst, self.max_unit_bytes)
-        return self._memo[key]
+def state_chunk(pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str) -> Chunk:
+    """A request's state chunk for one pair on this rank (its block ids per Mamba group, checked)."""
+    if pair.state is None:
+        raise ValueError(f"prefill rank {pair.src_rank} holds no state for decode rank {pair.dst_rank}")
+    layer, block = geom.slots(blocks)
+    return chunk_for(pair, geom.pages, side, np.full(len(layer), pair.state, dtype=np.int64), layer, block)

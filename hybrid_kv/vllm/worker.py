@@ -26,7 +26,6 @@ import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import vllm.envs as envs
 from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils
@@ -39,11 +38,14 @@ from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.ops import Prepared, resolve_backend
+from hybrid_kv.ops import resolve_backend
+from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.transport.pool import Slot, StagingPool
 from hybrid_kv.vllm.channel import PrefillLink, PrefillServer
 from hybrid_kv.vllm.config import PackedConfig, side_port
-from hybrid_kv.vllm.state import PlanCache, StateGeometry, Unit, model_spec
+from hybrid_kv.vllm.state import StateGeometry, model_spec, state_chunk
 
 # under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
 log = init_logger("vllm.hybrid_kv")
@@ -60,8 +62,8 @@ class _Recv:
     remote_tp: int
     local: dict[int, list[int]]  # Mamba group -> decode block ids
     remote: dict[int, list[int]]  # Mamba group -> prefill block ids
-    order: list  # (StateLayer, decode block) of each layer slot of the chunk
-    units: dict[int, list[Unit]]  # source prefill rank -> its transfer units
+    chunks: dict[int, Chunk]  # source prefill rank -> this rank's chunk of its state
+    units: dict[int, list[int]]  # source prefill rank -> bytes of each of its transfer units
     slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
     posted: bool = False
     descriptors: int = 0
@@ -127,6 +129,8 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_pool: StagingPool | None = None
         self._hkv_backend: str | None = None
         self._hkv_expired: dict[str, None] = {}  # recently expired P-side leases, oldest first (bounded)
+        self._hkv_copier: Copier | None = None
+        self._hkv_scattering: list[tuple[Done, list[str]]] = []  # launched scatters not yet complete
         self.hkv_descriptors: dict[str, int] = {}  # state descriptors posted per request (telemetry aside)
 
     # ---- registration ---------------------------------------------------------------------------------
@@ -197,9 +201,10 @@ class HybridKVWorker(NixlPullConnectorWorker):
         layout = RankLayout(spec, self.world_size, self.tp_rank, conv_layout, kv_layout)
         geom = StateGeometry(spec, layout, groups, kv_caches, specs, int(self.kv_cache_config.num_blocks))
         dev = geom.storage.device
-        self._hkv_plans = PlanCache(spec, conv_layout, self.hkv.max_unit_bytes)
+        self._hkv_plans = PlanCache(spec, conv_layout, kv_layout, self.hkv.max_unit_bytes, kv=False)
         self._hkv_backend = resolve_backend(self.hkv.backend, dev)
         self._hkv_staging = torch.empty(self.hkv.staging_bytes, dtype=torch.uint8, device=dev)
+        self._hkv_copier = Copier(geom.storage, geom.pages, self._hkv_staging, "decode", self._hkv_backend)
         self._hkv_pool = StagingPool(self.hkv.staging_bytes)
         self._hkv_desc = (self._hkv_staging.data_ptr(), self._hkv_staging.numel(), dev.index or 0)
         self._hkv_reg = self.nixl_wrapper.get_reg_descs([(*self._hkv_desc, "")], self.nixl_memory_type)
@@ -251,9 +256,9 @@ class HybridKVWorker(NixlPullConnectorWorker):
         """hello with one prefill rank: both sides check the other's pages before any descriptor exists."""
         assert self._hkv_geom is not None and self._hkv_plans is not None and self.transfer_topo is not None
         p_rank = key[1]
-        plan = self._hkv_plans.plan(remote_tp, self.world_size)  # refuses TP sizes the model cannot shard
+        sources = self._hkv_plans.sources(remote_tp, self.world_size)  # refuses TP sizes the model cannot shard
         targets = set(self.transfer_topo.handshake_target_ranks(remote_tp, 1))
-        missing = set(plan.sources_of(self.tp_rank)) - targets
+        missing = set(sources[self.tp_rank]) - targets
         if missing:
             raise ValueError(f"hybrid-kv reads state from prefill ranks {sorted(missing)} that vLLM does not handshake")
         if self._hkv_peer_addr is None:
@@ -308,13 +313,13 @@ class HybridKVWorker(NixlPullConnectorWorker):
         try:
             self._hkv_geom.check_blocks(local, "decode")
             remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
-            order = self._hkv_geom.order(local)
-            sources = self._hkv_plans.plan(remote_tp, self.world_size).sources_of(self.tp_rank)
-            units = {
-                p: self._hkv_plans.template(remote_tp, self.world_size, p, self.tp_rank).units(len(order))
-                for p in sources
+            plans = self._hkv_plans
+            chunks = {
+                p: state_chunk(plans.pair(remote_tp, self.world_size, p, self.tp_rank), self._hkv_geom, local, "decode")
+                for p in plans.sources(remote_tp, self.world_size)[self.tp_rank]
             }
-            recv = _Recv(meta, engine_id, remote_tp, local, remote, order, units)
+            units = {p: c.unit_bytes for p, c in chunks.items()}
+            recv = _Recv(meta, engine_id, remote_tp, local, remote, chunks, units)
             self._alloc_recv(req_id, recv)
         except Exception as e:
             self._hkv_fail(req_id, e)
@@ -329,11 +334,11 @@ class HybridKVWorker(NixlPullConnectorWorker):
         try:
             for p, units in recv.units.items():
                 recv.slots[p] = []
-                for u, unit in enumerate(units):
-                    slot = self._hkv_pool.alloc((req_id, p, u), unit.nbytes)
+                for u, nbytes in enumerate(units):
+                    slot = self._hkv_pool.alloc((req_id, p, u), nbytes)
                     if slot is None:
                         raise RuntimeError(
-                            f"hybrid-kv receive staging full: request {req_id} needs {unit.nbytes} B more, "
+                            f"hybrid-kv receive staging full: request {req_id} needs {nbytes} B more, "
                             f"{self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
                             "(raise hybrid_kv_staging_bytes)"
                         )
@@ -364,7 +369,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
                 }
                 got = link.call(msg, "ready")["units"]
                 out[p] = got
-                want = [u.nbytes for u in recv.units[p]]
+                want = recv.units[p]
                 if [int(n) for _, n in got] != want:
                     raise RuntimeError(f"prefill rank {p} staged units of {[n for _, n in got]} B, expected {want}")
         except BaseException:
@@ -443,35 +448,52 @@ class HybridKVWorker(NixlPullConnectorWorker):
 
     def _pop_done_transfers(self, transfers):
         done, failed = super()._pop_done_transfers(transfers)
+        landed = []
         for req_id in list(done):
             recv = self._hkv_recv.get(req_id)
             if recv is None or not recv.posted:
                 continue
-            if req_id not in failed and req_id not in self._recv_failures:
-                try:
-                    self._scatter(req_id, recv)
-                except Exception as e:  # validated before any byte is written: the pages are untouched
-                    log.error("hybrid-kv: scatter of %s failed: %s", req_id, e)
-                    failed.add(req_id)
-            self._hkv_recv.pop(req_id)
-            self._free_recv(req_id, recv)
-            self._hkv_client.submit(self._send_done, recv, list(recv.units))
+            if req_id in failed or req_id in self._recv_failures:
+                self._hkv_retire(req_id)
+            else:
+                landed.append(req_id)
+                done.discard(req_id)  # reported once its scatter has completed, never before
+        if landed:
+            self._hkv_scatter(landed, failed)
+        still = []
+        for fin, reqs in self._hkv_scattering:
+            if not fin.ready():
+                still.append((fin, reqs))
+                continue
+            for req_id in reqs:
+                self._hkv_retire(req_id)
+                done.add(req_id)
+        self._hkv_scattering = still
         return done, failed
 
-    def _scatter(self, req_id: str, recv: _Recv) -> None:
-        assert self._hkv_geom is not None and self._hkv_plans is not None
-        order = recv.order
-        tables = []
-        for p, units in recv.units.items():
-            tpl = self._hkv_plans.template(recv.remote_tp, self.world_size, p, self.tp_rank)
-            for unit, slot in zip(units, recv.slots[p]):
-                tables.append(tpl.unpack_table(order[unit.first : unit.stop], slot.offset))
-        table = np.concatenate(tables) if tables else np.zeros((0, 6), dtype=np.int64)
-        Prepared(self._hkv_staging, self._hkv_geom.storage, table, backend=self._hkv_backend)(
-            self._hkv_staging, self._hkv_geom.storage
-        )
-        if self._hkv_staging.is_cuda:  # the slot is reused by the next READ; the model reads the pages
-            torch.cuda.current_stream(self._hkv_staging.device).synchronize()
+    def _hkv_scatter(self, reqs: list[str], failed: set[str]) -> None:
+        """One launch for every request whose READs completed this step, on the copier's own stream."""
+        assert self._hkv_copier is not None
+        jobs = {r: [(c, [s.offset for s in self._hkv_recv[r].slots[p]]) for p, c in self._hkv_recv[r].chunks.items()]
+                for r in reqs}  # fmt: skip
+        try:
+            fin = self._hkv_copier.run([j for r in reqs for j in jobs[r]])
+            self._hkv_scattering.append((fin, reqs))
+            return
+        except Exception as e:  # validated before any byte is written: find the bad request(s)
+            log.warning("hybrid-kv: batched scatter of %d request(s) refused (%s); retrying one by one", len(reqs), e)
+        for r in reqs:
+            try:
+                self._hkv_scattering.append((self._hkv_copier.run(jobs[r]), [r]))
+            except Exception as e:
+                log.error("hybrid-kv: scatter of %s failed: %s", r, e)
+                self._hkv_retire(r)
+                failed.add(r)
+
+    def _hkv_retire(self, req_id: str) -> None:
+        recv = self._hkv_recv.pop(req_id)
+        self._free_recv(req_id, recv)
+        self._hkv_client.submit(self._send_done, recv, list(recv.units))
 
     # ---- shutdown ---------------------------------------------------------------------------------------
 
@@ -481,6 +503,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
             "receive_slots": self._hkv_pool.live if self._hkv_pool else 0,
             "staging_slots": self._hkv_server.live_slots if self._hkv_server else 0,
             "receives": len(self._hkv_recv),
+            "scatters": len(self._hkv_scattering),
         }
 
     def shutdown(self) -> None:
