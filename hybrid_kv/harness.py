@@ -144,16 +144,17 @@ class Harness:
         tm.pack_s, tm.move_s, tm.unpack_s = t1 - t0, t2 - t1, t3 - t2
         return tm
 
-    def staged(self, backend: str | None, max_unit_bytes: int | None = None) -> dict:
+    def staged(self, backend: str | None, max_unit_bytes: int | None = None, threshold: int | None = None) -> dict:
         """The packed-transfer core's objects for this batch (`hybrid_kv.staging`): per pair a static
-        `PairPlan`, per request and pair a chunk on each side, one `Copier` per rank (built once)."""
-        from hybrid_kv.staging.chunk import chunk_for, flat_slots
+        `PairPlan`, per request and pair a chunk on each side, one `Copier` per rank (built once).
+        `threshold`: runs shorter than it are packed, the others read page to page (`auto`); 0 = strided."""
+        from hybrid_kv.staging.chunk import chunk_for, direct_runs, flat_slots
         from hybrid_kv.staging.copier import Copier
         from hybrid_kv.staging.pagemap import PageMap
         from hybrid_kv.staging.template import PlanCache
 
         memo = self.__dict__.setdefault("_staged", {})
-        key = (backend, max_unit_bytes)
+        key = (backend, max_unit_bytes, threshold)
         if key in memo:
             return memo[key]
         plan, b = self.plan, self.batch
@@ -167,11 +168,18 @@ class Harness:
         jobs_p: list[list] = [[] for _ in range(plan.prefill_tp)]
         jobs_d: list[list] = [[] for _ in range(plan.decode_tp)]
         moves, stage_end, recv_end = [], [0] * plan.prefill_tp, [0] * plan.decode_tp
+        direct = []  # (prefill rank, decode rank, runs)
+        small = ("all", 0) if threshold is None else ("small", threshold)
         for i, t in enumerate(self.tokens):
             for d, sources in cache.sources(plan.prefill_tp, plan.decode_tp, sizes).items():
                 for p in sources:
-                    pair = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes)
                     pb, db = b.prefill_blocks[i], b.decode_blocks[i]
+                    if threshold is not None:
+                        big = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, ("large", threshold))
+                        xp = chunk_for(big, pmap, "prefill", *flat_slots(big, "prefill", t, pb.state, pb.kv, bs))
+                        xd = chunk_for(big, dmap, "decode", *flat_slots(big, "decode", t, db.state, db.kv, bs))
+                        direct.append((p, d, direct_runs(xp, xd)))
+                    pair = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, small)
                     cp = chunk_for(pair, pmap, "prefill", *flat_slots(pair, "prefill", t, pb.state, pb.kv, bs))
                     cd = chunk_for(pair, dmap, "decode", *flat_slots(pair, "decode", t, db.state, db.kv, bs))
                     up, ud = [], []
@@ -191,6 +199,7 @@ class Harness:
             "staging": staging,
             "recv": recv,
             "moves": moves,
+            "direct": direct,
             "jobs_p": jobs_p,
             "jobs_d": jobs_d,
             "pack": [Copier(c, pmap, s, "prefill", backend) for c, s in zip(self.prefill_caches, staging)],
@@ -198,10 +207,12 @@ class Harness:
         }
         return memo[key]
 
-    def run_staged(self, backend: str | None = None, max_unit_bytes: int | None = None) -> Timings:
+    def run_staged(
+        self, backend: str | None = None, max_unit_bytes: int | None = None, threshold: int | None = None
+    ) -> Timings:
         """The packed-transfer core: one launch per rank and side for the whole batch, one copy per unit
         standing in for its NIXL READ. Staging is poisoned first so an unwritten byte cannot pass."""
-        st, tm = self.staged(backend, max_unit_bytes), Timings()
+        st, tm = self.staged(backend, max_unit_bytes, threshold), Timings()
         for buf in st["staging"] + st["recv"]:
             buf.fill_(STAGING_POISON)
         t0 = _now(self.device)
@@ -210,6 +221,9 @@ class Harness:
         t1 = _now(self.device)
         for p, d, a, b, n in st["moves"]:
             st["recv"][d][b : b + n] = st["staging"][p][a : a + n]
+        for p, d, runs in st["direct"]:  # one descriptor per run, page to page
+            for src, dst, n in runs.tolist():
+                self.decode_caches[d][dst : dst + n] = self.prefill_caches[p][src : src + n]
         t2 = _now(self.device)
         for d, copier in enumerate(st["unpack"]):
             copier.run(st["jobs_d"][d]).wait()

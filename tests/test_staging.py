@@ -190,3 +190,25 @@ def test_both_sides_agree_on_the_layout(p, d):
                 b = make_chunk(pair, *flat_slots(pair, "decode", tokens, 3, kd, bs)[:1], np.zeros(0))
                 assert np.array_equal(a.tpl, b.tpl) and np.array_equal(a.stage, b.stage)
                 assert np.array_equal(a.units, b.units) and np.array_equal(a.unit_of, b.unit_of)
+
+
+@pytest.mark.parametrize("threshold", [0, 600, 1 << 40])
+@pytest.mark.parametrize("p,d", [(1, 2), (2, 3), (4, 2)])
+def test_direct_runs_and_auto_split(p, d, threshold):
+    """threshold 0: every run read page to page (strided); 600: small runs packed, large ones direct
+    (auto); huge: everything packed. Byte-exact in each case."""
+    plan = TransferPlan.build(_replicated_spec(), p, d, 10, decode_block_size=32, conv_layout="SD")
+    h = Harness(plan, [40, 7, 100], seed=p + d)
+    h.run_staged(backend="torch", threshold=threshold)
+    assert h.mismatches() == []
+    st = h.staged("torch", None, threshold)
+    n_direct = sum(len(r) for _, _, r in st["direct"])
+    n_units = len(st["moves"])
+    if threshold == 0:
+        assert n_units == 0 and n_direct == plan.for_tokens(40).strided_descriptors() + sum(
+            plan.for_tokens(t).strided_descriptors() for t in (7, 100)
+        )
+    elif threshold == 1 << 40:
+        assert n_direct == 0
+    else:
+        assert n_direct and n_units

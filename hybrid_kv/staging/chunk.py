@@ -40,6 +40,17 @@ class Chunk:
     def unit_bytes(self) -> list[int]:
         return (self.units[:, 1] - self.units[:, 0]).tolist()
 
+    def unit(self, u: int) -> Chunk:
+        """The slots of transfer unit `u` alone (packed or scattered when that unit's slot is known)."""
+        keep = self.unit_of == u
+        n = int(keep.sum())
+        return Chunk(
+            self.pair, self.tpl[keep], self.page[keep], self.stage[keep], np.zeros(n, np.int64), self.units[u : u + 1]
+        )
+
+    def runs_per_slot(self) -> np.ndarray:
+        return np.array([len(t.runs) for t in self.pair.templates], dtype=np.int64)[self.tpl]
+
     def slot_bases(self, unit_offsets: Sequence[int] | np.ndarray) -> np.ndarray:
         """Absolute staging offset of every slot, given each unit's staging slot offset."""
         off = np.asarray(unit_offsets, dtype=np.int64)
@@ -109,3 +120,21 @@ def chunk_for(
         return make_chunk(pair, tpl, np.full(len(tpl), -1, dtype=np.int64))
     pages.check_blocks(block, side)
     return make_chunk(pair, tpl, pages.pages(layer, block))
+
+
+def direct_runs(prefill: Chunk, decode: Chunk) -> np.ndarray:
+    """(prefill offset, decode offset, nbytes) of every contiguous run of a request's pair, page to page:
+    one NIXL descriptor each (the strided baseline, and the large pieces of `auto`)."""
+    if not np.array_equal(prefill.tpl, decode.tpl):
+        raise ValueError("prefill and decode chunks of one pair must have the same slots")
+    temps = prefill.pair.templates
+    if not len(prefill.tpl):
+        return np.zeros((0, 3), dtype=np.int64)
+    runs = [temps[t].runs for t in range(len(temps))]
+    count = np.array([len(r) for r in runs], dtype=np.int64)
+    first = np.cumsum(count) - count
+    allruns = np.concatenate(runs) if runs else np.zeros((0, 3), dtype=np.int64)
+    k = count[prefill.tpl]
+    idx = np.repeat(first[prefill.tpl] - np.cumsum(k) + k, k) + np.arange(int(k.sum()))
+    r = allruns[idx]
+    return np.stack([np.repeat(prefill.page, k) + r[:, 0], np.repeat(decode.page, k) + r[:, 1], r[:, 2]], axis=1)

@@ -29,6 +29,16 @@ from hybrid_kv.plan import STAGING_ALIGN, Piece, TransferPlan
 
 PIECE_COLUMNS = ("src_off", "dst_off", "rows", "row_bytes", "src_stride", "dst_stride", "stage_off")
 MEMO_PAIRS = 256  # (TP pair, block sizes, source, destination) entries a PlanCache keeps
+ALL = ("all", 0)
+
+
+def _in_part(p: Piece, part: tuple) -> bool:
+    kind, threshold = part
+    if kind == "all":
+        return True
+    if kind not in ("small", "large"):
+        raise ValueError(f"part={part!r} (accepted: ('all', 0), ('small', t), ('large', t))")
+    return (p.src.row_bytes < threshold) == (kind == "small")
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +47,7 @@ class SlotTemplate:
 
     pieces: np.ndarray  # int64 [n, 7], PIECE_COLUMNS; offsets relative to the page / the slot
     tiles: np.ndarray  # int64 [t, 4]: src page rel, dst page rel, stage rel, nbytes
+    runs: np.ndarray  # int64 [r, 3]: src page rel, dst page rel, nbytes of each contiguous run
     nbytes: int  # data bytes
     stride: int  # staging bytes of one slot
 
@@ -58,7 +69,8 @@ class SlotTemplate:
         t_src = cut_tiles(run_src, run_stage, run_n)
         t_dst = cut_tiles(run_dst, run_stage, run_n)
         tiles = np.stack([t_src[:, 0], t_dst[:, 0], t_src[:, 1], t_src[:, 2]], axis=1)
-        return cls(a, tiles, int(rb @ n) if len(a) else 0, cdiv(pos, STAGING_ALIGN) * STAGING_ALIGN)
+        runs = np.stack([run_src, run_dst, run_n], axis=1).astype(np.int64)
+        return cls(a, tiles, runs, int(rb @ n) if len(a) else 0, cdiv(pos, STAGING_ALIGN) * STAGING_ALIGN)
 
     def side_tiles(self, side: str) -> np.ndarray:
         """(page rel, stage rel, nbytes) of the side's page: the prefill page for packing, the decode
@@ -112,13 +124,16 @@ class PairPlan:
         max_unit_bytes: int,
         *,
         kv: bool = True,
+        part: tuple = ALL,
     ) -> PairPlan:
-        """`kv=False`: state templates only (the vLLM connector leaves attention KV to the stock READ)."""
+        """`kv=False`: state templates only (the vLLM connector leaves attention KV to the stock READ).
+        `part`: ALL pieces, ("small", t) those whose runs are shorter than t bytes (packed by `auto`), or
+        ("large", t) the others (read page to page; ("large", 0) is the strided baseline)."""
         spec = prefill[0].spec
         bs_p, bs_d = prefill[0].block_size, decode[0].block_size
         period = math.lcm(bs_p, bs_d) if spec.attention_layers and kv else 0
         plan = TransferPlan(list(prefill), list(decode), period, max_unit_bytes=1 << 62)
-        mine = plan.pairs.get((src, dst), [])
+        mine = [p for p in plan.pairs.get((src, dst), []) if _in_part(p, part)]
         templates: list[SlotTemplate] = []
         state = None
         if spec.state_layers:
@@ -211,12 +226,20 @@ class PlanCache:
         self._sources.move_to_end(key)
         return self._sources[key]
 
-    def pair(self, prefill_tp: int, decode_tp: int, src: int, dst: int, block_sizes: tuple[int, int] = (16, 16)):
-        key = (prefill_tp, decode_tp, *block_sizes, src, dst)
+    def pair(
+        self,
+        prefill_tp: int,
+        decode_tp: int,
+        src: int,
+        dst: int,
+        block_sizes: tuple[int, int] = (16, 16),
+        part: tuple = ALL,
+    ) -> PairPlan:
+        key = (prefill_tp, decode_tp, *block_sizes, src, dst, part)
         hit = self._pairs.get(key)
         if hit is None:
             pre, dec = self._layouts(prefill_tp, decode_tp, block_sizes)
-            hit = self._pairs[key] = PairPlan.build(pre, dec, src, dst, self.max_unit_bytes, kv=self.kv)
+            hit = self._pairs[key] = PairPlan.build(pre, dec, src, dst, self.max_unit_bytes, kv=self.kv, part=part)
             while len(self._pairs) > self.max_pairs:
                 self._pairs.popitem(last=False)
         self._pairs.move_to_end(key)

@@ -1,8 +1,11 @@
 """Decode rank endpoint: connects to the prefill ranks it reads from, then moves requests.
 
-* packed: ask each source for each transfer unit (``pack``); on ``ready`` READ it with **one
-  descriptor** into a receive-staging slot; when the READ completes, scatter the unit into the pages
-  (one launch) and free the slot. The READ's notification tells the source to free its slot.
+* packed: before a run, tell each source to pack everything for this rank (``mode``, warm-up). The
+  sources pack each request when its prefill finishes and announce each unit (``ready``) unasked; on
+  ``ready`` READ it with **one descriptor** into a receive-staging slot; when READs complete, scatter
+  every landed unit of the step into the pages (one launch) and free the slots. The READ's notification
+  tells the source to free its slot. No request waits on a reply to a message of its own.
+* auto: the same for the short runs of the pairs where packing pays (`cost`), the rest page to page.
 * strided: one READ per source with one descriptor per contiguous run, page to page (vLLM-style).
 
 A request completes when every unit from every source has landed; it fails (with its id in the error)
@@ -19,11 +22,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from hybrid_kv import ops
-from hybrid_kv.batch import request_tables, validate_blocks
+from hybrid_kv.layout import cdiv
 from hybrid_kv.plan import TransferPlan
+from hybrid_kv.staging.chunk import Chunk, chunk_for, direct_runs, flat_slots
+from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import ALL, PlanCache
 from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
@@ -38,6 +43,7 @@ from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
+MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
 
 
 @dataclass
@@ -67,7 +73,7 @@ class Request:
     tokens: int
     pblocks: object
     dblocks: object
-    tables: dict  # prefill rank -> PairTables
+    chunks: dict  # prefill rank -> this rank's chunk of the packed part
     start: float = 0.0
     end: float = 0.0
     pending: set = field(default_factory=set)  # (prefill rank, unit) not yet landed
@@ -147,6 +153,12 @@ class DecodeEndpoint:
         self.unit_bytes = unit or probe.max_unit_bytes
         self.pgeom = self.pcfg.geometry(self.player[0])
         self._plans: dict[int, TransferPlan] = {}
+        self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
+        self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
+        self.ppages = PageMap.flat(self.pgeom.num_layers, self.pgeom.num_blocks, self.pgeom.page_bytes)
+        self.copier = Copier(self.cache, self.pages, self.recv, "decode", self.opts.backend)
+        self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
+        self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
         self.cost = self._calibrate()
 
     def _calibrate(self) -> dict:
@@ -195,6 +207,33 @@ class DecodeEndpoint:
 
     # ---- running requests -------------------------------------------------------------------------------
 
+    def configure(self, mode: str, requests: list[dict], concurrency: int) -> None:
+        """Before a run (warm-up, one reply per source): what each source packs for this rank. A source
+        drops whatever it still holds for this rank from an earlier run when it gets this."""
+        self._concurrency = concurrency
+        self._early.clear()
+        threshold = self.cost["threshold_bytes"]
+        plan = self.plan(int(requests[0]["tokens"])) if (requests and mode == "auto") else None
+        packed_t = plan.split(threshold)[0] if plan is not None else {}
+        for p, src in self.sources.items():
+            if mode == "packed":
+                part = ALL
+            elif mode == "auto" and plan is not None and self._pack_pays(plan, p, packed_t):
+                part = ("small", threshold)
+            else:
+                part = None
+            self.parts[p] = part
+            if not src.alive:
+                continue
+            send_msg(src.sock, {"type": "mode", "part": None if part is None else list(part)})
+            deadline = time.monotonic() + self.opts.handshake_timeout_s
+            while True:  # announcements of an earlier run may still be queued ahead of the reply
+                msg, _ = recv_msg(src.sock, max(0.0, deadline - time.monotonic()))
+                if msg["type"] == "mode-ok":
+                    break
+                if msg["type"] == "error" and msg.get("req") is None:
+                    raise RuntimeError(f"prefill rank {p} refused mode {mode}: {msg.get('message')}")
+
     def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
@@ -202,12 +241,15 @@ class DecodeEndpoint:
         todo = deque(requests)
         active: dict[str, Request] = {}
         finished: list[Request] = []
-        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key)
+        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted)
         self._wait_slot: deque = deque()  # (request, source rank, ready message) waiting for a recv slot
         while todo or active:
             while todo and len(active) < concurrency:
                 r = self._start(todo.popleft(), mode)
                 active[r.id] = r  # even a request that failed to start may have READs to retire
+                for p in list(r.chunks):
+                    for msg in self._early.pop((r.id, p), []):
+                        self._on_ready(r, p, msg)
             self._step(active, mode)
             now = time.monotonic()
             for rid, r in list(active.items()):
@@ -217,6 +259,8 @@ class DecodeEndpoint:
                         f"{sorted(r.pending)} (prefill rank, unit)"
                     )
                 if r.done and not self._reads_of(r):
+                    if r.error is not None:
+                        self._release_request(r)
                     r.end = time.monotonic()
                     finished.append(active.pop(rid))
         # READs of requests that failed while they were in flight: retire them (bounded by the deadline
@@ -228,74 +272,58 @@ class DecodeEndpoint:
     def _reads_of(self, r: Request) -> bool:
         return any(v[0] is r for v in self._reads.values())
 
+    def _chunk(
+        self, p: int, part: tuple, tokens: int, pb, db, prefill_side: bool = False
+    ) -> tuple[Chunk, Chunk | None]:
+        sizes = (self.pcfg.block_size, self.cfg.block_size)
+        pair = self.plans.pair(self.pcfg.tp_size, self.cfg.tp_size, p, self.rank, sizes, part)
+        bs = (self.player[0].block_size, self.layout.block_size)
+        d = chunk_for(pair, self.pages, "decode", *flat_slots(pair, "decode", tokens, db.state, db.kv, bs))
+        if not prefill_side:
+            return d, None
+        return d, chunk_for(pair, self.ppages, "prefill", *flat_slots(pair, "prefill", tokens, pb.state, pb.kv, bs))
+
     def _start(self, spec: dict, mode: str) -> Request:
-        plan = self.plan(int(spec["tokens"]))
         pb, db = blocks_from(spec["prefill_blocks"]), blocks_from(spec["decode_blocks"])
         r = Request(str(spec["id"]), int(spec["tokens"]), pb, db, {}, start=time.monotonic())
         try:
-            validate_blocks([plan], "prefill", [pb], self.pcfg.num_blocks)
-            validate_blocks([plan], "decode", [db], self.cfg.num_blocks)
+            _check_kv_ids(db, r.tokens, self.layout.block_size if self.spec.attention_layers else 0, "decode")
+            sources = self.plans.sources(
+                self.pcfg.tp_size, self.cfg.tp_size, (self.pcfg.block_size, self.cfg.block_size)
+            )
+            for p in sources[self.rank]:
+                if not self.sources[p].alive:
+                    raise ValueError(f"prefill rank {p} is gone")
+                part = self.parts.get(p) if mode in ("packed", "auto") else None
+                if mode == "contiguous":
+                    r.chunks[p] = self._chunk(p, ALL, r.tokens, pb, db)[0]
+                elif part is not None:
+                    r.chunks[p] = self._chunk(p, part, r.tokens, pb, db)[0]
+                if mode in ("strided", "auto"):  # page to page: all of it, or the large runs
+                    rest = ("large", part[1]) if part is not None else ("large", 0)
+                    dx, px = self._chunk(p, rest, r.tokens, pb, db, prefill_side=True)
+                    runs = direct_runs(px, dx)
+                    if len(runs):
+                        src = self.sources[p]
+                        local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 2]], axis=1)
+                        remote = np.stack([src.info["cache"]["addr"] + runs[:, 0], runs[:, 2]], axis=1)
+                        r.pending.add((p, -1))
+                        self._post(r, p, -1, None, local, remote, f"sdone:{r.id}")
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return r
-        threshold = self.cost["threshold_bytes"] if mode == "auto" else None
-        packed_l = direct_l = None
-        if mode == "auto":
-            packed_t, direct_t = plan.split(threshold)
-            direct_all = plan.split(0)[1]
-            pays = {p: self._pack_pays(plan, p, packed_t) for p, _ in plan.pairs}
-            packed_l = {k: v for k, v in packed_t.items() if pays[k[0]]}
-            direct_l = {k: (direct_t[k] if pays[k[0]] else direct_all[k]) for k in plan.pairs}
-        tables = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=packed_l)
-        r.tables = {p: t for (p, _), t in tables.items()}
-        if mode == "auto":
-            direct = request_tables(plan, pb, db, self.pgeom, self.geom, dst_rank=self.rank, layouts=direct_l)
-            for (p, _), t in direct.items():
-                if not self.sources[p].alive:
-                    r.error = f"request {r.id}: prefill rank {p} is gone"
-                    return r
-                if len(t.src):
-                    runs = t.strided()
-                    local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
-                    remote = np.stack([self.sources[p].info["cache"]["addr"] + runs[:, 0], runs[:, 3]], axis=1)
-                    r.pending.add((p, -1))
-                    self._post(r, p, -1, None, local, remote, f"sdone:{r.id}")
-        for p, t in r.tables.items():
-            src = self.sources[p]
-            if not src.alive:
-                r.error = f"request {r.id}: prefill rank {p} is gone"
-                return r
-            if mode in ("packed", "auto"):
-                for u in range(len(t.units)):
-                    r.pending.add((p, u))
-                    try:
-                        send_msg(
-                            src.sock,
-                            {
-                                "type": "pack",
-                                "req": r.id,
-                                "unit": u,
-                                "tokens": r.tokens,
-                                "blocks": [pb.state, list(pb.kv)],
-                                "threshold": threshold,
-                            },
-                        )
-                    except OSError as e:
-                        self._source_lost(src, f"{e}")
-            elif mode == "contiguous":
+        for p, chunk in r.chunks.items():
+            if mode == "contiguous":
                 # Benchmark reference: the same bytes per unit as one READ of contiguous memory (the
                 # source's staging area), no pack, no scatter. Contents are not meaningful.
-                for u, (a, b) in enumerate(t.units):
+                src = self.sources[p]
+                for u, n in enumerate(chunk.unit_bytes):
                     r.pending.add((p, u))
-                    local = np.array([[self.recv_reg["addr"], b - a]], dtype=np.int64)
-                    remote = np.array([[src.info["staging"]["addr"], b - a]], dtype=np.int64)
+                    local = np.array([[self.recv_reg["addr"], n]], dtype=np.int64)
+                    remote = np.array([[src.info["staging"]["addr"], n]], dtype=np.int64)
                     self._post(r, p, u, None, local, remote, f"cdone:{r.id}")
             else:
-                runs = t.strided()
-                local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 3]], axis=1)
-                remote = np.stack([src.info["cache"]["addr"] + runs[:, 0], runs[:, 3]], axis=1)
-                r.pending.add((p, 0))
-                self._post(r, p, 0, None, local, remote, f"sdone:{r.id}")
+                r.pending.update((p, u) for u in range(len(chunk.units)))  # announced by the source
         return r
 
     def _post(self, r: Request, p: int, unit: int, slot_key, local: np.ndarray, remote: np.ndarray, notif: str) -> None:
@@ -327,11 +355,10 @@ class DecodeEndpoint:
             self._on_message(key.data, active)
         while self._wait_slot:
             r, p, msg = self._wait_slot[0]
-            if r.error is not None:  # the request failed meanwhile: let the source free the unit
-                self._release(self.sources[p], msg)
-            elif not self._landing(r, p, msg):
+            if r.error is None and not self._landing(r, p, msg):
                 break
             self._wait_slot.popleft()
+        landed = []  # (request, source, unit, slot key): scattered together, one launch
         for h, (r, p, unit, slot_key, posted) in list(self._reads.items()):
             state = self.agent.poll(h)
             if state == "PROC" and self.sources[p].alive and time.monotonic() - r.start <= self.opts.request_timeout_s:
@@ -350,16 +377,27 @@ class DecodeEndpoint:
                 r.xfer_us += tel.get("xfer_us", 0)
                 r.nixl_descs += tel.get("desc_count", 0)
                 if slot_key is not None and r.error is None:
-                    t = time.monotonic()
-                    t = time.monotonic()
-                    table = r.tables[p].unit_unpack(unit, self.pool.held(slot_key).offset)
-                    ops.copy_segments(self.recv, self.cache, table, backend=self.opts.backend)
-                    if self.cfg.device.startswith("cuda"):
-                        torch.cuda.synchronize()
-                    r.scatter_s += time.monotonic() - t
+                    landed.append((r, p, unit, slot_key))
+                    continue
                 r.pending.discard((p, unit))
             if slot_key is not None:
                 self.pool.free(slot_key)
+        if landed:
+            self._scatter(landed)
+
+    def _scatter(self, landed: list) -> None:
+        t = time.monotonic()
+        jobs = [(r.chunks[p].unit(u), [self.pool.held(k).offset]) for r, p, u, k in landed]
+        try:
+            self.copier.run(jobs).wait()
+        except ValueError as e:  # validated before any byte was written
+            for r, *_ in landed:
+                r.error = r.error or f"request {r.id}: scatter refused: {e}"
+        dt = time.monotonic() - t
+        for r, p, u, k in landed:
+            r.scatter_s += dt
+            r.pending.discard((p, u))
+            self.pool.free(k)
 
     def _on_message(self, src: Source, active: dict[str, Request]) -> None:
         try:
@@ -374,21 +412,49 @@ class DecodeEndpoint:
             return
         if msg["type"] != "ready":
             return
-        if r is None or r.error is not None:
-            self._release(src, msg)  # a unit of a request that already failed
+        if r is None:  # announced before this rank started the request: keep it (bounded by the run)
+            early = self._early.setdefault((str(msg.get("req")), src.rank), [])
+            if len(early) < MAX_EARLY_UNITS:
+                early.append(msg)
+            return
+        self._on_ready(r, src.rank, msg)
+
+    def _on_ready(self, r: Request, p: int, msg: dict) -> None:
+        if r.error is not None:
+            return  # the request's release (when it retires) frees the source's slots
+        chunk = r.chunks.get(p)
+        unit, n, addr = msg.get("unit"), msg.get("nbytes"), msg.get("addr")
+        staging = self.sources[p].info["staging"]
+        ok = (
+            chunk is not None
+            and isinstance(unit, int)
+            and 0 <= unit < len(chunk.units)
+            and n == chunk.unit_bytes[unit]
+            and isinstance(addr, int)
+            and staging["addr"] <= addr
+            and addr + n <= staging["addr"] + staging["nbytes"]
+            and (p, unit) in r.pending
+        )
+        if not ok:
+            r.error = (
+                f"request {r.id}: prefill rank {p} announced unit={unit!r} nbytes={n!r} addr={addr!r}, "
+                f"which its plan for this rank does not hold"
+            )
             return
         if not r.ready_s:
             r.ready_s = time.monotonic() - r.start
-        if not self._landing(r, src.rank, msg):
-            self._wait_slot.append((r, src.rank, msg))
+        if not self._landing(r, p, msg):
+            self._wait_slot.append((r, p, msg))
 
-    def _release(self, src: Source, msg: dict) -> None:
-        """Tell `src` to free the slot of a ready unit that will not be read."""
-        if src.alive:
-            try:
-                send_msg(src.sock, {"type": "release", "req": msg.get("req"), "unit": msg.get("unit")})
-            except OSError:
-                pass
+    def _release_request(self, r: Request) -> None:
+        """Tell each source to free what it staged (or still queues) for a request that failed."""
+        for p in r.chunks:
+            src = self.sources[p]
+            if src.alive:
+                try:
+                    send_msg(src.sock, {"type": "release", "req": r.id})
+                except OSError:
+                    pass
 
     def _landing(self, r: Request, p: int, msg: dict) -> bool:
         """Post the READ of a ready unit into a receive slot; False if no slot is free yet."""
@@ -468,9 +534,14 @@ def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: De
                 cmd, *args = ctl.recv()
             except EOFError:
                 break
-            if cmd == "arm":  # reset the cache to the oracle background, then wait for "go"
+            if cmd == "arm":  # reset the cache to the oracle background, configure sources, wait for "go"
                 mode, requests, concurrency, seed, verify = args
                 ep.reset(seed)
+                try:
+                    ep.configure(mode, requests, concurrency)
+                except Exception as e:
+                    ctl.send(("failed", f"arm: {type(e).__name__}: {e}"))
+                    continue
                 ctl.send(("armed",))
             elif cmd == "go":
                 t0 = time.monotonic()
@@ -504,3 +575,12 @@ def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: De
             ctl.send(("closed", counts))
         except (BrokenPipeError, OSError):
             pass
+
+
+def _check_kv_ids(blocks, tokens: int, block_size: int, side: str) -> None:
+    """The right number of distinct KV block ids for `tokens` (range is checked with the page map)."""
+    want = cdiv(tokens, block_size) if block_size else 0
+    if len(blocks.kv) != want:
+        raise ValueError(f"{side}: {len(blocks.kv)} kv block ids for {tokens} tokens (expected {want})")
+    if len(set(blocks.kv)) != len(blocks.kv):
+        raise ValueError(f"{side}: duplicate kv block ids {sorted(blocks.kv)}")

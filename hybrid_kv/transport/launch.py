@@ -171,6 +171,9 @@ class Cluster:
             _recv(c, f"decode rank {r} arm", self.job.start_timeout_s, "armed", proc=self.dprocs[r])
         for c in self.dconns:  # all decode ranks start together: latency spans ranks without skew
             c.send(("go",))
+        if self._mode in ("packed", "auto"):  # the prefills "finish" now: sources pack unasked
+            for c in self.pconns:
+                c.send(("prefilled", self._reqs))
 
     def collect(self, skip: set[int] = frozenset()) -> dict:
         """Results of the run started by `start_run`, from every decode rank not in `skip` (killed)."""

@@ -1,14 +1,19 @@
 """Prefill rank endpoint: owns its cache and staging pool, serves decode ranks over the side channel.
 
-Protocol (decode -> prefill, side channel; data moves by NIXL READs the decode rank posts):
+Protocol (side channel; data moves by NIXL READs the decode rank posts):
 
 * ``hello`` {rank fields, agent} + NIXL metadata -> ``welcome`` {rank fields, cache/staging addresses,
   unit budget} + NIXL metadata, or ``error`` naming the mismatching field (nothing is registered for a
   refused peer).
-* ``pack`` {req, unit, tokens, blocks} -> the unit is packed into a staging slot -> ``ready`` {req,
-  unit, addr, nbytes}. When no slot is free the unit waits (bounded by ``pool_wait_s``), then ``error``.
+* ``mode`` {part} -> ``mode-ok``: before a run (warm-up), which pieces this rank packs for that decode
+  rank: all (packed), the short runs (auto: ["small", threshold]) or none (strided).
+* When a request's prefill has finished (the driver's ``prefilled``), this rank packs it for every
+  decode rank that reads from it, **unasked**, and sends ``ready`` {req, unit, addr, nbytes} per
+  transfer unit: the decode rank's READ waits on no reply of its own. Units are packed in FIFO order,
+  every unit that fits the pool in one launch per loop step; a unit that finds no slot waits (bounded
+  by ``pool_wait_s``), then ``error``.
 * The decode rank's READ carries the notification ``done:<req>:<unit>``; on it the slot is freed. A
-  slot is also freed when its reader disconnects or its lease expires (reader died mid-read).
+  slot is also freed on ``release``, when its reader disconnects or when its lease expires.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from hybrid_kv import ops
-from hybrid_kv.batch import request_tables, validate_blocks
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
+from hybrid_kv.staging.chunk import Chunk, chunk_for, flat_slots
+from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
@@ -37,6 +42,7 @@ from hybrid_kv.transport.common import (
 )
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
 
+MAX_TOKENS = 1 << 24  # a request's token count beyond this is refused before any plan is built
 MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
 IDLE_WAIT_S = 0.01  # longest sleep in select when no unit waits for a slot
 
@@ -60,14 +66,27 @@ class Peer:
     tp_size: int = 0
     tp_rank: int = 0
     layouts: list | None = None  # the decode side's layouts, as this rank computes them
-    plans: dict = field(default_factory=dict)
+    block_size: int = 16  # the decode side's cache block size
+    part: tuple | None = None  # what this rank packs for the peer (None: nothing, it reads page to page)
 
 
 @dataclass
 class Waiting:
+    """A unit to pack once a staging slot is free."""
+
     peer: Peer
-    msg: dict
+    req: str
+    unit: int
+    chunk: Chunk
     since: float
+
+
+@dataclass
+class Packing:
+    """Units packed by one launch, announced when the launch has completed."""
+
+    done: Done
+    units: list[tuple[Peer, str, int, int, int]] = field(default_factory=list)  # peer, req, unit, offset, bytes
 
 
 class PrefillEndpoint:
@@ -78,6 +97,10 @@ class PrefillEndpoint:
         self.cache, self.staging, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
         self.cache_reg, self.staging_reg = mem.cache_reg, mem.staging_reg
         self.unit_bytes = min(opts.max_unit_bytes, opts.pool_bytes)
+        self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
+        self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
+        self.copier = Copier(self.cache, self.pages, self.staging, "prefill", opts.backend)
+        self.packing: list[Packing] = []
         self.sel = selectors.DefaultSelector()
         self.server = socket.create_server((opts.host, opts.port))
         self.server.setblocking(False)
@@ -120,15 +143,16 @@ class PrefillEndpoint:
         # Slots only need freeing promptly when units wait for one; otherwise sleep in select (a new
         # message wakes it) instead of burning a core polling notifications.
         if timeout is None:
-            timeout = self.opts.poll_s if self.waiting else IDLE_WAIT_S
+            timeout = self.opts.poll_s if (self.waiting or self.packing) else IDLE_WAIT_S
         for key, _ in self.sel.select(timeout):
             if key.data is None:
                 self._accept()
             else:
                 self._on_readable(key.data)
         self._on_notifs()
-        self._retry_waiting()
         self._expire_leases()
+        self._pack_waiting()
+        self._announce()
 
     def _accept(self) -> None:
         try:
@@ -148,6 +172,8 @@ class PrefillEndpoint:
         for k in [k for k in self.leases if k[0] == id(peer)]:
             del self.leases[k]
         self.waiting = deque(w for w in self.waiting if w.peer is not peer)
+        for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
+            batch.units = [u for u in batch.units if u[0] is not peer]
         if peer.agent:
             self.agent.remove_remote(peer.agent)
         self.sel.unregister(peer.sock)
@@ -169,22 +195,21 @@ class PrefillEndpoint:
                 self._hello(peer, msg, payload)
             elif peer.agent is None:
                 raise ProtocolError(f"{msg['type']!r} before a successful hello")
-            elif msg["type"] == "pack":
-                self.waiting.append(Waiting(peer, msg, time.monotonic()))
-                self._retry_waiting()
+            elif msg["type"] == "mode":
+                peer.part = _part(msg.get("part"))
+                send_msg(peer.sock, {"type": "mode-ok"})
             elif msg["type"] == "ping":  # the decode rank's cost model measures the round trip
                 send_msg(peer.sock, {"type": "pong"})
-            elif msg["type"] == "release":
-                key = (id(peer), msg["req"], int(msg["unit"]))
-                if self.pool.held(key):
-                    self.pool.free(key)
-                    self.leases.pop(key, None)
+            elif msg["type"] == "release":  # a request the decode rank gave up: free what it staged
+                req = str(msg["req"])
+                self._free(lambda k, p=peer, r=req: k[0] == id(p) and k[1] == r)
+                self.waiting = deque(w for w in self.waiting if not (w.peer is peer and w.req == req))
             elif msg["type"] == "bye":
                 self._drop(peer, "bye")
             else:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
         except (ValueError, KeyError, TypeError, ProtocolError) as e:
-            self._error(peer, str(e), req=msg.get("req"), unit=msg.get("unit"))
+            self._error(peer, str(e), req=msg.get("req"))
             if msg.get("type") == "hello" or isinstance(e, ProtocolError):
                 self.stats["refused_handshakes"] += msg.get("type") == "hello"
                 self._drop(peer, str(e))
@@ -201,7 +226,7 @@ class PrefillEndpoint:
         dec = check_peer(self.layout, msg, "prefill", "decode")
         if not payload or not isinstance(msg.get("agent"), str):
             raise ValueError("decode hello lacks its NIXL agent name or metadata")
-        peer.tp_size, peer.tp_rank = dec.tp_size, dec.tp_rank
+        peer.tp_size, peer.tp_rank, peer.block_size = dec.tp_size, dec.tp_rank, dec.cache_block_size
         peer.layouts = [
             RankLayout(dec.spec, dec.tp_size, r, dec.conv_layout, dec.kv_layout, dec.cache_block_size)
             for r in range(dec.tp_size)
@@ -227,75 +252,90 @@ class PrefillEndpoint:
             self.agent.metadata(),
         )
 
-    def _plan(self, peer: Peer, tokens: int) -> TransferPlan:
-        if tokens not in peer.plans:
-            peer.plans[tokens] = TransferPlan(self.layouts, peer.layouts, tokens, self.unit_bytes)
-        return peer.plans[tokens]
+    # ---- packing, unasked -------------------------------------------------------------------------------
 
-    def _retry_waiting(self) -> None:
-        now, still = time.monotonic(), deque()
+    def prefilled(self, requests: list[dict]) -> None:
+        """Requests whose prefill finished: queue every unit of each for every decode rank that reads
+        from this rank and asked for packing (`mode`). A request that cannot be packed (bad block ids) is
+        refused to each such peer, naming it."""
+        now = time.monotonic()
+        for r in requests:
+            for peer in list(self.peers.values()):
+                if peer.agent is None or peer.part is None:
+                    continue
+                req = str(r["id"])
+                try:
+                    chunk = self._chunk(peer, r)
+                except (ValueError, KeyError, TypeError) as e:
+                    self._error(peer, f"request {req}: {e}", req=req)
+                    continue
+                self.waiting.extend(Waiting(peer, req, u, chunk, now) for u in range(len(chunk.units)))
+
+    def _chunk(self, peer: Peer, r: dict) -> Chunk:
+        sizes = (self.cfg.block_size, peer.block_size)
+        pair = self.plans.pair(self.cfg.tp_size, peer.tp_size, self.rank, peer.tp_rank, sizes, peer.part)
+        blocks = blocks_from(r["prefill_blocks"])
+        tokens = int(r["tokens"])
+        if not 0 <= tokens <= MAX_TOKENS:
+            raise ValueError(f"tokens={tokens} out of range [0, {MAX_TOKENS}]")
+        bs = (self.layout.block_size, peer.layouts[0].block_size)
+        return chunk_for(pair, self.pages, "prefill", *flat_slots(pair, "prefill", tokens, blocks.state, blocks.kv, bs))
+
+    def _pack_waiting(self) -> None:
+        """Every waiting unit that finds a slot, in FIFO order, in one launch; the rest wait (bounded)."""
+        now, jobs, batch = time.monotonic(), [], Packing(Done())
         while self.waiting:
-            w = self.waiting.popleft()
-            try:
-                done = self._pack(w.peer, w.msg)
-            except (ValueError, KeyError, TypeError) as e:
-                self._error(w.peer, str(e), req=w.msg.get("req"), unit=w.msg.get("unit"))
-                continue
-            if done:
-                continue
-            if now - w.since > self.opts.pool_wait_s:
-                self.stats["pool_timeouts"] += 1
-                self._error(
-                    w.peer,
-                    f"staging pool full for {self.opts.pool_wait_s:g} s: request "
-                    f"{w.msg['req']} unit {w.msg['unit']} waited (pool {self.pool.capacity} B, "
-                    f"{self.pool.in_use} B in use)",
-                    req=w.msg["req"],
-                    unit=w.msg["unit"],
-                )
-                continue
-            still.append(w)
-        self.waiting = still
+            w = self.waiting[0]
+            a, b = w.chunk.units[w.unit].tolist()
+            n = b - a
+            slot = self.pool.alloc((id(w.peer), w.req, w.unit), n)
+            if slot is None:
+                break  # FIFO: later units must not overtake (a started request's units come first)
+            self.waiting.popleft()
+            jobs.append((w.chunk.unit(w.unit), [slot.offset]))
+            batch.units.append((w.peer, w.req, w.unit, slot.offset, n))
+        for w in list(self.waiting):
+            if now - w.since <= self.opts.pool_wait_s:
+                break
+            self.waiting.remove(w)
+            self.stats["pool_timeouts"] += 1
+            self._error(
+                w.peer,
+                f"staging pool full for {self.opts.pool_wait_s:g} s: request {w.req} unit {w.unit} waited "
+                f"(pool {self.pool.capacity} B, {self.pool.in_use} B in use)",
+                req=w.req,
+                unit=w.unit,
+            )
+        if jobs:
+            batch.done = self.copier.run(jobs)
+            self.packing.append(batch)
 
-    def _pack(self, peer: Peer, msg: dict) -> bool:
-        """Pack one unit if a slot is free; False if it must wait."""
-        req, unit, tokens = msg["req"], int(msg["unit"]), int(msg["tokens"])
-        plan = self._plan(peer, tokens)
-        pair = (self.rank, peer.tp_rank)
-        if pair not in plan.staging:
-            raise ValueError(f"request {req}: decode rank {peer.tp_rank} reads nothing from prefill rank {self.rank}")
-        blocks = blocks_from(msg["blocks"])
-        validate_blocks([plan], "prefill", [blocks], self.cfg.num_blocks)
-        th = msg.get("threshold")
-        if th is not None and (not isinstance(th, int) or th < 0):
-            raise ValueError(f"request {req}: threshold={th!r} must be a non-negative integer or null")
-        layouts = plan.staging if th is None else plan.split(th)[0]
-        tables = request_tables(
-            plan, blocks, None, self.geom, self.geom, src_rank=self.rank, dst_rank=peer.tp_rank, layouts=layouts
-        )[pair]
-        if not 0 <= unit < len(tables.units):
-            raise ValueError(f"request {req}: unit {unit} out of range [0, {len(tables.units)})")
-        a, b = tables.units[unit]
-        key = (id(peer), req, unit)
-        slot = self.pool.alloc(key, b - a)
-        if slot is None:
-            return False
-        ops.copy_segments(self.cache, self.staging, tables.unit_pack(unit, slot.offset), backend=self.opts.backend)
-        if self.cfg.device.startswith("cuda"):
-            torch.cuda.synchronize()  # the READ must see the packed bytes
-        self.leases[key] = time.monotonic()
-        self.stats["packed_units"] += 1
-        send_msg(
-            peer.sock,
-            {
-                "type": "ready",
-                "req": req,
-                "unit": unit,
-                "addr": self.staging_reg["addr"] + slot.offset,
-                "nbytes": b - a,
-            },
-        )
-        return True
+    def _announce(self) -> None:
+        """Tell each decode rank about the units whose pack launch completed (the READ must see them)."""
+        while self.packing and self.packing[0].done.ready():
+            batch = self.packing.pop(0)
+            now = time.monotonic()
+            for peer, req, unit, off, n in batch.units:
+                self.leases[(id(peer), req, unit)] = now
+                self.stats["packed_units"] += 1
+                try:
+                    send_msg(
+                        peer.sock,
+                        {
+                            "type": "ready",
+                            "req": req,
+                            "unit": unit,
+                            "addr": self.staging_reg["addr"] + off,
+                            "nbytes": n,
+                        },
+                    )
+                except OSError as e:
+                    self._drop(peer, f"send failed: {e}")
+
+    def _free(self, pred) -> None:
+        self.pool.free_where(pred)
+        for key in [k for k in self.leases if pred(k)]:
+            del self.leases[key]
 
     def _on_notifs(self) -> None:
         for agent, msgs in self.agent.notifs().items():
@@ -304,7 +344,10 @@ class PrefillEndpoint:
                 parts = m.decode(errors="replace").split(":")
                 if peer is None or len(parts) != 3 or parts[0] != "done":
                     continue  # strided-mode completions carry nothing to free
-                key = (id(peer), parts[1], int(parts[2]))
+                try:
+                    key = (id(peer), parts[1], int(parts[2]))
+                except ValueError:
+                    continue
                 if self.pool.held(key):
                     self.pool.free(key)
                     self.leases.pop(key, None)
@@ -359,6 +402,8 @@ def prefill_main(cfg: SideConfig, rank: int, opts: PrefillOptions, ctl) -> None:
                         ctl.send(("failed", f"fill: {type(e).__name__}: {e}"))
                         continue
                     ctl.send(("filled",))
+                elif cmd == "prefilled":
+                    ep.prefilled(*args)
                 elif cmd == "counts":
                     ctl.send(("counts", ep.counts()))
                 elif cmd == "stop":
@@ -370,3 +415,19 @@ def prefill_main(cfg: SideConfig, rank: int, opts: PrefillOptions, ctl) -> None:
             ctl.send(("closed", ep.counts()))
         except (BrokenPipeError, OSError):
             pass
+
+
+def _part(obj) -> tuple | None:
+    """A `mode` message's part: null, ["all", 0] or ["small", threshold] (checked, never trusted)."""
+    if obj is None:
+        return None
+    if (
+        isinstance(obj, list)
+        and len(obj) == 2
+        and obj[0] in ("all", "small")
+        and isinstance(obj[1], int)
+        and not isinstance(obj[1], bool)
+        and 0 <= obj[1] <= 1 << 40
+    ):
+        return (obj[0], obj[1])
+    raise ValueError(f"mode part={obj!r} (accepted: null, ['all', 0], ['small', threshold >= 0])")
