@@ -148,7 +148,7 @@ class Harness:
         """The packed-transfer core's objects for this batch (`hybrid_kv.staging`): per pair a static
         `PairPlan`, per request and pair a chunk on each side, one `Copier` per rank (built once).
         `threshold`: runs shorter than it are packed, the others read page to page (`auto`); 0 = strided."""
-        from hybrid_kv.staging.chunk import chunk_for, direct_runs, flat_slots
+        from hybrid_kv.staging.chunk import direct_runs, flat_chunk
         from hybrid_kv.staging.copier import Copier
         from hybrid_kv.staging.pagemap import PageMap
         from hybrid_kv.staging.template import PlanCache
@@ -176,12 +176,12 @@ class Harness:
                     pb, db = b.prefill_blocks[i], b.decode_blocks[i]
                     if threshold is not None:
                         big = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, ("large", threshold))
-                        xp = chunk_for(big, pmap, "prefill", *flat_slots(big, "prefill", t, pb.state, pb.kv, bs))
-                        xd = chunk_for(big, dmap, "decode", *flat_slots(big, "decode", t, db.state, db.kv, bs))
+                        xp = flat_chunk(cache.shapes, big, pmap, "prefill", t, pb.state, pb.kv, bs)
+                        xd = flat_chunk(cache.shapes, big, dmap, "decode", t, db.state, db.kv, bs)
                         direct.append((p, d, direct_runs(xp, xd)))
                     pair = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, small)
-                    cp = chunk_for(pair, pmap, "prefill", *flat_slots(pair, "prefill", t, pb.state, pb.kv, bs))
-                    cd = chunk_for(pair, dmap, "decode", *flat_slots(pair, "decode", t, db.state, db.kv, bs))
+                    cp = flat_chunk(cache.shapes, pair, pmap, "prefill", t, pb.state, pb.kv, bs)
+                    cd = flat_chunk(cache.shapes, pair, dmap, "decode", t, db.state, db.kv, bs)
                     up, ud = [], []
                     for n in cp.unit_bytes:  # unit slots back to back, as a pool would hand them out
                         up.append(stage_end[p])

@@ -6,19 +6,21 @@ of whole slots; each gets its own staging slot, so `slot_bases(unit_offsets)` gi
 absolute staging offset for the kernel. Both sides build the same chunk from the same block-id lists,
 so their staging layouts agree byte for byte without exchanging offsets.
 
-Per request this is O(slots) numpy work and no Python loop over pieces: the templates are static.
+Per request only block ids are new: everything else of a chunk (templates, stage offsets, units, which
+block id each slot uses) is a `ChunkShape`, built once per (pair, page map, side, slot structure) and
+kept in a bounded LRU (`Shapes`), so a request costs a handful of array operations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hybrid_kv.plan import copied_tokens
 from hybrid_kv.staging.pagemap import PageMap
-from hybrid_kv.staging.template import PairPlan
+from hybrid_kv.staging.template import PairPlan, Shapes
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -31,6 +33,12 @@ class Chunk:
     stage: np.ndarray  # [S] byte offset in the chunk
     unit_of: np.ndarray  # [S] transfer unit of each slot
     units: np.ndarray  # [U, 2] (start, stop) byte ranges of the chunk
+    rel: np.ndarray = field(default=None)  # [S] stage - start of the slot's unit (derived when None)
+
+    def __post_init__(self) -> None:
+        if self.rel is None:
+            rel = self.stage - self.units[self.unit_of, 0] if len(self.units) else self.stage
+            object.__setattr__(self, "rel", rel)
 
     @property
     def nbytes(self) -> int:
@@ -42,6 +50,8 @@ class Chunk:
 
     def unit(self, u: int) -> Chunk:
         """The slots of transfer unit `u` alone (packed or scattered when that unit's slot is known)."""
+        if len(self.units) == 1 and u == 0:
+            return self
         keep = self.unit_of == u
         n = int(keep.sum())
         return Chunk(
@@ -53,10 +63,11 @@ class Chunk:
 
     def slot_bases(self, unit_offsets: Sequence[int] | np.ndarray) -> np.ndarray:
         """Absolute staging offset of every slot, given each unit's staging slot offset."""
-        off = np.asarray(unit_offsets, dtype=np.int64)
-        if len(off) != len(self.units):
-            raise ValueError(f"{len(off)} unit offsets for a chunk of {len(self.units)} units")
-        return off[self.unit_of] + self.stage - self.units[self.unit_of, 0]
+        if len(unit_offsets) != len(self.units):
+            raise ValueError(f"{len(unit_offsets)} unit offsets for a chunk of {len(self.units)} units")
+        if len(self.units) == 1:
+            return self.rel + int(unit_offsets[0])
+        return np.asarray(unit_offsets, dtype=np.int64)[self.unit_of] + self.rel
 
 
 def make_chunk(pair: PairPlan, tpl: np.ndarray, page: np.ndarray) -> Chunk:
@@ -138,3 +149,58 @@ def direct_runs(prefill: Chunk, decode: Chunk) -> np.ndarray:
     idx = np.repeat(first[prefill.tpl] - np.cumsum(k) + k, k) + np.arange(int(k.sum()))
     r = allruns[idx]
     return np.stack([np.repeat(prefill.page, k) + r[:, 0], np.repeat(decode.page, k) + r[:, 1], r[:, 2]], axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkShape:
+    """A chunk without its block ids: slot `i` reads block id `ids[block_index[i]]` of the request's
+    flat id list, at `base[i] + id * stride[i]` in this side's buffer."""
+
+    chunk: Chunk  # page offsets not meaningful
+    pages: PageMap
+    block_index: np.ndarray
+    base: np.ndarray
+    stride: np.ndarray
+    ids: int  # length of the id list it expects
+    num_blocks: int
+
+    def with_ids(self, ids: Sequence[int], side: str) -> Chunk:
+        if len(ids) != self.ids:
+            raise ValueError(f"{side}: {len(ids)} block ids for a chunk that uses {self.ids}")
+        if ids and (min(ids) < 0 or max(ids) >= self.num_blocks):
+            bad = next(b for b in ids if not 0 <= b < self.num_blocks)
+            raise ValueError(f"{side} block id {bad} out of range [0, {self.num_blocks})")
+        c = self.chunk
+        page = self.base + np.asarray(ids, dtype=np.int64)[self.block_index] * self.stride
+        return Chunk(c.pair, c.tpl, page, c.stage, c.unit_of, c.units, c.rel)
+
+
+def shape_of(pair: PairPlan, pages: PageMap, tpl: np.ndarray, layer: np.ndarray, index: np.ndarray, ids: int):
+    c = make_chunk(pair, tpl, np.zeros(len(tpl), dtype=np.int64))
+    return ChunkShape(c, pages, index, pages.base[layer], pages.stride[layer], ids, pages.num_blocks)
+
+
+def flat_chunk(
+    shapes: Shapes,
+    pair: PairPlan,
+    pages: PageMap,
+    side: str,
+    tokens: int,
+    state_block: int | None,
+    kv_blocks: Sequence[int],
+    block_sizes: tuple[int, int],
+) -> Chunk:
+    """A request's chunk in the CLI's flat caches (`flat_slots` order), from its block ids."""
+    has_state = pair.state is not None and len(pair.state_layers) > 0
+    if has_state and state_block is None:
+        raise ValueError(f"{side}: the model has state layers but no state block id was given")
+    n_kv = len(kv_blocks)
+    end = copied_tokens(tokens, *block_sizes) if len(pair.kv) else 0
+    key = ("flat", side, end, n_kv, has_state)
+
+    def build() -> ChunkShape:
+        tpl, layer, index = flat_slots(pair, side, tokens, 0, list(range(1, 1 + n_kv)), block_sizes)
+        return shape_of(pair, pages, tpl, layer, index, 1 + n_kv)
+
+    shape = shapes.get(pair, pages, key, build)
+    return shape.with_ids([state_block if has_state else 0, *kv_blocks], side)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,6 +188,29 @@ def layouts_of(
     return pre, dec
 
 
+class Shapes:
+    """`ChunkShape`s by key, least recently used dropped beyond `max_entries` (a shape is cheap to
+    rebuild; the bound keeps a stream of distinct request lengths from growing memory)."""
+
+    def __init__(self, max_entries: int = 512) -> None:
+        self.max_entries = max_entries
+        self._memo: OrderedDict[tuple, object] = OrderedDict()  # -> chunk.ChunkShape
+
+    def __len__(self) -> int:
+        return len(self._memo)
+
+    def get(self, pair: PairPlan, pages, key: tuple, build: Callable):
+        key = (id(pair), id(pages), *key)
+        hit = self._memo.get(key)
+        if hit is None or hit.chunk.pair is not pair or hit.pages is not pages:  # ids of dropped objects reused
+            hit = self._memo[key] = build()
+            while len(self._memo) > self.max_entries:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        return hit
+
+
 class PlanCache:
     """`PairPlan`s and per-TP-pair source lists, built once, keyed by TP pair and block sizes (never by
     token count), least recently used dropped beyond `max_pairs` entries. `kv=False` builds state
@@ -207,6 +230,7 @@ class PlanCache:
         self.max_unit_bytes, self.max_pairs = max_unit_bytes, max_pairs
         self._pairs: OrderedDict[tuple, PairPlan] = OrderedDict()
         self._sources: OrderedDict[tuple, dict[int, list[int]]] = OrderedDict()
+        self.shapes = Shapes()  # chunk shapes of these pairs (hybrid_kv.staging.chunk)
 
     def __len__(self) -> int:
         return len(self._pairs)

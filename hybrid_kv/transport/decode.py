@@ -25,7 +25,7 @@ import numpy as np
 
 from hybrid_kv.layout import cdiv
 from hybrid_kv.plan import TransferPlan
-from hybrid_kv.staging.chunk import Chunk, chunk_for, direct_runs, flat_slots
+from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import ALL, PlanCache
@@ -278,10 +278,10 @@ class DecodeEndpoint:
         sizes = (self.pcfg.block_size, self.cfg.block_size)
         pair = self.plans.pair(self.pcfg.tp_size, self.cfg.tp_size, p, self.rank, sizes, part)
         bs = (self.player[0].block_size, self.layout.block_size)
-        d = chunk_for(pair, self.pages, "decode", *flat_slots(pair, "decode", tokens, db.state, db.kv, bs))
+        d = flat_chunk(self.plans.shapes, pair, self.pages, "decode", tokens, db.state, db.kv, bs)
         if not prefill_side:
             return d, None
-        return d, chunk_for(pair, self.ppages, "prefill", *flat_slots(pair, "prefill", tokens, pb.state, pb.kv, bs))
+        return d, flat_chunk(self.plans.shapes, pair, self.ppages, "prefill", tokens, pb.state, pb.kv, bs)
 
     def _start(self, spec: dict, mode: str) -> Request:
         pb, db = blocks_from(spec["prefill_blocks"]), blocks_from(spec["decode_blocks"])
@@ -387,7 +387,19 @@ class DecodeEndpoint:
 
     def _scatter(self, landed: list) -> None:
         t = time.monotonic()
-        jobs = [(r.chunks[p].unit(u), [self.pool.held(k).offset]) for r, p, u, k in landed]
+        got: dict[tuple, dict[int, int]] = {}
+        for r, p, u, k in landed:
+            got.setdefault((id(r), p), {})[u] = self.pool.held(k).offset
+        jobs, seen = [], set()
+        for r, p, _, _ in landed:  # a chunk whose units all landed now is one job
+            if (id(r), p) in seen:
+                continue
+            seen.add((id(r), p))
+            chunk, offs = r.chunks[p], got[(id(r), p)]
+            if len(offs) == len(chunk.units):
+                jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
+            else:
+                jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
         try:
             self.copier.run(jobs).wait()
         except ValueError as e:  # validated before any byte was written

@@ -7,6 +7,7 @@ when a slot is freed (bounded by its own deadline), so a full pool delays work a
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 ALIGN = 16
@@ -27,10 +28,7 @@ class StagingPool:
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # sorted (offset, size)
         self._held: dict[tuple, Slot] = {}
         self.high_water = 0
-
-    @property
-    def in_use(self) -> int:
-        return sum(s.nbytes for s in self._held.values())
+        self.in_use = 0  # bytes held
 
     @property
     def live(self) -> int:
@@ -50,21 +48,23 @@ class StagingPool:
                     self._free[i] = (off + size, free - size)
                 slot = Slot(key, off, size)
                 self._held[key] = slot
+                self.in_use += size
                 self.high_water = max(self.high_water, self.in_use)
                 return slot
         return None
 
     def free(self, key: tuple) -> None:
         slot = self._held.pop(key)
-        self._free.append((slot.offset, slot.nbytes))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for off, size in self._free:
-            if merged and merged[-1][0] + merged[-1][1] == off:
-                merged[-1] = (merged[-1][0], merged[-1][1] + size)
-            else:
-                merged.append((off, size))
-        self._free = merged
+        self.in_use -= slot.nbytes
+        off, size, free = slot.offset, slot.nbytes, self._free
+        i = bisect.bisect_left(free, (off, 0))
+        if i < len(free) and off + size == free[i][0]:  # coalesce with the next free range
+            size += free.pop(i)[1]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # and with the previous one
+            i -= 1
+            off, size = free[i][0], free[i][1] + size
+            del free[i]
+        free.insert(i, (off, size))
 
     def free_where(self, pred) -> int:
         """Free every held slot whose key satisfies `pred`; returns how many."""

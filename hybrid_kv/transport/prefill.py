@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
-from hybrid_kv.staging.chunk import Chunk, chunk_for, flat_slots
+from hybrid_kv.staging.chunk import Chunk, flat_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
@@ -279,11 +279,11 @@ class PrefillEndpoint:
         if not 0 <= tokens <= MAX_TOKENS:
             raise ValueError(f"tokens={tokens} out of range [0, {MAX_TOKENS}]")
         bs = (self.layout.block_size, peer.layouts[0].block_size)
-        return chunk_for(pair, self.pages, "prefill", *flat_slots(pair, "prefill", tokens, blocks.state, blocks.kv, bs))
+        return flat_chunk(self.plans.shapes, pair, self.pages, "prefill", tokens, blocks.state, blocks.kv, bs)
 
     def _pack_waiting(self) -> None:
         """Every waiting unit that finds a slot, in FIFO order, in one launch; the rest wait (bounded)."""
-        now, jobs, batch = time.monotonic(), [], Packing(Done())
+        now, got, batch = time.monotonic(), {}, Packing(Done())
         while self.waiting:
             w = self.waiting[0]
             a, b = w.chunk.units[w.unit].tolist()
@@ -292,8 +292,14 @@ class PrefillEndpoint:
             if slot is None:
                 break  # FIFO: later units must not overtake (a started request's units come first)
             self.waiting.popleft()
-            jobs.append((w.chunk.unit(w.unit), [slot.offset]))
+            got.setdefault(id(w.chunk), (w.chunk, {}))[1][w.unit] = slot.offset
             batch.units.append((w.peer, w.req, w.unit, slot.offset, n))
+        jobs = []
+        for chunk, offs in got.values():  # a whole chunk as one job; a partial one unit by unit
+            if len(offs) == len(chunk.units):
+                jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
+            else:
+                jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
         for w in list(self.waiting):
             if now - w.since <= self.opts.pool_wait_s:
                 break

@@ -76,6 +76,7 @@ class PrefillServer:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
+        self._layouts: dict[tuple, RankLayout] = {}  # decode (tp_size, tp_rank) -> its layout
         self._sock = socket.create_server((host, port), reuse_port=False)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
@@ -173,11 +174,18 @@ class PrefillServer:
         raise ProtocolError(f"unexpected message {kind!r} (expected hello, pack or done)")
 
     def _decode_layout(self, head: dict) -> RankLayout:
+        key = (head.get("tp_size"), head.get("tp_rank"))
+        hit = self._layouts.get(key)  # (a hit only for a pair that was valid before)
+        if hit is not None:
+            return hit
         lay = self.geom.layout
         try:
-            return RankLayout(lay.spec, int(head["tp_size"]), int(head["tp_rank"]), lay.conv_layout, lay.kv_layout)
+            out = RankLayout(lay.spec, int(head["tp_size"]), int(head["tp_rank"]), lay.conv_layout, lay.kv_layout)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"decode tp_size={head.get('tp_size')!r} / tp_rank={head.get('tp_rank')!r}: {e}") from e
+        if len(self._layouts) < 1024 and all(type(k) is int for k in key):
+            self._layouts[key] = out
+        return out
 
     def _hello(self, head: dict) -> dict:
         fp = head.get("fingerprint")
@@ -205,7 +213,7 @@ class PrefillServer:
         self.geom.check_blocks(blocks, "prefill")
         lay = self.geom.layout
         pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
-        chunk = state_chunk(pair, self.geom, blocks, "prefill")
+        chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
         sizes = chunk.unit_bytes
         keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
         if any(self.pool.held(k) for k in keys):

@@ -21,7 +21,7 @@ from hybrid_kv.layout import RankLayout
 from hybrid_kv.oracle import TORCH_DTYPES
 from hybrid_kv.spec import LayerKind, ModelSpec
 from hybrid_kv.spec_hf import spec_from_config
-from hybrid_kv.staging.chunk import Chunk, chunk_for
+from hybrid_kv.staging.chunk import Chunk, ChunkShape, Shapes, shape_of
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PairPlan
 
@@ -159,9 +159,20 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
-def state_chunk(pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str) -> Chunk:
-    """A request's state chunk for one pair on this rank (its block ids per Mamba group, checked)."""
+def state_chunk(
+    pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str, shapes: Shapes
+) -> Chunk:
+    """A request's state chunk for one pair on this rank (block ids per Mamba group, checked)."""
     if pair.state is None:
         raise ValueError(f"prefill rank {pair.src_rank} holds no state for decode rank {pair.dst_rank}")
-    layer, block = geom.slots(blocks)
-    return chunk_for(pair, geom.pages, side, np.full(len(layer), pair.state, dtype=np.int64), layer, block)
+    counts = tuple(len(blocks.get(g, ())) for g in geom.groups)
+
+    def build() -> ChunkShape:
+        layer, index = geom.slots(
+            {g: list(range(sum(counts[:i]), sum(counts[: i + 1]))) for i, g in enumerate(geom.groups)}
+        )
+        tpl = np.full(len(layer), pair.state, dtype=np.int64)
+        return shape_of(pair, geom.pages, tpl, layer, index, sum(counts))
+
+    shape = shapes.get(pair, geom.pages, ("state", side, counts), build)
+    return shape.with_ids([b for g in geom.groups for b in blocks.get(g, ())], side)

@@ -315,7 +315,13 @@ class HybridKVWorker(NixlPullConnectorWorker):
             remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
             plans = self._hkv_plans
             chunks = {
-                p: state_chunk(plans.pair(remote_tp, self.world_size, p, self.tp_rank), self._hkv_geom, local, "decode")
+                p: state_chunk(
+                    plans.pair(remote_tp, self.world_size, p, self.tp_rank),
+                    self._hkv_geom,
+                    local,
+                    "decode",
+                    plans.shapes,
+                )
                 for p in plans.sources(remote_tp, self.world_size)[self.tp_rank]
             }
             units = {p: c.unit_bytes for p, c in chunks.items()}

@@ -1,0 +1,282 @@
+"""Host cost per request of the packed path: thread CPU time from block ids to the kernel launch call.
+
+For each (model, prefill TP -> decode TP, tokens) and each shell, the per-request host work is timed on
+the code the shells run, with the copy itself replaced by building its launch arguments (`Copier.rows`:
+the slot rows the kernel receives, every range checked):
+
+* ``vllm``, prefill: `PrefillServer._pack` (the connector's pack handler: block-id checks, plan memo hit,
+  chunk, all-or-none staging allocation, lease) on a `StateGeometry` over views laid out as vLLM 0.32
+  allocates them (reference §2.3: slot k of every group at k * num_blocks * page); decode: what
+  `HybridKVWorker` runs per request (`_read_blocks_for_req`'s checks, source list, chunks and receive
+  slots; the scatter's rows);
+* ``transport``, prefill: `PrefillEndpoint._chunk` + a slot per unit + rows (what `_pack_waiting`
+  does); decode: `DecodeEndpoint._chunk` + a slot per announced unit + the scatter's rows.
+
+`stock_host_us` is the baseline's own per-request host work: for ``transport`` the strided mode's
+descriptor lists (`direct_runs` + the address arrays, before NIXL's post); for ``vllm`` the stock NIXL
+worker's `_read_blocks_for_req` (descriptor ids, prep and post) on real vLLM engines, for the models
+tests/vllm_util.py can build (others: null). `round_trips` counts the side-channel replies a request
+waits for after warm-up, `launches_per_step` the copy launches per side for all requests ready in one
+step. Prints one JSON object with --json.
+
+    python bench/bench_host.py [--json] [--iters 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_repack import environment
+
+from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.staging.chunk import direct_runs
+from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.template import ALL, PlanCache
+from hybrid_kv.transport.pool import StagingPool
+
+ROWS = [("qwen3.5-27b", 2, 4), ("qwen3.5-397b-a17b", 8, 4), ("nemotron-h-8b", 1, 2)]
+UNIT = 256 << 20  # the connector's default unit budget
+STAGING = 1 << 30
+
+
+def _timed(fn, iters: int, after=None) -> dict:
+    """Median and p10/p90 of `fn`'s thread CPU time in us; `after` (not timed) runs after each call."""
+    xs = []
+    for i in range(iters + 5):
+        t = time.thread_time_ns()
+        fn()
+        dt = (time.thread_time_ns() - t) / 1e3
+        if after is not None:
+            after()
+        if i >= 5:
+            xs.append(dt)
+    a = np.array(xs)
+    return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90))}
+
+
+def _rows_only(copier: Copier) -> None:
+    """Build and check the launch arguments, skip the copy (excluded from host time by definition)."""
+    copier.run = lambda jobs: (copier.rows(jobs), Done())[1]
+
+
+# ---- vLLM shell ------------------------------------------------------------------------------------------
+
+
+def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
+    """A `StateGeometry` over one backing buffer laid out as vLLM 0.32 does (groups of state layers, slot
+    k of each group at k * num_blocks * page)."""
+    from hybrid_kv.vllm.state import StateGeometry
+
+    lay = RankLayout(spec, tp, rank)
+    page = lay.page_bytes
+    state = [layer for layer in spec.layers if layer.kind.value != "attention"]
+    n_groups = max(1, cdiv(len(state), max(1, len(spec.attention_layers) or len(state))))
+    group_size = cdiv(len(state), n_groups)
+    buf = torch.empty(group_size * num_blocks * page, dtype=torch.uint8)
+    conv = (lay.conv_channels, lay.conv_rows)
+    shapes = types.SimpleNamespace(shapes=(conv, (lay.ssm_shard.size, *spec.state.head_shape)))
+    groups, caches, specs = [], {}, {}
+    for g in range(n_groups):
+        names = []
+        for k, layer in enumerate(state[g::n_groups]):
+            name = f"model.layers.{layer.index}.mixer"
+            caches[name] = buf[k * num_blocks * page :].as_strided((num_blocks, page), (page, 1))
+            specs[name] = shapes
+            names.append(name)
+        groups.append((g + 1, names))
+    return StateGeometry(spec, lay, groups, caches, specs, num_blocks)
+
+
+def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
+    from hybrid_kv.vllm.channel import PrefillServer
+    from hybrid_kv.vllm.state import state_chunk
+
+    spec = load_spec(name)
+    blocks = 8
+    pgeom = _vllm_geometry(spec, ptp, 0, blocks)
+    dgeom = _vllm_geometry(spec, dtp, 0, blocks)
+    plans = PlanCache(spec, "DS", "HND", UNIT, kv=False)
+    sources = plans.sources(ptp, dtp)[0]
+    src = sources[0]
+    staging = torch.empty(STAGING, dtype=torch.uint8)
+    server = PrefillServer(
+        host="127.0.0.1",
+        port=0,
+        geometry=_vllm_geometry(spec, ptp, src, blocks),
+        plans=plans,
+        staging=staging,
+        staging_desc=(staging.data_ptr(), staging.numel(), 0),
+        agent_name="bench",
+        not_held=lambda r: None,
+        lease_s=180.0,
+        timeout_s=60.0,
+        backend="torch",
+    )
+    _rows_only(server.copier)
+    head = {"type": "pack", "request_id": "r", "tp_size": dtp, "tp_rank": 0, "blocks": [[g, [3]] for g in pgeom.groups]}
+
+    def prefill() -> None:
+        server._pack(head, 0)
+
+    def done() -> None:  # the READ's 'done' (not timed)
+        server._free_where(lambda k: True)
+
+    recv_stage = torch.empty(STAGING, dtype=torch.uint8)
+    dcopier = Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", "torch")
+    pool = StagingPool(STAGING)
+    local = {g: [5] for g in dgeom.groups}
+
+    def decode() -> None:
+        dgeom.check_blocks(local, "decode")  # _read_blocks_for_req
+        chunks = {
+            p: state_chunk(plans.pair(ptp, dtp, p, 0), dgeom, local, "decode", plans.shapes)
+            for p in plans.sources(ptp, dtp)[0]
+        }
+        slots = {p: [pool.alloc(("r", p, u), n) for u, n in enumerate(c.unit_bytes)] for p, c in chunks.items()}
+        dcopier.rows([(c, [s.offset for s in slots[p]]) for p, c in chunks.items()])  # _hkv_scatter's launch
+
+    try:
+        hp = _timed(prefill, iters, done)
+    finally:
+        server.close()
+    hd = _timed(decode, iters, lambda: pool.free_where(lambda k: True))
+    return {
+        "model": name,
+        "prefill_tp": ptp,
+        "decode_tp": dtp,
+        "tokens": tokens,
+        "path": "vllm",
+        "host_prep_us": {"prefill": hp["median"], "decode": hd["median"]},
+        "spread_us": {"prefill": [hp["p10"], hp["p90"]], "decode": [hd["p10"], hd["p90"]]},
+        "stock_host_us": None,
+        "round_trips": len(sources),  # one pack request per source rank (the connector still asks)
+        "launches_per_step": {"prefill": 1, "decode": 1},  # prefill: per pack request; decode: per step
+        "slots_per_request": len(state_chunk(plans.pair(ptp, dtp, src, 0), dgeom, local, "decode", plans.shapes).tpl),
+    }
+
+
+# ---- CLI transport shell ---------------------------------------------------------------------------------
+
+
+def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
+    from hybrid_kv.transport.common import SideConfig
+    from hybrid_kv.transport.decode import DecodeEndpoint
+    from hybrid_kv.transport.prefill import Peer, PrefillEndpoint
+
+    spec = load_spec(name)
+    pcfg, dcfg = SideConfig(name, ptp, 1), SideConfig(name, dtp, 1)
+    players, dlayers = pcfg.layouts(spec), dcfg.layouts(spec)
+    nkv_p = cdiv(tokens, players[0].block_size) if spec.attention_layers else 0
+    nkv_d = cdiv(tokens, dlayers[0].block_size) if spec.attention_layers else 0
+    nbp, nbd = nkv_p + 2, nkv_d + 2
+    n_layers = len(spec.layers)
+    plans = PlanCache(spec, "DS", "HND", 64 << 20)
+    sources = plans.sources(ptp, dtp, (16, 16))[0]
+    src = sources[0]
+    ppages = PageMap.flat(n_layers, nbp, players[0].page_bytes)
+    dpages = PageMap.flat(n_layers, nbd, dlayers[0].page_bytes)
+    pcache = torch.empty(ppages.storage_bytes, dtype=torch.uint8)
+    dcache = torch.empty(dpages.storage_bytes, dtype=torch.uint8)
+    pstage, dstage = torch.empty(STAGING, dtype=torch.uint8), torch.empty(STAGING, dtype=torch.uint8)
+    pep = types.SimpleNamespace(
+        plans=plans, cfg=types.SimpleNamespace(block_size=16, tp_size=ptp), rank=src, layout=players[src], pages=ppages
+    )
+    peer = Peer(None, agent="d", tp_size=dtp, tp_rank=0, layouts=dlayers, block_size=16, part=ALL)
+    req = {"id": "r", "tokens": tokens, "prefill_blocks": [0, list(range(1, 1 + nkv_p))]}
+    pcopier = Copier(pcache, ppages, pstage, "prefill", "torch")
+    ppool = StagingPool(STAGING)
+
+    def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting, for one decode peer
+        chunk = PrefillEndpoint._chunk(pep, peer, req)
+        offs = [ppool.alloc(("p", "r", u), n).offset for u, n in enumerate(chunk.unit_bytes)]
+        pcopier.rows([(chunk, offs)])
+
+    dep = types.SimpleNamespace(
+        plans=plans,
+        pcfg=pcfg,
+        cfg=dcfg,
+        rank=0,
+        player=players,
+        layout=dlayers[0],
+        pages=dpages,
+        ppages=ppages,
+    )
+    dcopier = Copier(dcache, dpages, dstage, "decode", "torch")
+    dpool = StagingPool(STAGING)
+    pb = types.SimpleNamespace(state=0, kv=tuple(range(1, 1 + nkv_p)))
+    db = types.SimpleNamespace(state=1, kv=tuple(range(2, 2 + nkv_d)))
+
+    def decode() -> None:  # DecodeEndpoint._start + _landing + _scatter, for every source
+        jobs = []
+        for p in sources:
+            chunk = DecodeEndpoint._chunk(dep, p, ALL, tokens, pb, db)[0]
+            jobs.append((chunk, [dpool.alloc(("r", p, u), n).offset for u, n in enumerate(chunk.unit_bytes)]))
+        dcopier.rows(jobs)
+
+    def stock() -> None:  # the strided mode's descriptors of one request (before NIXL's post)
+        for p in sources:
+            dx, px = DecodeEndpoint._chunk(dep, p, ("large", 0), tokens, pb, db, prefill_side=True)
+            runs = direct_runs(px, dx)
+            np.stack([1 << 40 + runs[:, 1], runs[:, 2]], axis=1)
+            np.stack([1 << 41 + runs[:, 0], runs[:, 2]], axis=1)
+
+    hp = _timed(prefill, iters, lambda: ppool.free_where(lambda k: True))
+    hd = _timed(decode, iters, lambda: dpool.free_where(lambda k: True))
+    hs = _timed(stock, iters)
+    chunk = PrefillEndpoint._chunk(pep, peer, req)
+    return {
+        "model": name,
+        "prefill_tp": ptp,
+        "decode_tp": dtp,
+        "tokens": tokens,
+        "path": "transport",
+        "host_prep_us": {"prefill": hp["median"], "decode": hd["median"]},
+        "spread_us": {"prefill": [hp["p10"], hp["p90"]], "decode": [hd["p10"], hd["p90"]]},
+        "stock_host_us": hs["median"],
+        "round_trips": 0,  # sources announce units unasked (tests/test_transport.py counts the messages)
+        "launches_per_step": {"prefill": 1, "decode": 1},
+        "slots_per_request": len(chunk.tpl),
+        "units_per_request": len(chunk.units),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--tokens", type=int, default=8192)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name, ptp, dtp in ROWS:
+        rows.append(vllm_row(name, ptp, dtp, a.tokens, a.iters))
+        rows.append(transport_row(name, ptp, dtp, a.tokens, a.iters))
+        if not a.json:
+            for r in rows[-2:]:
+                print(r, flush=True)
+    env = environment("cpu")
+    out = {
+        "rows": rows,
+        "device": env["device"],
+        "versions": {"torch": env["torch"], "triton": env["triton"], "python": sys.version.split()[0]},
+        "date": env["date"],
+        "git": env["git"],
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(out, indent=None if a.json else 2))
+
+
+if __name__ == "__main__":
+    main()
