@@ -43,8 +43,8 @@ from hybrid_kv.spec_hf import load_spec
 from hybrid_kv.staging.chunk import direct_runs
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
+from hybrid_kv.staging.pool import StagingPool
 from hybrid_kv.staging.template import ALL, PlanCache
-from hybrid_kv.transport.pool import StagingPool
 
 ROWS = [("qwen3.5-27b", 2, 4), ("qwen3.5-397b-a17b", 8, 4), ("nemotron-h-8b", 1, 2)]
 UNIT = 256 << 20  # the connector's default unit budget

@@ -28,9 +28,9 @@ import torch
 
 from hybrid_kv import ops
 from hybrid_kv.batch import expand_rows
-from hybrid_kv.harness import random_batch
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.testing.harness import random_batch
 
 CASES = [
     ("qwen3.5-27b", 1, 8),

@@ -6,11 +6,15 @@ and `strided`, each `--repeats` times; report request latency p50/p99, throughpu
 request, NIXL post+transfer time, and the pack / read / scatter phase split.
 
     python bench/bench_transfer.py [--device cpu] [--layers 8,2] [--csv bench/results/transfer_cpu.csv]
+
+The rank processes inherit the environment: `UCX_TLS=tcp python bench/bench_transfer.py ...` makes every
+descriptor a network message over loopback TCP (recorded per row as `ucx_tls`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from dataclasses import replace
@@ -133,6 +137,7 @@ def main(argv=None) -> int:
                     "ready_ms": ph["ready_s"],
                     "read_ms": ph["read_s"],
                     "scatter_ms": ph["scatter_s"],
+                    "ucx_tls": os.environ.get("UCX_TLS", "default"),
                     **env,
                 }
                 rows.append(row)

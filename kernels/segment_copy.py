@@ -1,6 +1,7 @@
 """Batched byte-range copy: one launch executes a whole segment table (pack *and* unpack).
 
 The table's rows are `(src_off, dst_off, rows, row_bytes, src_stride, dst_stride)` (`hybrid_kv.batch`).
+This module is a leaf: torch, numpy and triton only.
 The launcher cuts every row of every segment into tiles of at most `TILE_BYTES`, so a 1 MiB SSM slice
 becomes many programs and a 1.5 KiB conv slice one: the grid stays balanced whatever the mix. Each
 program copies one tile. Buffers are viewed with the widest element (int32 / int16 / uint8) that divides
@@ -52,9 +53,14 @@ def _segment_copy_kernel(
 
 def expand_tiles(table: np.ndarray, tile_bytes: int = TILE_BYTES) -> np.ndarray:
     """(src, dst, nbytes) per tile: every row of every segment, cut into pieces of <= tile_bytes."""
-    from hybrid_kv.batch import expand_rows
-
-    src, dst, n = expand_rows(table)
+    t = np.asarray(table, dtype=np.int64).reshape(-1, 6)
+    s0, d0, reps, rb, ss, ds = t.T
+    r = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
+    src, dst, n = (
+        np.repeat(s0, reps) + r * np.repeat(ss, reps),
+        np.repeat(d0, reps) + r * np.repeat(ds, reps),
+        np.repeat(rb, reps),
+    )
     keep = n > 0
     src, dst, n = src[keep], dst[keep], n[keep]
     k = -(-n // tile_bytes)

@@ -8,9 +8,9 @@ import torch
 from hybrid_kv.kernels.segment_copy import TILE_BYTES, expand_tiles
 
 from hybrid_kv import ops
-from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.testing.harness import Harness
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import PRESETS, fits
 
-from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
 from hybrid_kv.spec_hf import load_spec
@@ -17,6 +16,7 @@ from hybrid_kv.staging.chunk import chunk_for, flat_slots, make_chunk
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
+from hybrid_kv.testing.harness import Harness
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 8), (8, 1), (2, 3), (3, 2), (4, 6), (6, 4)]
@@ -212,3 +212,20 @@ def test_direct_runs_and_auto_split(p, d, threshold):
         assert n_direct == 0
     else:
         assert n_direct and n_units
+
+
+def test_leased_pool_all_or_none_and_expiry():
+    from hybrid_kv.staging.pool import LeasedPool
+
+    pool = LeasedPool(1024)
+    assert pool.alloc_all([("a", 0), ("a", 1)], [512, 512], until=10.0) is not None
+    assert pool.alloc_all([("b", 0), ("b", 1)], [16, 16]) is None  # full: nothing of b is held
+    assert pool.held(("b", 0)) is None and pool.in_use == 1024
+    assert pool.expire(now=9.0) == 0 and pool.live == 2  # leases not over yet
+    assert pool.expire(now=11.0) == 2 and pool.live == 0 and pool.in_use == 0  # expiry frees the bytes
+    got = pool.alloc_all([("c", 0)], [1024])
+    assert got is not None and got[0].offset == 0  # the freed ranges coalesced back into one
+    assert pool.release(("c", 0)) and not pool.release(("c", 0))  # a second release is a no-op
+    pool.alloc_all([("d", 0)], [100], until=1.0)
+    pool.free(("d", 0))
+    assert pool.expire(now=5.0) == 0  # freeing drops the lease too

@@ -46,6 +46,12 @@ def test_both_modes_byte_exact(tmp_path, model, p, d, conv):
             want = plan.packed_descriptors() if mode == "packed" else plan.strided_descriptors()
             assert r["descriptors"] == 4 * want
             assert r["bytes"] == 4 * plan.bytes_moved()
+        # No round trip per request: every message a source received is warm-up (hello, the cost
+        # model's pings, one mode per decode rank per run); the units were announced unasked.
+        for r in range(p):
+            msgs = cl.counts()[f"prefill-{r}"]["messages"]
+            assert set(msgs) <= {"hello", "ping", "mode"}, msgs
+            assert msgs["mode"] == 3 * len([d_ for d_ in range(d) if r in plan.sources_of(d_)])
     assert_no_leaks(cl.closed_counts)
     assert len(cl.closed_counts) == p + d
 

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
+from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.oracle import TORCH_DTYPES, random_bytes, random_global_state, write_shards
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_config, spec_from_config
+from hybrid_kv.testing.oracle import random_bytes, random_global_state, write_shards
 
 # preset -> (family, config edits that trim it to a few layers of the real dims, --block-size). The block
 # size is what vLLM's alignment picks at TP 1 (the largest of any TP): given as --block-size, both

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from hybrid_kv.batch import request_tables
-from hybrid_kv.harness import random_batch
 from hybrid_kv.ops import Prepared
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.testing.harness import random_batch
 
 CASES = [("qwen3.5-27b", 2, 4, 8192), ("qwen3.5-397b-a17b", 8, 4, 8192), ("nemotron-h-8b", 1, 2, 8192)]
 

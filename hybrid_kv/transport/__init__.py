@@ -9,13 +9,9 @@ ENV_MODE = "HYBRID_KV_TRANSFER"
 
 def resolve_mode(mode: str | None = None) -> str:
     """`mode`, else $HYBRID_KV_TRANSFER, else "packed"; anything else is an error naming the value."""
-    import os
+    from hybrid_kv.staging.mode import parse_mode
 
-    value = mode or os.environ.get(ENV_MODE) or "packed"
-    if value not in MODES:
-        src = "argument" if mode else ENV_MODE
-        raise ValueError(f"transfer mode {value!r} (from {src}) is not one of {', '.join(MODES)}")
-    return value
+    return parse_mode(mode, MODES, "the CLI transport")
 
 
 __all__ = ["ENV_MODE", "MODES", "ProtocolError", "resolve_mode"]

@@ -1,21 +1,19 @@
-"""What both endpoints share: the side configuration (picklable, sent to rank processes), the
-deterministic oracle fill / verification run inside rank processes, and handshake checks."""
+"""What both endpoints share: the side configuration (picklable, sent to rank processes), handshake
+checks and registered memory. The oracle fill / verification the driver can ask for lives in
+`hybrid_kv.testing.fill`."""
 
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 
 from hybrid_kv.batch import CacheGeometry, RequestBlocks
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
-from hybrid_kv.plan import fingerprint_diff
 from hybrid_kv.spec import ModelSpec
 from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.staging.handshake import peer_layout
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -72,69 +70,7 @@ def hello_fields(layout: RankLayout, cfg: SideConfig) -> dict:
     }
 
 
-def check_peer(local: RankLayout, peer: dict, local_side: str, peer_side: str) -> RankLayout:
-    """Validate a peer's hello against our own spec: same model and dtypes, and page anatomy consistent
-    with its TP. Returns the peer's layout as we compute it. Raises ValueError naming the field."""
-    for key in ("fingerprint", "tp_size", "tp_rank", "cache_block_size", "block_size", "page_bytes", "num_blocks"):
-        if key not in peer:
-            raise ValueError(f"{peer_side} hello lacks field {key!r}")
-    a, b = (
-        (local.fingerprint(), peer["fingerprint"])
-        if local_side == "prefill"
-        else (peer["fingerprint"], local.fingerprint())
-    )
-    diff = fingerprint_diff(a, b)
-    if diff:
-        raise ValueError(f"prefill and decode configurations differ ({diff})")
-    try:
-        theirs = RankLayout(
-            local.spec,
-            int(peer["tp_size"]),
-            int(peer["tp_rank"]),
-            local.conv_layout,
-            local.kv_layout,
-            int(peer["cache_block_size"]),
-        )
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{peer_side} tp_size={peer.get('tp_size')} / tp_rank={peer.get('tp_rank')}: {e}") from e
-    for key in ("block_size", "page_bytes"):
-        if getattr(theirs, key) != peer[key]:
-            raise ValueError(
-                f"{peer_side} {key}={peer[key]} but the model at TP {peer['tp_size']} gives {getattr(theirs, key)}"
-            )
-    return theirs
-
-
-# ---- deterministic oracle, per rank process ---------------------------------------------------------------
-
-
-def _rng(*key: int | str) -> np.random.Generator:
-    """A generator keyed by ints and strings (request ids), the same in every process."""
-    return np.random.default_rng([k if isinstance(k, int) else zlib.crc32(str(k).encode()) for k in key])
-
-
-def background(geom: CacheGeometry, seed: int, side: int, rank: int) -> torch.Tensor:
-    """The random bytes a rank's cache starts with (side 0 = prefill, 1 = decode)."""
-    return random_bytes(geom.nbytes, _rng(seed, side, rank))
-
-
-def write_request(
-    cache: torch.Tensor,
-    layout: RankLayout,
-    num_blocks: int,
-    seed: int,
-    req: int,
-    blocks: RequestBlocks,
-    tokens: int,
-    prefill_block: int,
-    decode_block: int,
-    side: str,
-) -> None:
-    """Write request `req`'s oracle shards for this rank: prefill fills whole prefill blocks; decode
-    expects the tokens a transfer moves."""
-    filled, moved = kv_tokens_written(tokens, prefill_block, decode_block)
-    g = random_global_state(layout.spec, filled, _rng(seed, 1_000_003, req))
-    write_shards(cache, layout, num_blocks, g, blocks.state, list(blocks.kv), filled if side == "prefill" else moved)
+check_peer = peer_layout  # the CLI's hello check (hybrid_kv.staging.handshake)
 
 
 def blocks_from(obj) -> RequestBlocks:
@@ -158,8 +94,8 @@ class RankMemory:
     memory should be resident, with no first-touch faults mid-transfer), on one NIXL agent."""
 
     def __init__(self, cfg: SideConfig, rank: int, pool_bytes: int, role: str) -> None:
+        from hybrid_kv.staging.pool import LeasedPool
         from hybrid_kv.transport.agent import Agent
-        from hybrid_kv.transport.pool import StagingPool
 
         self.spec = cfg.spec()
         self.layouts = cfg.layouts(self.spec)
@@ -167,40 +103,7 @@ class RankMemory:
         self.geom = cfg.geometry(self.layout)
         self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
         self.staging = torch.zeros(pool_bytes, dtype=torch.uint8, device=cfg.device)
-        self.pool = StagingPool(pool_bytes)
+        self.pool = LeasedPool(pool_bytes)
         self.agent = Agent(f"{role}-{rank}-{id(self):x}")
         self.cache_reg = self.agent.register(self.cache)
         self.staging_reg = self.agent.register(self.staging)
-
-
-def verify_cache(
-    cache: torch.Tensor,
-    layout: RankLayout,
-    num_blocks: int,
-    prefill_block: int,
-    seed: int,
-    requests: list[dict],
-    ok_ids: set[str],
-) -> list[str]:
-    """A decode rank's cache against the oracle: its background plus the shards of every received
-    request. Pages of failed requests are not compared: they may hold part of a request that was never
-    reported as received."""
-    geom = CacheGeometry.of(layout, num_blocks)
-    want = background(geom, seed, 1, layout.tp_rank)
-    skip = torch.zeros(geom.num_layers * geom.num_blocks, dtype=torch.bool)
-    for r in requests:
-        blocks = blocks_from(r["decode_blocks"])
-        if r["id"] in ok_ids:
-            write_request(
-                want, layout, num_blocks, seed, r["id"], blocks, r["tokens"], prefill_block, layout.block_size, "decode"
-            )
-            continue
-        for layer in layout.spec.layers:
-            for b in list(blocks.kv) if layer.kind.value == "attention" else [blocks.state]:
-                skip[layer.index * geom.num_blocks + b] = True
-    diff = (cache.cpu().view(-1, geom.page_bytes) != want.view(-1, geom.page_bytes)).any(dim=1) & ~skip
-    out = []
-    for i in torch.nonzero(diff).flatten().tolist()[:5]:
-        layer, block = divmod(i, geom.num_blocks)
-        out.append(f"decode rank {layout.tp_rank}: layer {layer} block {block} differs from the oracle")
-    return out

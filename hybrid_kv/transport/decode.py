@@ -32,12 +32,10 @@ from hybrid_kv.staging.template import ALL, PlanCache
 from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
-    background,
     blocks_from,
     check_peer,
     hello_fields,
     init_rank_process,
-    verify_cache,
 )
 from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
@@ -197,10 +195,14 @@ class DecodeEndpoint:
     # ---- oracle -----------------------------------------------------------------------------------------
 
     def reset(self, seed: int) -> None:
+        from hybrid_kv.testing.fill import background
+
         self.cache.copy_(background(self.geom, seed, 1, self.rank))
 
     def mismatches(self, seed: int, requests: list[dict], ok_ids: set[str]) -> list[str]:
         """The cache against the oracle (pages of failed requests are not compared)."""
+        from hybrid_kv.testing.fill import verify_cache
+
         return verify_cache(
             self.cache, self.layout, self.cfg.num_blocks, self.player[0].block_size, seed, requests, ok_ids
         )

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hybrid_kv.harness import random_batch
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.transport import resolve_mode
 from hybrid_kv.transport.common import SideConfig
@@ -70,6 +69,8 @@ def _recv(conn, what: str, timeout: float, *tags: str, proc=None):
 
 def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]:
     """The template plan, the request list (random interleaved block ids) and each side's block count."""
+    from hybrid_kv.testing.harness import random_batch
+
     spec = job.prefill.spec()
     plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)
     batch = random_batch(plan, [job.tokens] * job.requests, np.random.default_rng(job.seed), spare_blocks=2)

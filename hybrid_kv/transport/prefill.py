@@ -33,12 +33,10 @@ from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
-    background,
     blocks_from,
     check_peer,
     hello_fields,
     init_rank_process,
-    write_request,
 )
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
 
@@ -101,6 +99,7 @@ class PrefillEndpoint:
         self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
         self.copier = Copier(self.cache, self.pages, self.staging, "prefill", opts.backend)
         self.packing: list[Packing] = []
+        self.messages: dict[str, int] = {}  # side-channel messages received, by type (in counts())
         self.sel = selectors.DefaultSelector()
         self.server = socket.create_server((opts.host, opts.port))
         self.server.setblocking(False)
@@ -108,7 +107,6 @@ class PrefillEndpoint:
         self.port = self.server.getsockname()[1]
         self.peers: dict[int, Peer] = {}
         self.waiting: deque[Waiting] = deque()
-        self.leases: dict[tuple, float] = {}
         self.last_disconnect = ""  # why the last decode peer went away (in counts(), for operators)
         self.stats = {
             "packed_units": 0,
@@ -121,6 +119,8 @@ class PrefillEndpoint:
     # ---- oracle fill (driver's request) ---------------------------------------------------------------
 
     def fill(self, seed: int, requests: list[dict], decode_block: int) -> None:
+        from hybrid_kv.testing.fill import background, write_request
+
         host = background(self.geom, seed, 0, self.rank)
         for r in requests:
             write_request(
@@ -169,8 +169,6 @@ class PrefillEndpoint:
         self.stats["disconnects"] += 1
         self.last_disconnect = f"decode rank {peer.tp_rank} ({peer.agent or 'no handshake'}): {why}"
         self.pool.free_where(lambda k, p=peer: k[0] == id(p))
-        for k in [k for k in self.leases if k[0] == id(peer)]:
-            del self.leases[k]
         self.waiting = deque(w for w in self.waiting if w.peer is not peer)
         for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
             batch.units = [u for u in batch.units if u[0] is not peer]
@@ -190,6 +188,8 @@ class PrefillEndpoint:
             self._error(peer, f"malformed message: {e}")
             self._drop(peer, str(e))
             return
+        kind = str(msg["type"])[:32]
+        self.messages[kind] = self.messages.get(kind, 0) + 1
         try:
             if msg["type"] == "hello":
                 self._hello(peer, msg, payload)
@@ -322,7 +322,7 @@ class PrefillEndpoint:
             batch = self.packing.pop(0)
             now = time.monotonic()
             for peer, req, unit, off, n in batch.units:
-                self.leases[(id(peer), req, unit)] = now
+                self.pool.lease((id(peer), req, unit), now + self.opts.lease_s)
                 self.stats["packed_units"] += 1
                 try:
                     send_msg(
@@ -340,8 +340,6 @@ class PrefillEndpoint:
 
     def _free(self, pred) -> None:
         self.pool.free_where(pred)
-        for key in [k for k in self.leases if pred(k)]:
-            del self.leases[key]
 
     def _on_notifs(self) -> None:
         for agent, msgs in self.agent.notifs().items():
@@ -354,17 +352,10 @@ class PrefillEndpoint:
                     key = (id(peer), parts[1], int(parts[2]))
                 except ValueError:
                     continue
-                if self.pool.held(key):
-                    self.pool.free(key)
-                    self.leases.pop(key, None)
+                self.pool.release(key)
 
     def _expire_leases(self) -> None:
-        now = time.monotonic()
-        for key, t in list(self.leases.items()):
-            if now - t > self.opts.lease_s:
-                self.stats["lease_expired"] += 1
-                self.pool.free(key)
-                del self.leases[key]
+        self.stats["lease_expired"] += self.pool.expire(time.monotonic())
 
     def counts(self) -> dict:
         return {
@@ -374,6 +365,7 @@ class PrefillEndpoint:
             "peers": len(self.peers),
             "waiting": len(self.waiting),
             "last_disconnect": self.last_disconnect,
+            "messages": dict(self.messages),
             **self.stats,
         }
 

@@ -27,10 +27,10 @@ import torch
 from vllm.logger import init_logger
 
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.plan import fingerprint_diff
 from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.handshake import check_fingerprints as check
+from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import PlanCache
-from hybrid_kv.transport.pool import StagingPool
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
 from hybrid_kv.vllm.state import StateGeometry, state_chunk
 
@@ -42,11 +42,7 @@ IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between req
 
 def check_fingerprints(prefill: dict, decode: dict) -> None:
     """Refuse a pair whose state pages cannot correspond; the message names the differing field."""
-    diff = fingerprint_diff(prefill, decode)
-    if diff is None and prefill.get("state_layers") != decode.get("state_layers"):
-        diff = "state_layers: the Mamba layers or their cache groups differ"
-    if diff:
-        raise ValueError(f"prefill and decode configurations differ ({diff})")
+    check(prefill, decode, extra=("state_layers",))
 
 
 class PrefillServer:
@@ -70,9 +66,8 @@ class PrefillServer:
         self.geom, self.plans, self.staging = geometry, plans, staging
         self.staging_desc, self.agent_name = staging_desc, agent_name
         self.not_held, self.lease_s, self.timeout_s, self.backend = not_held, lease_s, timeout_s, backend
-        self.pool = StagingPool(staging.numel())
+        self.pool = LeasedPool(staging.numel())
         self._cv = threading.Condition()
-        self._leases: dict[tuple, float] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
@@ -112,25 +107,20 @@ class PrefillServer:
             t.start()
 
     def _reap(self) -> None:
-        now = time.monotonic()
-        expired = self._free_where(lambda k: self._leases[k] < now)
+        with self._cv:
+            expired = self.pool.expire(time.monotonic())
+            if expired:
+                self._cv.notify_all()
         if expired:
             log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", expired)
-
-    def _free(self, key: tuple) -> None:
-        if self.pool.held(key) is not None:
-            self.pool.free(key)
-        self._leases.pop(key, None)
 
     def _free_where(self, pred) -> int:
         """Free every leased slot whose key satisfies `pred` (and wake waiters); returns how many."""
         with self._cv:
-            keys = [k for k in self._leases if pred(k)]
-            for k in keys:
-                self._free(k)
-            if keys:
+            n = self.pool.free_where(pred)
+            if n:
                 self._cv.notify_all()
-            return len(keys)
+            return n
 
     # ---- one decode rank's connection -----------------------------------------------------------------
 
@@ -232,18 +222,9 @@ class PrefillServer:
         deadline = time.monotonic() + wait_s
         with self._cv:
             while True:
-                got = []
-                for k, n in zip(keys, sizes):
-                    slot = self.pool.alloc(k, n)
-                    if slot is None:
-                        break
-                    got.append(slot)
-                if len(got) == len(keys):
-                    lease = time.monotonic() + self.lease_s
-                    self._leases.update((k, lease) for k in keys)
+                got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s)
+                if got is not None:
                     return [s.offset for s in got]
-                for s in got:
-                    self.pool.free(s.key)
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-FLAG = "HYBRID_KV_TRANSFER"
+from hybrid_kv.staging.mode import parse_mode
+
 MODES = ("packed", "strided")
-DEFAULT_MODE = "packed"
 
 
 def transfer_mode(environ: dict | None = None) -> str:
     """The hybrid-state backend selected by `HYBRID_KV_TRANSFER` (unset or empty: packed)."""
-    raw = (os.environ if environ is None else environ).get(FLAG, "")
-    value = raw.strip().lower()
-    if not value:
-        return DEFAULT_MODE
-    if value not in MODES:
-        raise ValueError(f"{FLAG}={raw!r} is not a vLLM connector transfer mode (accepted: {', '.join(MODES)})")
-    return value
+    return parse_mode(None, MODES, "the vLLM connector", environ)
 
 
 def side_port(nixl_side_channel_port: int, data_parallel_index: int) -> int:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.oracle import TORCH_DTYPES
 from hybrid_kv.spec import LayerKind, ModelSpec
 from hybrid_kv.spec_hf import spec_from_config
 from hybrid_kv.staging.chunk import Chunk, ChunkShape, Shapes, shape_of

@@ -41,8 +41,8 @@ from hybrid_kv.layout import RankLayout
 from hybrid_kv.ops import resolve_backend
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.pool import LeasedPool, Slot
 from hybrid_kv.staging.template import PlanCache
-from hybrid_kv.transport.pool import Slot, StagingPool
 from hybrid_kv.vllm.channel import PrefillLink, PrefillServer
 from hybrid_kv.vllm.config import PackedConfig, side_port
 from hybrid_kv.vllm.state import StateGeometry, model_spec, state_chunk
@@ -126,7 +126,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_ready: queue.Queue = queue.Queue()
         self._hkv_client = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-pack-client")
         self._hkv_reg = None
-        self._hkv_pool: StagingPool | None = None
+        self._hkv_pool: LeasedPool | None = None
         self._hkv_backend: str | None = None
         self._hkv_expired: dict[str, None] = {}  # recently expired P-side leases, oldest first (bounded)
         self._hkv_copier: Copier | None = None
@@ -205,7 +205,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_backend = resolve_backend(self.hkv.backend, dev)
         self._hkv_staging = torch.empty(self.hkv.staging_bytes, dtype=torch.uint8, device=dev)
         self._hkv_copier = Copier(geom.storage, geom.pages, self._hkv_staging, "decode", self._hkv_backend)
-        self._hkv_pool = StagingPool(self.hkv.staging_bytes)
+        self._hkv_pool = LeasedPool(self.hkv.staging_bytes)
         self._hkv_desc = (self._hkv_staging.data_ptr(), self._hkv_staging.numel(), dev.index or 0)
         self._hkv_reg = self.nixl_wrapper.get_reg_descs([(*self._hkv_desc, "")], self.nixl_memory_type)
         self.nixl_wrapper.register_memory(self._hkv_reg, backends=self.nixl_backends)
@@ -339,16 +339,14 @@ class HybridKVWorker(NixlPullConnectorWorker):
         assert self._hkv_pool is not None
         try:
             for p, units in recv.units.items():
-                recv.slots[p] = []
-                for u, nbytes in enumerate(units):
-                    slot = self._hkv_pool.alloc((req_id, p, u), nbytes)
-                    if slot is None:
-                        raise RuntimeError(
-                            f"hybrid-kv receive staging full: request {req_id} needs {nbytes} B more, "
-                            f"{self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
-                            "(raise hybrid_kv_staging_bytes)"
-                        )
-                    recv.slots[p].append(slot)
+                got = self._hkv_pool.alloc_all([(req_id, p, u) for u in range(len(units))], units)
+                if got is None:
+                    raise RuntimeError(
+                        f"hybrid-kv receive staging full: request {req_id} needs {sum(units)} B more from "
+                        f"prefill rank {p}, {self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                recv.slots[p] = got
         except BaseException:
             self._free_recv(req_id, recv)
             raise

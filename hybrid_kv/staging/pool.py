@@ -75,3 +75,48 @@ class StagingPool:
 
     def held(self, key: tuple) -> Slot | None:
         return self._held.get(key)
+
+
+class LeasedPool(StagingPool):
+    """A `StagingPool` whose slots may carry a lease: a slot nobody released is freed when its lease
+    expires (`expire`), so a reader that died never pins staging. `alloc_all` is all-or-none."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self.leases: dict[tuple, float] = {}  # key -> monotonic deadline
+
+    def alloc_all(self, keys: list[tuple], sizes: list[int], until: float | None = None) -> list[Slot] | None:
+        """Every slot or none (None: not all fit now); `until` leases them."""
+        got: list[Slot] = []
+        for k, n in zip(keys, sizes):
+            slot = self.alloc(k, n)
+            if slot is None:
+                for s in got:
+                    self.free(s.key)
+                return None
+            got.append(slot)
+        if until is not None:
+            self.leases.update((k, until) for k in keys)
+        return got
+
+    def lease(self, key: tuple, until: float) -> None:
+        if key in self._held:
+            self.leases[key] = until
+
+    def free(self, key: tuple) -> None:
+        super().free(key)
+        self.leases.pop(key, None)
+
+    def release(self, key: tuple) -> bool:
+        """Free `key` if it is held (a peer's notification may name a slot already freed)."""
+        if key not in self._held:
+            return False
+        self.free(key)
+        return True
+
+    def expire(self, now: float) -> int:
+        """Free every slot whose lease ended before `now`; returns how many."""
+        keys = [k for k, t in self.leases.items() if t < now]
+        for k in keys:
+            self.free(k)
+        return len(keys)

@@ -14,16 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout, cdiv
 from hybrid_kv.spec import LayerKind, ModelSpec
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-}
 
 
 def random_bytes(n: int, gen: np.random.Generator) -> torch.Tensor:
