@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from hybrid_kv.kernels.slot_copy import cut_tiles
 
 TILE_BYTES = 32 * 1024
 BLOCK_BYTES = 4 * 1024
@@ -61,19 +62,7 @@ def expand_tiles(table: np.ndarray, tile_bytes: int = TILE_BYTES) -> np.ndarray:
         np.repeat(d0, reps) + r * np.repeat(ds, reps),
         np.repeat(rb, reps),
     )
-    keep = n > 0
-    src, dst, n = src[keep], dst[keep], n[keep]
-    k = -(-n // tile_bytes)
-    c = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
-    n_rep = np.repeat(n, k)
-    return np.stack(
-        [
-            np.repeat(src, k) + c * tile_bytes,
-            np.repeat(dst, k) + c * tile_bytes,
-            np.minimum(tile_bytes, n_rep - c * tile_bytes),
-        ],
-        axis=1,
-    )
+    return cut_tiles(src, dst, n, tile_bytes)
 
 
 def _element(src: torch.Tensor, dst: torch.Tensor, tiles: np.ndarray) -> int:

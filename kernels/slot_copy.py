@@ -61,18 +61,18 @@ def _slot_copy_kernel(
                 tl.store(page_ptr + page_off + offs, x, mask=mask)
 
 
-def cut_tiles(page_rel: np.ndarray, stage_rel: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
-    """(page_rel, stage_rel, nbytes) runs cut into tiles of at most TILE_BYTES: int64 [n, 3]."""
+def cut_tiles(a: np.ndarray, b: np.ndarray, nbytes: np.ndarray, tile_bytes: int = TILE_BYTES) -> np.ndarray:
+    """Runs (a offset, b offset, nbytes) cut into tiles of at most `tile_bytes`: int64 [n, 3]."""
     keep = nbytes > 0
-    page_rel, stage_rel, nbytes = page_rel[keep], stage_rel[keep], nbytes[keep]
-    k = -(-nbytes // TILE_BYTES)
+    a, b, nbytes = a[keep], b[keep], nbytes[keep]
+    k = -(-nbytes // tile_bytes)
     c = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
     n_rep = np.repeat(nbytes, k)
     return np.stack(
         [
-            np.repeat(page_rel, k) + c * TILE_BYTES,
-            np.repeat(stage_rel, k) + c * TILE_BYTES,
-            np.minimum(TILE_BYTES, n_rep - c * TILE_BYTES),
+            np.repeat(a, k) + c * tile_bytes,
+            np.repeat(b, k) + c * tile_bytes,
+            np.minimum(tile_bytes, n_rep - c * tile_bytes),
         ],
         axis=1,
     ).astype(np.int64)

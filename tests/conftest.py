@@ -26,6 +26,15 @@ def fits(spec, tp: int) -> bool:
         return False
 
 
+def preset_cases(tp_pairs):
+    """pytest params (preset, prefill TP, decode TP) for every pair both sides of which the preset fits."""
+    for name in PRESETS:
+        spec = load_spec(name)
+        for p, d in tp_pairs:
+            if fits(spec, p) and fits(spec, d):
+                yield pytest.param(name, p, d, id=f"{name}-P{p}-D{d}")
+
+
 @pytest.fixture(scope="session")
 def specs():
     return {name: load_spec(name) for name in PRESETS}

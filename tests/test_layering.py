@@ -24,7 +24,8 @@ def _top_level_imports(path: Path) -> set[str]:
 def test_kernels_are_leaves():
     for path in KERNELS.glob("*.py"):
         mods = _top_level_imports(path)
-        bad = {m for m in mods if m.split(".")[0] not in {"__future__", "dataclasses", "numpy", "torch", "triton"}}
+        allowed = {"__future__", "dataclasses", "numpy", "torch", "triton"}
+        bad = {m for m in mods if m.split(".")[0] not in allowed and not m.startswith("hybrid_kv.kernels")}
         assert not bad, f"{path.name} imports {sorted(bad)}"
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import PRESETS, fits
+from conftest import preset_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,15 +21,7 @@ BACKEND = "torch"
 TP_PAIRS = list(itertools.product((1, 2, 4, 8), repeat=2)) + [(2, 3), (3, 2), (4, 6), (6, 4)]
 
 
-def preset_cases():
-    for name in PRESETS:
-        spec = load_spec(name)
-        for p, d in TP_PAIRS:
-            if fits(spec, p) and fits(spec, d):
-                yield pytest.param(name, p, d, id=f"{name}-P{p}-D{d}")
-
-
-@pytest.mark.parametrize("name,p,d", list(preset_cases()))
+@pytest.mark.parametrize("name,p,d", list(preset_cases(TP_PAIRS)))
 def test_presets_all_tp_pairs(name, p, d):
     """Real dims (fewer layers): both conv layouts, packed and strided, 3 requests of odd lengths."""
     spec = load_spec(name).truncated(2, 1)

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import PRESETS, fits
+from conftest import preset_cases
 
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
@@ -22,15 +22,7 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 8), (8, 1), (2, 3), (3, 2), (4, 6), (6, 4)]
 
 
-def _cases():
-    for name in PRESETS:
-        spec = load_spec(name)
-        for p, d in TP_PAIRS:
-            if fits(spec, p) and fits(spec, d):
-                yield pytest.param(name, p, d, id=f"{name}-P{p}-D{d}")
-
-
-@pytest.mark.parametrize("name,p,d", list(_cases()))
+@pytest.mark.parametrize("name,p,d", list(preset_cases(TP_PAIRS)))
 def test_presets_staged_torch(name, p, d):
     """Real dims (2 state + 1 attention layers), both conv layouts, unequal block sizes, mixed lengths."""
     spec = load_spec(name).truncated(2, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
+from hybrid_kv.staging.mode import FLAG as FLAG  # re-exported: hybrid_kv.vllm.FLAG
 from hybrid_kv.staging.mode import parse_mode
 
 MODES = ("packed", "strided")

@@ -1,0 +1,126 @@
+"""The decode side checks every unit a source announces against its own plan before it posts a READ: a real
+prefill endpoint (its loop on a thread) and a real decode endpoint in this process, NIXL over UCX; the
+source's announcements are rewritten on the wire. A lying source fails exactly the requests it lied about,
+naming the values, no decode page is written for them, and nothing stays held on either side."""
+
+import queue
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from transport_util import small_config
+
+import hybrid_kv.transport.prefill as prefill_mod
+from hybrid_kv.transport.common import SideConfig
+from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
+from hybrid_kv.transport.launch import TransferJob, plan_requests
+from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
+
+pytestmark = pytest.mark.timeout(240)
+SEED = 5
+
+
+class Source:
+    """A prefill endpoint whose event loop runs on a thread; commands run on that thread too."""
+
+    def __init__(self, cfg: SideConfig) -> None:
+        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(pool_bytes=64 << 20))
+        self.cmds: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            while not self.cmds.empty():
+                fn, done = self.cmds.get()
+                fn()
+                done.set()
+            self.ep.step(0.002)
+
+    def call(self, fn) -> None:
+        done = threading.Event()
+        self.cmds.put((fn, done))
+        assert done.wait(30)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.ep.close()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    model = small_config(tmp_path, "falcon-h1-0.5b")
+    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=3, tokens=700, seed=SEED)
+    _, reqs, nbp, nbd = plan_requests(job)
+    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    src = Source(pcfg)
+    bs_d = dcfg.layouts()[0].block_size
+    src.call(lambda: src.ep.fill(SEED, reqs, bs_d))
+    dec = DecodeEndpoint(dcfg, 1, pcfg, [("127.0.0.1", src.ep.port)], DecodeOptions(request_timeout_s=10))
+    yield src, dec, reqs
+    dec.close()
+    src.close()
+
+
+def run(src: Source, dec: DecodeEndpoint, reqs: list[dict]):
+    dec.reset(SEED)
+    dec.configure("packed", reqs, 2)
+    src.call(lambda: src.ep.prefilled(reqs))
+    return {r.id: r for r in dec.run("packed", reqs, 2)}
+
+
+def test_honest_source_verifies(pair):
+    src, dec, reqs = pair
+    done = run(src, dec, reqs)
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+    assert dec.mismatches(SEED, reqs, set(done)) == []
+
+
+@pytest.mark.parametrize(
+    "lie,value",
+    [("nbytes", lambda m: m["nbytes"] + 16), ("addr", lambda m: m["addr"] + (1 << 40)), ("unit", lambda m: 7)],
+)
+def test_lying_source_fails_only_its_requests(pair, monkeypatch, lie, value):
+    src, dec, reqs = pair
+    real = prefill_mod.send_msg
+    victim = reqs[1]["id"]
+
+    def send(sock, header, payload=b""):
+        if header.get("type") == "ready" and header.get("req") == victim:
+            header = {**header, lie: value(header)}
+        return real(sock, header, payload)
+
+    monkeypatch.setattr(prefill_mod, "send_msg", send)
+    dec.reset(SEED)
+    background = dec.cache.clone()
+    done = run(src, dec, reqs)
+    assert done[victim].error is not None and "announced unit=" in done[victim].error
+    assert "which its plan for this rank does not hold" in done[victim].error
+    ok = {i for i, r in done.items() if r.error is None}
+    assert ok == {r["id"] for r in reqs} - {victim}
+    assert dec.mismatches(SEED, reqs, ok) == []  # the honest requests are byte-exact
+    # the victim's pages were never written: the whole cache equals the oracle with only `ok` received,
+    # and the victim's pages still hold the background
+    got = dec.cache.view(-1, dec.geom.page_bytes)
+    want = background.view(-1, dec.geom.page_bytes)
+    blocks = victim_pages(dec, reqs[1])
+    assert torch.equal(got[blocks], want[blocks])
+    assert dec.pool.live == 0 and dec.counts()["in_flight_reads"] == 0
+    deadline = time.monotonic() + 10
+    while src.ep.pool.live and time.monotonic() < deadline:  # the decode rank released the victim's units
+        time.sleep(0.01)
+    assert src.ep.pool.live == 0
+
+
+def victim_pages(dec: DecodeEndpoint, req: dict) -> list[int]:
+    state, kv = req["decode_blocks"]
+    n = dec.geom.num_blocks
+    out = []
+    for layer in dec.spec.layers:
+        ids = kv if layer.kind.value == "attention" else [state]
+        out += [layer.index * n + b for b in ids]
+    return out
