@@ -271,6 +271,37 @@ def test_large_request_split_into_units(pairs):
     pair.wait_no_leaks()
 
 
+def test_no_round_trip_after_warm_up(pairs):
+    """Once a decode rank has connected, a prefill rank packs each request when its prefill finishes and
+    pushes the staged units: the decode rank's READ waits on no reply (no `pack` reaches the prefill
+    side), the bytes are exact, nothing leaks. The first request (it makes the connection) asks."""
+    pair = pairs("nemotron-h-8b", 2, 1, "packed", n=3)
+    warm, rest = pair.reqs[:1], pair.reqs[1:]
+    ids = {q.req_id for q in warm}
+    U.submit(pair.p, pair.d, warm)
+    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    servers = [c.connector_worker._hkv_server for c in pair.p.conns]
+    asked = sum(s.received.get("pack", 0) for s in servers)
+    assert asked == 2  # warm-up: one per source rank
+    for c in pair.p.conns:  # the prefills of the other requests finish
+        U.step(c, U.send_meta(rest))
+    deadline = time.monotonic() + 30
+    while not all(len(s._staged) == len(rest) for s in servers):
+        assert time.monotonic() < deadline, [len(s._staged) for s in servers]
+        time.sleep(0.01)
+    for c in pair.d.conns:
+        U.step(c, U.recv_meta(rest, pair.p))
+    ids = {q.req_id for q in rest}
+    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    assert not any(failed)
+    assert sum(s.received.get("pack", 0) for s in servers) == asked  # no request asked
+    w = pair.d.conns[0].connector_worker
+    assert {r: w.hkv_round_trips[r] for r in ids} == dict.fromkeys(ids, 0)
+    assert w.hkv_round_trips[warm[0].req_id] == 2
+    assert_exact(pair)
+    pair.wait_no_leaks()
+
+
 class _LateScatter:
     """A scatter that completes only on its 5th poll (as a GPU stream may): the copy runs then."""
 

@@ -336,12 +336,16 @@ def step(conn, meta) -> None:
     conn.clear_connector_metadata()
 
 
-def send_meta(reqs: list[Request], lease_s: float = 60.0):
-    """The prefill scheduler's metadata once `reqs` finished prefill (blocks held for the decode side)."""
+def send_meta(reqs: list[Request], lease_s: float = 60.0, prefilled: bool = True):
+    """The prefill scheduler's metadata once `reqs` finished prefill (blocks held for the decode side);
+    `prefilled` adds their block ids as hybrid-kv's scheduler does (`push_finished_blocks`), so the
+    packed prefill workers pack them at once."""
     m = NixlConnectorMetadata()
     for q in reqs:
         m.reqs_in_batch.add("p" + q.req_id)
         m.reqs_to_send["p" + q.req_id] = time.perf_counter() + lease_s
+        if prefilled:
+            m.push_finished_blocks["p" + q.req_id] = [list(g) for g in q.p_blocks]
     return m
 
 

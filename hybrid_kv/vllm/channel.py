@@ -18,10 +18,13 @@ Packing runs on the connection's thread, not the engine loop, so an idle prefill
 from __future__ import annotations
 
 import itertools
+import queue
+import select
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from vllm.logger import init_logger
@@ -72,6 +75,11 @@ class PrefillServer:
         self._stop = threading.Event()
         self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
         self._layouts: dict[tuple, RankLayout] = {}  # decode (tp_size, tp_rank) -> its layout
+        # connections that said hello: cid -> (socket, send lock, decode layout); pushes go to them
+        self._peers: dict[int, tuple[socket.socket, threading.Lock, RankLayout]] = {}
+        self._staged: dict[tuple, tuple] = {}  # (cid, request, decode rank) -> (blocks, offsets, sizes)
+        self._prepacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-prepack")
+        self.received: dict[str, int] = {}  # messages received, by type (tests count round trips)
         self._sock = socket.create_server((host, port), reuse_port=False)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
@@ -82,6 +90,7 @@ class PrefillServer:
     # ---- life cycle -----------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self._prepacker.shutdown(wait=True, cancel_futures=True)
         self._stop.set()
         self._accept.join(timeout=5)
         for t in self._threads:
@@ -110,6 +119,7 @@ class PrefillServer:
         with self._cv:
             expired = self.pool.expire(time.monotonic())
             if expired:
+                self._staged = {k: v for k, v in self._staged.items() if self.pool.held((*k, 0))}
                 self._cv.notify_all()
         if expired:
             log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", expired)
@@ -119,6 +129,7 @@ class PrefillServer:
         with self._cv:
             n = self.pool.free_where(pred)
             if n:
+                self._staged = {k: v for k, v in self._staged.items() if self.pool.held((*k, 0))}
                 self._cv.notify_all()
             return n
 
@@ -135,26 +146,35 @@ class PrefillServer:
                     log.warning("hybrid-kv: malformed message from a decode rank: %s", e)
                     self._reply(conn, {"type": "error", "message": str(e)})
                     break
+                kind = str(head["type"])[:32]
+                self.received[kind] = self.received.get(kind, 0) + 1
                 try:
-                    reply = self._handle(head, cid)
+                    reply = self._handle(head, cid, conn)
                 except Exception as e:  # refused: tell the decode rank why, keep serving
                     reply = {"type": "error", "message": f"{type(e).__name__}: {e}"}
-                if not self._reply(conn, reply):
+                if not self._reply(conn, reply, cid):
                     break
+        self._peers.pop(cid, None)
         self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
 
-    @staticmethod
-    def _reply(conn: socket.socket, msg: dict) -> bool:
+    def _reply(self, conn: socket.socket, msg: dict, cid: int | None = None) -> bool:
+        peer = self._peers.get(cid) if cid is not None else None
         try:
-            send_msg(conn, msg)
+            if peer is None:
+                send_msg(conn, msg)
+            else:
+                with peer[1]:  # the prepacker pushes on the same socket
+                    send_msg(conn, msg)
             return True
         except OSError:
             return False
 
-    def _handle(self, head: dict, cid: int) -> dict:
+    def _handle(self, head: dict, cid: int, conn: socket.socket) -> dict:
         kind = head["type"]
         if kind == "hello":
-            return self._hello(head)
+            reply = self._hello(head)
+            self._peers[cid] = (conn, threading.Lock(), self._decode_layout(head))
+            return reply
         if kind == "pack":
             return self._pack(head, cid)
         if kind == "done":
@@ -206,8 +226,11 @@ class PrefillServer:
         chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
         sizes = chunk.unit_bytes
         keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
-        if any(self.pool.held(k) for k in keys):
-            raise ValueError(f"request {req} for decode rank {dec.tp_rank} is already staged")
+        with self._cv:
+            hit = self._staged.get((cid, req, dec.tp_rank))
+        if hit is not None and hit[0] == blocks and hit[2] == sizes:  # packed when the prefill finished
+            return {"type": "ready", "units": [[off, n] for off, n in zip(hit[1], sizes)]}
+        self._free_where(lambda k: k[:3] == (cid, req, dec.tp_rank))  # staged for other block ids
         offsets = self._alloc(keys, sizes, req)
         try:
             self.copier.run([(chunk, offsets)]).wait()  # on this connection's thread: the READ must see it
@@ -215,6 +238,51 @@ class PrefillServer:
             self._free_where(lambda k: k in keys)
             raise
         return {"type": "ready", "units": [[off, n] for off, n in zip(offsets, sizes)]}
+
+    # ---- packing when the prefill finishes (before any decode rank asks) --------------------------------
+
+    def prepack(self, req: str, blocks: dict[int, list[int]]) -> None:
+        """Queue packing `req` for every decode rank connected now; each gets a `staged` push, so its
+        READ waits on no reply. Best effort: a decode rank that finds nothing staged asks (`pack`)."""
+        self._prepacker.submit(self._prepack, req, blocks)
+
+    def _prepack(self, req: str, blocks: dict[int, list[int]]) -> None:
+        lay = self.geom.layout
+        for cid, (conn, lock, dec) in list(self._peers.items()):
+            try:
+                pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+                if pair.state is None:
+                    continue
+                self.geom.check_blocks(blocks, "prefill")
+                chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
+                sizes = chunk.unit_bytes
+                keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
+                with self._cv:
+                    if (cid, req, dec.tp_rank) in self._staged or any(self.pool.held(k) for k in keys):
+                        continue
+                    got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s)
+                if got is None:
+                    continue  # pool full now: the decode rank will ask, and wait for a slot then
+                offsets = [s.offset for s in got]
+                self.copier.run([(chunk, offsets)]).wait()
+                with self._cv:
+                    if not all(self.pool.held(k) for k in keys):
+                        continue  # freed meanwhile (disconnect, forget)
+                    self._staged[(cid, req, dec.tp_rank)] = (blocks, offsets, sizes)
+                msg = {
+                    "type": "staged",
+                    "request_id": req,
+                    "blocks": [[g, ids] for g, ids in blocks.items()],
+                    "units": [[off, n] for off, n in zip(offsets, sizes)],
+                }
+                with lock:
+                    send_msg(conn, msg)
+            except Exception as e:  # never fatal: the decode rank falls back to asking
+                log.warning("hybrid-kv: packing %s for decode connection %d at finish failed: %s", req, cid, e)
+
+    def forget(self, req: str) -> None:
+        """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""
+        self._free_where(lambda k: k[1] == req)
 
     def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
         """All of a request's slots or none: wait (bounded) while the pool is full."""
@@ -236,7 +304,11 @@ class PrefillServer:
 
 
 class PrefillLink:
-    """A decode rank's connection to one prefill rank's server (one request at a time)."""
+    """A decode rank's connection to one prefill rank's server: one call at a time; a reader thread takes
+    every message, hands replies to the waiting call and keeps `staged` pushes (bounded) for
+    `take_staged`."""
+
+    MAX_STAGED = 4096  # pushes kept for requests this rank has not reached yet
 
     def __init__(self, host: str, port: int, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -245,17 +317,47 @@ class PrefillLink:
             self._sock = socket.create_connection((host, port), timeout=timeout_s)
         except OSError as e:
             raise ConnectionError(f"hybrid-kv side channel {host}:{port} unreachable: {e}") from e
+        self._sock.settimeout(None)  # the reader blocks; calls wait on their own deadline
         self.peer: dict = {}
+        self._replies: queue.Queue = queue.Queue()
+        self._staged: dict[str, dict] = {}
+        self._staged_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="hybrid-kv-link-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                select.select([self._sock], [], [])  # idle for as long as it likes; woken by close
+                head, _ = recv_msg(self._sock, self.timeout_s)  # a message that started must complete
+            except (ProtocolError, TimeoutError, OSError, ValueError) as e:
+                self._replies.put(e)  # wakes a waiting call; later calls fail at once
+                return
+            if head.get("type") == "staged":
+                with self._staged_lock:
+                    self._staged[str(head.get("request_id"))] = head
+                    while len(self._staged) > self.MAX_STAGED:
+                        self._staged.pop(next(iter(self._staged)))
+            else:
+                self._replies.put(head)
+
+    def take_staged(self, request_id: str) -> dict | None:
+        """The prefill rank's push for `request_id`, if it came (removed: used once)."""
+        with self._staged_lock:
+            return self._staged.pop(request_id, None)
 
     def call(self, msg: dict, *expected: str) -> dict:
         with self._lock:
             send_msg(self._sock, msg)
             try:
-                head, _ = recv_msg(self._sock, self.timeout_s)
-            except TimeoutError as e:
+                head = self._replies.get(timeout=self.timeout_s)
+            except queue.Empty as e:
                 raise TimeoutError(
-                    f"no {msg['type']} reply from the prefill rank within hybrid_kv_timeout_s={self.timeout_s:g} s: {e}"
+                    f"no {msg['type']} reply from the prefill rank within hybrid_kv_timeout_s={self.timeout_s:g} s"
                 ) from e
+            if isinstance(head, BaseException):
+                self._replies.put(head)
+                raise ConnectionError(f"hybrid-kv side channel lost: {head}") from head
         return expect(head, *expected)
 
     def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:
@@ -267,6 +369,11 @@ class PrefillLink:
 
     def close(self) -> None:
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
+        self._reader.join(timeout=5)

@@ -29,7 +29,13 @@ class HybridKVConnector(NixlPullConnector):
         # NixlPullConnector.__init__ would build a stock worker (and its NIXL agent) first; skip it.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
-            self.connector_scheduler = NixlPullConnectorScheduler(vllm_config, self.engine_id, kv_cache_config)
+            if self.transfer_mode == "packed":  # also hands finished requests' block ids to the packers
+                from hybrid_kv.vllm.scheduler import HybridKVScheduler
+
+                cls = HybridKVScheduler
+            else:
+                cls = NixlPullConnectorScheduler
+            self.connector_scheduler = cls(vllm_config, self.engine_id, kv_cache_config)
             self.connector_worker = None
         elif role == KVConnectorRole.WORKER:
             self.connector_scheduler = None

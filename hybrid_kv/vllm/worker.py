@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import hashlib
 import queue
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +132,7 @@ class HybridKVWorker(NixlPullConnectorWorker):
         self._hkv_copier: Copier | None = None
         self._hkv_scattering: list[tuple[Done, list[str]]] = []  # launched scatters not yet complete
         self.hkv_descriptors: dict[str, int] = {}  # state descriptors posted per request (telemetry aside)
+        self.hkv_round_trips: dict[str, int] = {}  # pack replies each request waited for
 
     # ---- registration ---------------------------------------------------------------------------------
 
@@ -283,10 +284,21 @@ class HybridKVWorker(NixlPullConnectorWorker):
     def start_load_kv(self, metadata) -> None:
         self._hkv_progress()
         super().start_load_kv(metadata)
+        finished = getattr(metadata, "push_finished_blocks", None)
+        if self._hkv_server is not None and finished and self._hkv_geom is not None:
+            groups = self._hkv_geom.groups
+            for req_id, ids in finished.items():  # prefill done: pack now, before any decode rank asks
+                blocks = {g: list(ids[g]) for g in groups if g < len(ids) and ids[g]}
+                if blocks:
+                    self._hkv_server.prepack(req_id, blocks)
 
     def get_transfer_results(self):
         self._hkv_progress()
-        return super().get_transfer_results()
+        res = super().get_transfer_results()
+        if self._hkv_server is not None:
+            for req_id in res.finished_sending:  # read (or expired): its staged copies can go
+                self._hkv_server.forget(req_id)
+        return res
 
     def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
         """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
@@ -331,7 +343,21 @@ class HybridKVWorker(NixlPullConnectorWorker):
             self._hkv_fail(req_id, e)
             return
         self._hkv_recv[req_id] = recv
-        fut = self._hkv_client.submit(self._request_pack, req_id, recv)
+        staged = {}
+        for p in recv.units:  # packed when the prefill finished: no reply to wait for
+            push = self._hkv_links[(engine_id, p)].take_staged(meta.remote.request_id)
+            if push is not None and {int(g): list(ids) for g, ids in push.get("blocks", [])} == recv.remote:
+                staged[p] = push["units"]
+        self.hkv_round_trips[req_id] = len(recv.units) - len(staged)
+        if len(staged) == len(recv.units):
+            fut: Future = Future()
+            try:
+                fut.set_result(self._check_staged(recv, staged))
+            except Exception as e:
+                fut.set_exception(e)
+            self._hkv_ready.put((req_id, fut))
+            return
+        fut = self._hkv_client.submit(self._request_pack, req_id, recv, staged)
         fut.add_done_callback(lambda f, r=req_id: self._hkv_ready.put((r, f)))
 
     def _alloc_recv(self, req_id: str, recv: _Recv) -> None:
@@ -358,11 +384,31 @@ class HybridKVWorker(NixlPullConnectorWorker):
                 self._hkv_pool.free(slot.key)
         recv.slots.clear()
 
-    def _request_pack(self, req_id: str, recv: _Recv) -> dict[int, list[list[int]]]:
-        """(client thread) ask every source prefill rank to pack; all or nothing."""
-        out: dict[int, list[list[int]]] = {}
+    def _check_staged(self, recv: _Recv, staged: dict[int, list]) -> dict[int, list[list[int]]]:
+        for p, got in staged.items():
+            self._check_units(recv, p, got)
+        return staged
+
+    def _check_units(self, recv: _Recv, p: int, got) -> None:
+        """A source's (offset, bytes) units, checked against this rank's own chunk and the source's
+        registered staging before any READ is posted."""
+        size = int(self._hkv_links[(recv.engine_id, p)].peer["staging"][1])
+        ok = isinstance(got, list) and all(
+            isinstance(u, list) and len(u) == 2 and all(type(x) is int for x in u) for u in got
+        )
+        if not ok or [n for _, n in got] != recv.units[p] or any(off < 0 or off + n > size for off, n in got):
+            raise RuntimeError(
+                f"prefill rank {p} staged units {got!r:.200}, expected sizes {recv.units[p]} inside its "
+                f"{size}-byte staging"
+            )
+
+    def _request_pack(self, req_id: str, recv: _Recv, staged: dict | None = None) -> dict[int, list[list[int]]]:
+        """(client thread) ask every source prefill rank that has not staged the request to pack."""
+        out: dict[int, list[list[int]]] = dict(self._check_staged(recv, staged or {}))
         try:
             for p in recv.units:
+                if p in out:
+                    continue
                 link = self._hkv_links[(recv.engine_id, p)]
                 msg = {
                     "type": "pack",
@@ -372,10 +418,8 @@ class HybridKVWorker(NixlPullConnectorWorker):
                     "blocks": [[g, ids] for g, ids in recv.remote.items()],
                 }
                 got = link.call(msg, "ready")["units"]
+                self._check_units(recv, p, got)
                 out[p] = got
-                want = recv.units[p]
-                if [int(n) for _, n in got] != want:
-                    raise RuntimeError(f"prefill rank {p} staged units of {[n for _, n in got]} B, expected {want}")
         except BaseException:
             self._send_done(recv, list(out))
             raise
