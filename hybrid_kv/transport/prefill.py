@@ -312,9 +312,16 @@ class PrefillEndpoint:
                 req=w.req,
                 unit=w.unit,
             )
-        if jobs:
-            batch.done = self.copier.run(jobs)
-            self.packing.append(batch)
+        if not jobs:
+            return
+        if self.copier.backend == "torch":  # copies complete on return: announce each request as it lands
+            for chunk, offs in jobs:
+                self.copier.run([(chunk, offs)])
+                self.packing.append(Packing(Done(), [u for u in batch.units if u[3] in set(offs)]))
+                self._announce()
+            return
+        batch.done = self.copier.run(jobs)  # one launch; announced once its event has completed
+        self.packing.append(batch)
 
     def _announce(self) -> None:
         """Tell each decode rank about the units whose pack launch completed (the READ must see them)."""

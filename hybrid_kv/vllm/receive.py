@@ -1,0 +1,281 @@
+"""The decode side of the packed worker: a request's state chunks -> staged units (pushed when the prefill
+finished, else asked for) -> one READ per unit -> one scatter launch per step -> reported received once
+that scatter has completed. A mixin of `HybridKVWorker`, whose set-up provides the `_hkv_*` objects."""
+
+from __future__ import annotations
+
+import copy
+import queue
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from vllm.logger import init_logger
+
+from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.pool import Slot
+from hybrid_kv.vllm.state import state_chunk
+
+log = init_logger("vllm.hybrid_kv")
+
+
+@dataclass
+class RecvState:
+    """One request's state receive on this decode rank."""
+
+    meta: object  # vLLM ReqMeta
+    engine_id: str
+    remote_tp: int
+    local: dict[int, list[int]]  # Mamba group -> decode block ids
+    remote: dict[int, list[int]]  # Mamba group -> prefill block ids
+    chunks: dict[int, Chunk]  # source prefill rank -> this rank's chunk of its state
+    units: dict[int, list[int]]  # source prefill rank -> bytes of each of its transfer units
+    slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
+    posted: bool = False
+    descriptors: int = 0
+
+
+class PackedReceive:
+    """Receive path of `HybridKVWorker` (needs vLLM's `NixlPullConnectorWorker` after it in the MRO)."""
+
+    def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
+        assert self._hkv_geom is not None
+        local, remote = {}, {}
+        for g in self._hkv_geom.groups:
+            lo, re = list(meta.local_block_ids[g]), list(meta.remote.block_ids[g])
+            n = min(len(lo), len(re))
+            if n:
+                local[g], remote[g] = lo[len(lo) - n :], re[len(re) - n :]
+        return local, remote
+
+    def _read_blocks_for_req(self, req_id: str, meta) -> None:
+        engine_id = meta.remote.engine_id
+        if (
+            self._hkv_geom is None
+            or engine_id not in self._remote_agents  # super() handshakes, then calls us again
+            or engine_id in self._invalid_remote_engines
+        ):
+            return super()._read_blocks_for_req(req_id, meta)
+        local, remote = self._mamba_blocks(meta)
+        if not local:  # nothing of the state to move (e.g. a full local hit): the stock path notifies
+            return super()._read_blocks_for_req(req_id, meta)
+        try:
+            self._hkv_geom.check_blocks(local, "decode")
+            remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
+            plans = self._hkv_plans
+            chunks = {
+                p: state_chunk(
+                    plans.pair(remote_tp, self.world_size, p, self.tp_rank),
+                    self._hkv_geom,
+                    local,
+                    "decode",
+                    plans.shapes,
+                )
+                for p in plans.sources(remote_tp, self.world_size)[self.tp_rank]
+            }
+            units = {p: c.unit_bytes for p, c in chunks.items()}
+            recv = RecvState(meta, engine_id, remote_tp, local, remote, chunks, units)
+            self._alloc_recv(req_id, recv)
+        except Exception as e:
+            self._hkv_fail(req_id, e)
+            return
+        self._hkv_recv[req_id] = recv
+        staged = {}
+        for p in recv.units:  # packed when the prefill finished: no reply to wait for
+            push = self._hkv_links[(engine_id, p)].take_staged(meta.remote.request_id)
+            if push is not None and {int(g): list(ids) for g, ids in push.get("blocks", [])} == recv.remote:
+                staged[p] = push["units"]
+        self.hkv_round_trips[req_id] = len(recv.units) - len(staged)
+        if len(staged) == len(recv.units):
+            fut: Future = Future()
+            try:
+                fut.set_result(self._check_staged(recv, staged))
+            except Exception as e:
+                fut.set_exception(e)
+            self._hkv_ready.put((req_id, fut))
+            return
+        fut = self._hkv_client.submit(self._request_pack, req_id, recv, staged)
+        fut.add_done_callback(lambda f, r=req_id: self._hkv_ready.put((r, f)))
+
+    def _alloc_recv(self, req_id: str, recv: RecvState) -> None:
+        """All of a request's receive slots or none."""
+        assert self._hkv_pool is not None
+        try:
+            for p, units in recv.units.items():
+                got = self._hkv_pool.alloc_all([(req_id, p, u) for u in range(len(units))], units)
+                if got is None:
+                    raise RuntimeError(
+                        f"hybrid-kv receive staging full: request {req_id} needs {sum(units)} B more from "
+                        f"prefill rank {p}, {self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                recv.slots[p] = got
+        except BaseException:
+            self._free_recv(req_id, recv)
+            raise
+
+    def _free_recv(self, req_id: str, recv: RecvState) -> None:
+        assert self._hkv_pool is not None
+        for slots in recv.slots.values():
+            for slot in slots:
+                self._hkv_pool.free(slot.key)
+        recv.slots.clear()
+
+    def _check_staged(self, recv: RecvState, staged: dict[int, list]) -> dict[int, list[list[int]]]:
+        for p, got in staged.items():
+            self._check_units(recv, p, got)
+        return staged
+
+    def _check_units(self, recv: RecvState, p: int, got) -> None:
+        """A source's (offset, bytes) units, checked against this rank's own chunk and the source's
+        registered staging before any READ is posted."""
+        size = int(self._hkv_links[(recv.engine_id, p)].peer["staging"][1])
+        ok = isinstance(got, list) and all(
+            isinstance(u, list) and len(u) == 2 and all(type(x) is int for x in u) for u in got
+        )
+        if not ok or [n for _, n in got] != recv.units[p] or any(off < 0 or off + n > size for off, n in got):
+            raise RuntimeError(
+                f"prefill rank {p} staged units {got!r:.200}, expected sizes {recv.units[p]} inside its "
+                f"{size}-byte staging"
+            )
+
+    def _request_pack(self, req_id: str, recv: RecvState, staged: dict | None = None) -> dict[int, list[list[int]]]:
+        """(client thread) ask every source prefill rank that has not staged the request to pack."""
+        out: dict[int, list[list[int]]] = dict(self._check_staged(recv, staged or {}))
+        try:
+            for p in recv.units:
+                if p in out:
+                    continue
+                link = self._hkv_links[(recv.engine_id, p)]
+                msg = {
+                    "type": "pack",
+                    "request_id": recv.meta.remote.request_id,
+                    "tp_size": self.world_size,
+                    "tp_rank": self.tp_rank,
+                    "blocks": [[g, ids] for g, ids in recv.remote.items()],
+                }
+                got = link.call(msg, "ready")["units"]
+                self._check_units(recv, p, got)
+                out[p] = got
+        except BaseException:
+            self._send_done(recv, list(out))
+            raise
+        return out
+
+    def _send_done(self, recv: RecvState, ranks: list[int]) -> None:
+        for p in ranks:
+            msg = {"type": "done", "request_id": recv.meta.remote.request_id, "dst_rank": self.tp_rank}
+            try:
+                self._hkv_links[(recv.engine_id, p)].call(msg, "ok")
+            except Exception as e:  # the prefill lease frees the slots anyway
+                log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
+
+    def _hkv_fail(self, req_id: str, err: BaseException) -> None:
+        log.error("hybrid-kv: state transfer of request %s failed: %s", req_id, err)
+        recv = self._hkv_recv.pop(req_id, None)
+        if recv is not None:
+            self._free_recv(req_id, recv)
+        self._handle_failed_transfer(req_id, None, self._recv_failures)
+
+    def _hkv_progress(self) -> None:
+        """(engine thread) post the READs of requests whose prefill ranks have packed."""
+        while True:
+            try:
+                req_id, fut = self._hkv_ready.get_nowait()
+            except queue.Empty:
+                return
+            recv = self._hkv_recv.get(req_id)
+            if recv is None:
+                continue
+            err = fut.exception()
+            if err is not None:
+                self._hkv_fail(req_id, err)
+                continue
+            if req_id not in self._recving_metadata:  # aborted while packing
+                self._hkv_client.submit(self._send_done, recv, list(recv.units))
+                self._free_recv(req_id, self._hkv_recv.pop(req_id))
+                continue
+            try:
+                self._post_reads(req_id, recv, fut.result())
+            except Exception as e:
+                log.error("hybrid-kv: posting the state READs of %s failed: %s", req_id, e)
+                self._handle_failed_transfer(req_id, None, self._recv_failures)
+                continue
+            # The stock READ (attention KV; notify-only for state-only sources) goes last: its notification
+            # lets the prefill side free the request's blocks, which is safe now that they are packed.
+            stock = copy.copy(recv.meta)
+            stock.remote = copy.copy(recv.meta.remote)
+            groups = set(self._hkv_geom.groups)
+            stock.local_block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.local_block_ids)]
+            stock.local_physical_block_ids = [
+                [] if g in groups else ids for g, ids in enumerate(recv.meta.local_physical_block_ids)
+            ]
+            stock.remote.block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.remote.block_ids)]
+            super()._read_blocks_for_req(req_id, stock)
+
+    def _post_reads(self, req_id: str, recv: RecvState, staged: dict[int, list[list[int]]]) -> None:
+        nx, mem = self.nixl_wrapper, self.nixl_memory_type
+        base = self._hkv_staging.data_ptr()
+        recv.posted = True
+        self._recving_transfers.setdefault(req_id, [])
+        for p, units in staged.items():
+            link = self._hkv_links[(recv.engine_id, p)]
+            p_addr, _, p_dev = link.peer["staging"]
+            agent = self._remote_agents[recv.engine_id][(0, p)]
+            for (off, nbytes), slot in zip(units, recv.slots[p]):
+                local = nx.get_xfer_descs([(base + slot.offset, int(nbytes), self._hkv_desc[2])], mem)
+                remote = nx.get_xfer_descs([(int(p_addr) + int(off), int(nbytes), int(p_dev))], mem)
+                handle = nx.initialize_xfer("READ", local, remote, agent)
+                self._recving_transfers[req_id].append(handle)
+                nx.transfer(handle)
+                recv.descriptors += 1
+        self.hkv_descriptors[req_id] = recv.descriptors
+
+    def _pop_done_transfers(self, transfers):
+        done, failed = super()._pop_done_transfers(transfers)
+        landed = []
+        for req_id in list(done):
+            recv = self._hkv_recv.get(req_id)
+            if recv is None or not recv.posted:
+                continue
+            if req_id in failed or req_id in self._recv_failures:
+                self._hkv_retire(req_id)
+            else:
+                landed.append(req_id)
+                done.discard(req_id)  # reported once its scatter has completed, never before
+        if landed:
+            self._hkv_scatter(landed, failed)
+        still = []
+        for fin, reqs in self._hkv_scattering:
+            if not fin.ready():
+                still.append((fin, reqs))
+                continue
+            for req_id in reqs:
+                self._hkv_retire(req_id)
+                done.add(req_id)
+        self._hkv_scattering = still
+        return done, failed
+
+    def _hkv_scatter(self, reqs: list[str], failed: set[str]) -> None:
+        """One launch for every request whose READs completed this step, on the copier's own stream."""
+        assert self._hkv_copier is not None
+        jobs = {r: [(c, [s.offset for s in self._hkv_recv[r].slots[p]]) for p, c in self._hkv_recv[r].chunks.items()]
+                for r in reqs}  # fmt: skip
+        try:
+            fin = self._hkv_copier.run([j for r in reqs for j in jobs[r]])
+            self._hkv_scattering.append((fin, reqs))
+            return
+        except Exception as e:  # validated before any byte is written: find the bad request(s)
+            log.warning("hybrid-kv: batched scatter of %d request(s) refused (%s); retrying one by one", len(reqs), e)
+        for r in reqs:
+            try:
+                self._hkv_scattering.append((self._hkv_copier.run(jobs[r]), [r]))
+            except Exception as e:
+                log.error("hybrid-kv: scatter of %s failed: %s", r, e)
+                self._hkv_retire(r)
+                failed.add(r)
+
+    def _hkv_retire(self, req_id: str) -> None:
+        recv = self._hkv_recv.pop(req_id)
+        self._free_recv(req_id, recv)
+        self._hkv_client.submit(self._send_done, recv, list(recv.units))
