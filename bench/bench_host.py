@@ -4,11 +4,11 @@ For each (model, prefill TP -> decode TP, tokens) and each shell, the per-reques
 the code the shells run, with the copy itself replaced by building its launch arguments (`Copier.rows`:
 the slot rows the kernel receives, every range checked):
 
-* ``vllm``, prefill: `PrefillServer._pack` (the connector's pack handler: block-id checks, plan memo hit,
-  chunk, all-or-none staging allocation, lease) on a `StateGeometry` over views laid out as vLLM 0.32
-  allocates them (reference §2.3: slot k of every group at k * num_blocks * page); decode: what
-  `HybridKVWorker` runs per request (`_read_blocks_for_req`'s checks, source list, chunks and receive
-  slots; the scatter's rows);
+* ``vllm``, prefill: `PrefillServer._prepack` (what the connector runs when a prefill finishes: block-id
+  checks, plan memo hit, chunk, all-or-none leased staging allocation, launch arguments, the `staged`
+  push to one connected decode rank) on a `StateGeometry` over views laid out as vLLM 0.32 allocates them
+  (reference §2.3: slot k of every group at k * num_blocks * page); decode: what `HybridKVWorker` runs per
+  request (`_read_blocks_for_req`'s checks, source list, chunks and receive slots; the scatter's rows);
 * ``transport``, prefill: `PrefillEndpoint._chunk` + a slot per unit + rows (what `_pack_waiting`
   does); decode: `DecodeEndpoint._chunk` + a slot per announced unit + the scatter's rows.
 
@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -125,13 +127,24 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         backend="torch",
     )
     _rows_only(server.copier)
-    head = {"type": "pack", "request_id": "r", "tp_size": dtp, "tp_rank": 0, "blocks": [[g, [3]] for g in pgeom.groups]}
+    # one decode rank connected (a socket pair stands in for its link): what the prefill worker runs
+    # when the request's prefill finishes (`PrefillServer._prepack`: checks, chunk, slots, launch
+    # arguments, and the `staged` push)
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server._peers[0] = (ours, threading.Lock(), RankLayout(spec, dtp, 0))
+    finished = {"r": {g: [3] for g in pgeom.groups}}
 
     def prefill() -> None:
-        server._pack(head, 0)
+        server._prepack(finished)
 
-    def done() -> None:  # the READ's 'done' (not timed)
+    def done() -> None:  # the READ's 'done' (not timed); drain the push
         server._free_where(lambda k: True)
+        try:
+            while theirs.recv(1 << 16):
+                pass
+        except BlockingIOError:
+            pass
 
     recv_stage = torch.empty(STAGING, dtype=torch.uint8)
     dcopier = Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", "torch")
@@ -161,8 +174,8 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         "host_prep_us": {"prefill": hp["median"], "decode": hd["median"]},
         "spread_us": {"prefill": [hp["p10"], hp["p90"]], "decode": [hd["p10"], hd["p90"]]},
         "stock_host_us": None,
-        "round_trips": len(sources),  # one pack request per source rank (the connector still asks)
-        "launches_per_step": {"prefill": 1, "decode": 1},  # prefill: per pack request; decode: per step
+        "round_trips": 0,  # after warm-up: pushed when the prefill finished (tests/test_vllm_connector.py)
+        "launches_per_step": {"prefill": 1, "decode": 1},  # every request finished / landed in one step
         "slots_per_request": len(state_chunk(plans.pair(ptp, dtp, src, 0), dgeom, local, "decode", plans.shapes).tpl),
     }
 

@@ -241,20 +241,26 @@ class PrefillServer:
 
     # ---- packing when the prefill finishes (before any decode rank asks) --------------------------------
 
-    def prepack(self, req: str, blocks: dict[int, list[int]]) -> None:
-        """Queue packing `req` for every decode rank connected now; each gets a `staged` push, so its
-        READ waits on no reply. Best effort: a decode rank that finds nothing staged asks (`pack`)."""
-        self._prepacker.submit(self._prepack, req, blocks)
+    def prepack(self, requests: dict[str, dict[int, list[int]]]) -> None:
+        """Queue packing `requests` (id -> block ids per Mamba group; their prefills finished in one step)
+        for every decode rank connected now: one launch for all, then a `staged` push per (request, decode
+        rank), so their READs wait on no reply. Best effort: a decode rank that finds nothing staged asks."""
+        self._prepacker.submit(self._prepack, dict(requests))
 
-    def _prepack(self, req: str, blocks: dict[int, list[int]]) -> None:
+    def _prepack(self, requests: dict[str, dict[int, list[int]]]) -> None:
         lay = self.geom.layout
+        jobs, pushes = [], []
         for cid, (conn, lock, dec) in list(self._peers.items()):
-            try:
-                pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
-                if pair.state is None:
+            pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+            if pair.state is None:
+                continue
+            for req, blocks in requests.items():
+                try:
+                    self.geom.check_blocks(blocks, "prefill")
+                    chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
+                except ValueError as e:
+                    log.warning("hybrid-kv: request %s not packed at finish: %s", req, e)
                     continue
-                self.geom.check_blocks(blocks, "prefill")
-                chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
                 sizes = chunk.unit_bytes
                 keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
                 with self._cv:
@@ -264,21 +270,33 @@ class PrefillServer:
                 if got is None:
                     continue  # pool full now: the decode rank will ask, and wait for a slot then
                 offsets = [s.offset for s in got]
-                self.copier.run([(chunk, offsets)]).wait()
-                with self._cv:
-                    if not all(self.pool.held(k) for k in keys):
-                        continue  # freed meanwhile (disconnect, forget)
-                    self._staged[(cid, req, dec.tp_rank)] = (blocks, offsets, sizes)
-                msg = {
-                    "type": "staged",
-                    "request_id": req,
-                    "blocks": [[g, ids] for g, ids in blocks.items()],
-                    "units": [[off, n] for off, n in zip(offsets, sizes)],
-                }
+                jobs.append((chunk, offsets))
+                pushes.append((cid, conn, lock, dec.tp_rank, req, blocks, keys, offsets, sizes))
+        if not jobs:
+            return
+        try:
+            self.copier.run(jobs).wait()  # one launch for every request and decode rank of this step
+        except Exception as e:  # never fatal: the decode ranks fall back to asking
+            log.warning("hybrid-kv: packing %d request(s) at finish failed: %s", len(requests), e)
+            for *_, keys, _, _ in pushes:
+                self._free_where(lambda k, ks=set(keys): k in ks)
+            return
+        for cid, conn, lock, rank, req, blocks, keys, offsets, sizes in pushes:
+            with self._cv:
+                if not all(self.pool.held(k) for k in keys):
+                    continue  # freed meanwhile (disconnect, forget)
+                self._staged[(cid, req, rank)] = (blocks, offsets, sizes)
+            msg = {
+                "type": "staged",
+                "request_id": req,
+                "blocks": [[g, ids] for g, ids in blocks.items()],
+                "units": [[off, n] for off, n in zip(offsets, sizes)],
+            }
+            try:
                 with lock:
                     send_msg(conn, msg)
-            except Exception as e:  # never fatal: the decode rank falls back to asking
-                log.warning("hybrid-kv: packing %s for decode connection %d at finish failed: %s", req, cid, e)
+            except OSError as e:
+                log.warning("hybrid-kv: push of %s to decode connection %d failed: %s", req, cid, e)
 
     def forget(self, req: str) -> None:
         """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""

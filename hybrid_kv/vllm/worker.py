@@ -269,10 +269,13 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
         finished = getattr(metadata, "push_finished_blocks", None)
         if self._hkv_server is not None and finished and self._hkv_geom is not None:
             groups = self._hkv_geom.groups
-            for req_id, ids in finished.items():  # prefill done: pack now, before any decode rank asks
+            todo = {}  # prefills done: pack now (one launch), before any decode rank asks
+            for req_id, ids in finished.items():
                 blocks = {g: list(ids[g]) for g in groups if g < len(ids) and ids[g]}
                 if blocks:
-                    self._hkv_server.prepack(req_id, blocks)
+                    todo[req_id] = blocks
+            if todo:
+                self._hkv_server.prepack(todo)
 
     def get_transfer_results(self):
         self._hkv_progress()
