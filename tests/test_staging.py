@@ -12,10 +12,10 @@ from conftest import preset_cases
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.staging.chunk import chunk_for, flat_slots, make_chunk
+from hybrid_kv.staging.chunk import flat_chunk, flat_slots, make_chunk
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
-from hybrid_kv.staging.template import PlanCache
+from hybrid_kv.staging.template import PlanCache, Shapes
 from hybrid_kv.testing.harness import Harness
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
@@ -136,14 +136,15 @@ def _one_copier(backend="torch"):
 def test_bad_block_ids_and_staging_ranges_are_refused_before_any_write():
     copier, pair, pages, cache, staging, lay = _one_copier()
     bs = (lay.block_size, lay.block_size)
+    shapes = Shapes()
     with pytest.raises(ValueError, match=r"prefill block id 4 out of range \[0, 4\)"):
-        chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 4, [0], bs))
+        flat_chunk(shapes, pair, pages, "prefill", 10, 4, [0], bs)
     with pytest.raises(ValueError, match=r"prefill block id -1 out of range"):
-        chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 0, [-1], bs))
+        flat_chunk(shapes, pair, pages, "prefill", 10, 0, [-1], bs)
     with pytest.raises(ValueError, match=rf"1 kv block ids for {2 * lay.block_size + 1} tokens \(need 3\)"):
-        flat_slots(pair, "prefill", 2 * lay.block_size + 1, 0, [0], bs)
+        flat_chunk(shapes, pair, pages, "prefill", 2 * lay.block_size + 1, 0, [0], bs)
     cache.copy_(torch.randint(0, 256, cache.shape, dtype=torch.uint8))
-    chunk = chunk_for(pair, pages, "prefill", *flat_slots(pair, "prefill", 10, 1, [2], bs))
+    chunk = flat_chunk(shapes, pair, pages, "prefill", 10, 1, [2], bs)
     before = staging.clone()
     for offs in ([staging.numel() - 16], [-16]):
         with pytest.raises(ValueError, match=r"outside the 1048576-byte staging buffer"):

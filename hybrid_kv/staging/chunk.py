@@ -58,9 +58,6 @@ class Chunk:
             self.pair, self.tpl[keep], self.page[keep], self.stage[keep], np.zeros(n, np.int64), self.units[u : u + 1]
         )
 
-    def runs_per_slot(self) -> np.ndarray:
-        return np.array([len(t.runs) for t in self.pair.templates], dtype=np.int64)[self.tpl]
-
     def slot_bases(self, unit_offsets: Sequence[int] | np.ndarray) -> np.ndarray:
         """Absolute staging offset of every slot, given each unit's staging slot offset."""
         if len(unit_offsets) != len(self.units):
@@ -121,16 +118,6 @@ def flat_slots(
         block.append(np.tile(kv[idx], n_attn))
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else _EMPTY
     return cat(tpl), cat(layer), cat(block)
-
-
-def chunk_for(
-    pair: PairPlan, pages: PageMap | None, side: str, tpl: np.ndarray, layer: np.ndarray, block: np.ndarray
-) -> Chunk:
-    """A chunk whose slots are (template, page-map layer, block id); `pages` None: offsets only."""
-    if pages is None:
-        return make_chunk(pair, tpl, np.full(len(tpl), -1, dtype=np.int64))
-    pages.check_blocks(block, side)
-    return make_chunk(pair, tpl, pages.pages(layer, block))
 
 
 def direct_runs(prefill: Chunk, decode: Chunk) -> np.ndarray:

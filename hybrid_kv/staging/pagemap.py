@@ -59,12 +59,3 @@ class PageMap:
     def gcd(self) -> int:
         """gcd of every base and stride (an element size must divide it)."""
         return int(np.gcd.reduce(np.concatenate([self.base, self.stride, [0]])))
-
-    def check_blocks(self, blocks: np.ndarray, side: str) -> None:
-        if len(blocks) and (int(blocks.min()) < 0 or int(blocks.max()) >= self.num_blocks):
-            bad = blocks[(blocks < 0) | (blocks >= self.num_blocks)][0]
-            raise ValueError(f"{side} block id {int(bad)} out of range [0, {self.num_blocks})")
-
-    def pages(self, layers: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-        """Byte offset of page (layer, block) for each pair of entries (block ids already checked)."""
-        return self.base[layers] + blocks * self.stride[layers]
