@@ -314,11 +314,12 @@ class PrefillEndpoint:
             )
         if not jobs:
             return
-        if self.copier.backend == "torch":  # copies complete on return: announce each request as it lands
-            for chunk, offs in jobs:
+        if self.copier.backend == "torch":  # copies complete on return: announce each request as it lands,
+            for chunk, offs in jobs:  # and let NIXL progress between them (READs of what is announced)
                 self.copier.run([(chunk, offs)])
                 self.packing.append(Packing(Done(), [u for u in batch.units if u[3] in set(offs)]))
                 self._announce()
+                self._on_notifs()
             return
         batch.done = self.copier.run(jobs)  # one launch; announced once its event has completed
         self.packing.append(batch)

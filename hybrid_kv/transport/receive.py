@@ -239,30 +239,35 @@ class Receiver:
             self._scatter(landed)
 
     def _scatter(self, landed: list) -> None:
-        t = time.monotonic()
-        got: dict[tuple, dict[int, int]] = {}
-        for r, p, u, k in landed:
-            got.setdefault((id(r), p), {})[u] = self.pool.held(k).offset
-        jobs, seen = [], set()
-        for r, p, _, _ in landed:  # a chunk whose units all landed now is one job
-            if (id(r), p) in seen:
-                continue
-            seen.add((id(r), p))
-            chunk, offs = r.chunks[p], got[(id(r), p)]
-            if len(offs) == len(chunk.units):
-                jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
-            else:
-                jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
-        try:
-            self.copier.run(jobs).wait()
-        except ValueError as e:  # validated before any byte was written
-            for r, *_ in landed:
-                r.error = r.error or f"request {r.id}: scatter refused: {e}"
-        dt = time.monotonic() - t
-        for r, p, u, k in landed:
-            r.scatter_s += dt
-            r.pending.discard((p, u))
-            self.pool.free(k)
+        """Scatter every unit that landed this step: one launch (Triton); with the synchronous torch
+        backend one request (and source) at a time, so that each completes as soon as its own bytes are
+        in, rather than after the whole step's."""
+        groups: dict[tuple, list] = {}
+        for item in landed:
+            groups.setdefault((id(item[0]), item[1]), []).append(item)
+        batches = [list(groups.values())] if self.copier.backend != "torch" else [[g] for g in groups.values()]
+        for batch in batches:
+            t = time.monotonic()
+            jobs = []
+            for items in batch:  # a chunk whose units all landed now is one job
+                r, p = items[0][0], items[0][1]
+                chunk, offs = r.chunks[p], {u: self.pool.held(k).offset for _, _, u, k in items}
+                if len(offs) == len(chunk.units):
+                    jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
+                else:
+                    jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
+            try:
+                self.copier.run(jobs).wait()
+            except ValueError as e:  # validated before any byte was written
+                for items in batch:
+                    r = items[0][0]
+                    r.error = r.error or f"request {r.id}: scatter refused: {e}"
+            dt = time.monotonic() - t
+            for items in batch:
+                items[0][0].scatter_s += dt
+                for r, p, u, k in items:
+                    r.pending.discard((p, u))
+                    self.pool.free(k)
 
     def _on_message(self, src: Source, active: dict[str, Request]) -> None:
         try:
