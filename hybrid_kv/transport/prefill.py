@@ -168,15 +168,19 @@ class PrefillEndpoint:
         """A decode rank went away: free everything it held, forget its agent."""
         self.stats["disconnects"] += 1
         self.last_disconnect = f"decode rank {peer.tp_rank} ({peer.agent or 'no handshake'}): {why}"
-        self.pool.free_where(lambda k, p=peer: k[0] == id(p))
-        self.waiting = deque(w for w in self.waiting if w.peer is not peer)
-        for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
-            batch.units = [u for u in batch.units if u[0] is not peer]
+        self._forget_work(peer)
         if peer.agent:
             self.agent.remove_remote(peer.agent)
         self.sel.unregister(peer.sock)
         self.peers.pop(peer.sock.fileno(), None)
         peer.sock.close()
+
+    def _forget_work(self, peer: Peer) -> None:
+        """Free every slot held for `peer` and drop its queued and not yet announced units."""
+        self.pool.free_where(lambda k, p=peer: k[0] == id(p))
+        self.waiting = deque(w for w in self.waiting if w.peer is not peer)
+        for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
+            batch.units = [u for u in batch.units if u[0] is not peer]
 
     def _on_readable(self, peer: Peer) -> None:
         try:
@@ -195,8 +199,9 @@ class PrefillEndpoint:
                 self._hello(peer, msg, payload)
             elif peer.agent is None:
                 raise ProtocolError(f"{msg['type']!r} before a successful hello")
-            elif msg["type"] == "mode":
+            elif msg["type"] == "mode":  # a new run: what is still held for the last one is stale
                 peer.part = _part(msg.get("part"))
+                self._forget_work(peer)
                 send_msg(peer.sock, {"type": "mode-ok"})
             elif msg["type"] == "ping":  # the decode rank's cost model measures the round trip
                 send_msg(peer.sock, {"type": "pong"})
@@ -317,7 +322,8 @@ class PrefillEndpoint:
         if self.copier.backend == "torch":  # copies complete on return: announce each request as it lands,
             for chunk, offs in jobs:  # and let NIXL progress between them (READs of what is announced)
                 self.copier.run([(chunk, offs)])
-                self.packing.append(Packing(Done(), [u for u in batch.units if u[3] in set(offs)]))
+                mine = set(offs)
+                self.packing.append(Packing(Done(), [u for u in batch.units if u[3] in mine]))
                 self._announce()
                 self._on_notifs()
             return
