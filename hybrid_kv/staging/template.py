@@ -110,10 +110,6 @@ class PairPlan:
     def strides(self) -> np.ndarray:
         return np.array([t.stride for t in self.templates], dtype=np.int64)
 
-    @property
-    def empty(self) -> bool:
-        return all(t.nbytes == 0 for t in self.templates)
-
     @classmethod
     def build(
         cls,
@@ -188,6 +184,19 @@ def layouts_of(
     return pre, dec
 
 
+def lru_get(memo: OrderedDict, key: tuple, bound: int, build: Callable, valid: Callable = lambda hit: True):
+    """`memo[key]`, built on a miss (or when `valid` rejects the hit), least recently used dropped beyond
+    `bound` entries."""
+    hit = memo.get(key)
+    if hit is None or not valid(hit):
+        hit = memo[key] = build()
+        while len(memo) > bound:
+            memo.popitem(last=False)
+    else:
+        memo.move_to_end(key)
+    return hit
+
+
 class Shapes:
     """`ChunkShape`s by key, least recently used dropped beyond `max_entries` (a shape is cheap to
     rebuild; the bound keeps a stream of distinct request lengths from growing memory)."""
@@ -201,14 +210,8 @@ class Shapes:
 
     def get(self, pair: PairPlan, pages, key: tuple, build: Callable):
         key = (id(pair), id(pages), *key)
-        hit = self._memo.get(key)
-        if hit is None or hit.chunk.pair is not pair or hit.pages is not pages:  # ids of dropped objects reused
-            hit = self._memo[key] = build()
-            while len(self._memo) > self.max_entries:
-                self._memo.popitem(last=False)
-        else:
-            self._memo.move_to_end(key)
-        return hit
+        # the ids of dropped objects may be reused: a hit must hold these very objects
+        return lru_get(self._memo, key, self.max_entries, build, lambda h: h.chunk.pair is pair and h.pages is pages)
 
 
 class PlanCache:
@@ -240,15 +243,13 @@ class PlanCache:
 
     def sources(self, prefill_tp: int, decode_tp: int, block_sizes: tuple[int, int] = (16, 16)) -> dict:
         """decode rank -> the prefill ranks it reads from (refuses TP sizes the model cannot shard)."""
-        key = (prefill_tp, decode_tp, *block_sizes)
-        if key not in self._sources:
+
+        def build() -> dict:
             pre, dec = self._layouts(prefill_tp, decode_tp, block_sizes)
             probe = TransferPlan(pre, dec, 1 if self.spec.attention_layers and self.kv else 0, max_unit_bytes=1 << 62)
-            self._sources[key] = {d: probe.sources_of(d) for d in range(decode_tp)}
-            while len(self._sources) > self.max_pairs:
-                self._sources.popitem(last=False)
-        self._sources.move_to_end(key)
-        return self._sources[key]
+            return {d: probe.sources_of(d) for d in range(decode_tp)}
+
+        return lru_get(self._sources, (prefill_tp, decode_tp, *block_sizes), self.max_pairs, build)
 
     def pair(
         self,
@@ -259,12 +260,8 @@ class PlanCache:
         block_sizes: tuple[int, int] = (16, 16),
         part: tuple = ALL,
     ) -> PairPlan:
-        key = (prefill_tp, decode_tp, *block_sizes, src, dst, part)
-        hit = self._pairs.get(key)
-        if hit is None:
+        def build() -> PairPlan:
             pre, dec = self._layouts(prefill_tp, decode_tp, block_sizes)
-            hit = self._pairs[key] = PairPlan.build(pre, dec, src, dst, self.max_unit_bytes, kv=self.kv, part=part)
-            while len(self._pairs) > self.max_pairs:
-                self._pairs.popitem(last=False)
-        self._pairs.move_to_end(key)
-        return hit
+            return PairPlan.build(pre, dec, src, dst, self.max_unit_bytes, kv=self.kv, part=part)
+
+        return lru_get(self._pairs, (prefill_tp, decode_tp, *block_sizes, src, dst, part), self.max_pairs, build)
