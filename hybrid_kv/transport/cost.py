@@ -1,4 +1,5 @@
-"""The auto mode's cost model, measured by each decode rank at start-up.
+"""The CLI's calibration for the auto mode (the formula is `hybrid_kv.staging.cost`'s, shared with the
+vLLM connector), measured by each decode rank at start-up.
 
 Packing a run of b bytes costs two copies of b (pack on the source, scatter here); reading it directly
 costs one more NIXL descriptor. So runs shorter than `desc_cost * copy_bw / 2` are candidates for
@@ -12,16 +13,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from hybrid_kv.plan import TransferPlan
+from hybrid_kv.staging.cost import CAL_DESCS, CAL_REPEATS, CAL_SIZE, packing_pays
+from hybrid_kv.staging.cost import copy_gbps as measure_copy_gbps
+from hybrid_kv.staging.cost import desc_cost_us as measure_desc_cost_us
+from hybrid_kv.staging.cost import median as _median
 from hybrid_kv.transport.wire import expect, recv_msg, send_msg
-
-CAL_DESCS, CAL_SIZE, CAL_REPEATS = 256, 4096, 5
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def calibrate(ep, src) -> dict:
@@ -30,25 +28,17 @@ def calibrate(ep, src) -> dict:
     copy_gbps, desc_us, rtt_us = opts.copy_gbps, opts.desc_cost_us, 0.0
     if copy_gbps is None:
         half = min(32 << 20, ep.pool.capacity // 2)
-        a, b = ep.recv[:half], ep.recv[half : 2 * half]
-
-        def copy_once() -> float:
-            t = time.monotonic()
-            b.copy_(a)
-            if ep.cfg.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            return time.monotonic() - t
-
-        copy_gbps = half / _median([copy_once() for _ in range(CAL_REPEATS)]) / 1e9
-    n, size = CAL_DESCS, CAL_SIZE
-    if desc_us is None and src is not None and min(ep.pool.capacity, src.info["staging"]["nbytes"]) >= n * size:
+        copy_gbps = measure_copy_gbps(ep.recv[:half], ep.recv[half : 2 * half])
+    span = CAL_DESCS * CAL_SIZE
+    if desc_us is None and src is not None and min(ep.pool.capacity, src.info["staging"]["nbytes"]) >= span:
         rb, sb = ep.recv_reg["addr"], src.info["staging"]["addr"]
-        offs = np.arange(n, dtype=np.int64) * size
-        many = (np.stack([rb + offs, np.full(n, size)], 1), np.stack([sb + offs, np.full(n, size)], 1))
-        one = (np.array([[rb, n * size]], dtype=np.int64), np.array([[sb, n * size]], dtype=np.int64))
-        t_many = _median([ep.timed_read(src, *many) for _ in range(CAL_REPEATS)])
-        t_one = _median([ep.timed_read(src, *one) for _ in range(CAL_REPEATS)])
-        desc_us = max(0.0, t_many - t_one) / (n - 1) * 1e6
+
+        def timed(n: int, size: int) -> float:
+            offs = np.arange(n, dtype=np.int64) * size
+            local, remote = np.stack([rb + offs, np.full(n, size)], 1), np.stack([sb + offs, np.full(n, size)], 1)
+            return ep.timed_read(src, local, remote)
+
+        desc_us = measure_desc_cost_us(timed)
     if src is not None:
         ts = []
         for _ in range(CAL_REPEATS):
@@ -74,6 +64,4 @@ def pack_pays(plan: TransferPlan, src_rank: int, dst_rank: int, packed: dict, co
     runs = sum(x.runs for x in lay.pieces)
     nbytes = sum(x.nbytes for x in lay.pieces)
     load = sum(1 for (q, _) in plan.pairs if q == src_rank) * concurrency
-    saved = runs * cost["desc_cost_us"]
-    spent = cost["rtt_us"] + 2 * nbytes / (cost["copy_gbps"] * 1e3) * load
-    return saved > spent
+    return packing_pays(runs, nbytes, cost, load, round_trips=1)
