@@ -80,25 +80,36 @@ def test_honest_source_verifies(pair):
     assert dec.mismatches(SEED, reqs, set(done)) == []
 
 
-@pytest.mark.parametrize(
-    "lie,value",
-    [("nbytes", lambda m: m["nbytes"] + 16), ("addr", lambda m: m["addr"] + (1 << 40)), ("unit", lambda m: 7)],
-)
-def test_lying_source_fails_only_its_requests(pair, monkeypatch, lie, value):
+def _units(f):
+    return lambda units: [f(*u) for u in units]
+
+
+LIES = {
+    "nbytes": _units(lambda u, o, n: [u, o, n + 16]),
+    "offset": _units(lambda u, o, n: [u, o + (1 << 40), n]),
+    "negative-offset": _units(lambda u, o, n: [u, -1, n]),
+    "unit": _units(lambda u, o, n: [7, o, n]),
+    "twice": lambda units: units + units,
+    "not-ints": _units(lambda u, o, n: [u, str(o), n]),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(LIES))
+def test_lying_source_fails_only_its_requests(pair, monkeypatch, lie):
     src, dec, reqs = pair
     real = prefill_mod.send_msg
     victim = reqs[1]["id"]
 
     def send(sock, header, payload=b""):
         if header.get("type") == "ready" and header.get("req") == victim:
-            header = {**header, lie: value(header)}
+            header = {**header, "units": LIES[lie](header["units"])}
         return real(sock, header, payload)
 
     monkeypatch.setattr(prefill_mod, "send_msg", send)
     dec.reset(SEED)
     background = dec.cache.clone()
     done = run(src, dec, reqs)
-    assert done[victim].error is not None and "announced unit=" in done[victim].error
+    assert done[victim].error is not None and "announced units=" in done[victim].error
     assert "which its plan for this rank does not hold" in done[victim].error
     ok = {i for i, r in done.items() if r.error is None}
     assert ok == {r["id"] for r in reqs} - {victim}

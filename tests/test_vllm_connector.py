@@ -117,7 +117,9 @@ def assert_exact(pair: Pair) -> None:
 # ---- the flag -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "cls"), [(None, HybridKVWorker), ("packed", HybridKVWorker), ("strided", None)])
+@pytest.mark.parametrize(
+    ("value", "cls"), [(None, HybridKVWorker), ("packed", HybridKVWorker), ("auto", HybridKVWorker), ("strided", None)]
+)
 def test_flag_selects_the_worker(tmp_path, monkeypatch, value, cls):
     if value is None:
         monkeypatch.delenv("HYBRID_KV_TRANSFER", raising=False)
@@ -135,14 +137,13 @@ def test_flag_selects_the_worker(tmp_path, monkeypatch, value, cls):
         eng.shutdown()
 
 
-@pytest.mark.parametrize("value", ["auto", "fast", "PACKED2"])
+@pytest.mark.parametrize("value", ["fast", "PACKED2", "auto2"])
 def test_invalid_flag_fails_at_startup(tmp_path, monkeypatch, value):
     monkeypatch.setenv("HYBRID_KV_TRANSFER", value)
     vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e")
     for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
-        with pytest.raises(
-            ValueError, match=rf"transfer mode '{value}' \(from HYBRID_KV_TRANSFER\) is not one of packed, strided"
-        ):
+        want = rf"transfer mode '{value}' \(from HYBRID_KV_TRANSFER\) is not one of packed, strided, auto"
+        with pytest.raises(ValueError, match=want):
             HybridKVConnector(vc, role, None)
 
 
@@ -302,6 +303,67 @@ def test_no_round_trip_after_warm_up(pairs):
     pair.wait_no_leaks()
 
 
+AUTO_CASES = [
+    ("nemotron-h-8b", 2, 1, 1000.0, "packed"),  # descriptors dear: pack
+    ("nemotron-h-8b", 2, 1, 0.0, "stock"),  # descriptors free: vLLM's own 3-read
+    ("falcon-h1-0.5b", 1, 2, 0.0, "packed"),  # stock would misread replicated B/C: packed regardless
+    ("jamba-v0.1", 1, 2, None, None),  # measured (copy at start-up, READs at handshake): either, exact
+]
+
+
+@pytest.mark.parametrize(("name", "ptp", "dtp", "desc_us", "reads"), AUTO_CASES)
+def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
+    """auto: each decode rank chooses once per prefill engine; a rank that reads the stock way tells
+    its sources, which then stage nothing for it; either way the bytes are exact and nothing leaks."""
+    extra = {} if desc_us is None else {"hybrid_kv_desc_cost_us": desc_us}
+    pair = pairs(name, ptp, dtp, "auto", n=3, d_extra=extra)
+    warm, rest = pair.reqs[:1], pair.reqs[1:]
+    ids = {q.req_id for q in warm}
+    U.submit(pair.p, pair.d, warm)
+    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    choices = [c.connector_worker.hkv_auto for c in pair.d.conns]
+    assert all(list(ch) == [pair.p.engine_id] for ch in choices), choices
+    got = {ch[pair.p.engine_id]["reads"] for ch in choices}
+    assert len(got) == 1 and (reads is None or got == {reads}), choices
+    reads = got.pop()
+    if desc_us is None:
+        ch = choices[0][pair.p.engine_id]
+        assert ch["copy_gbps"] > 0 and ch["desc_cost_us"] >= 0, ch
+    servers = [c.connector_worker._hkv_server for c in pair.p.conns]
+    links = sum(len(c.connector_worker._hkv_links) for c in pair.d.conns)
+    assert sum(s.received.get("mode", 0) for s in servers) == (links if reads == "stock" else 0)
+    for c in pair.p.conns:  # the prefills of the other requests finish
+        U.step(c, U.send_meta(rest))
+    for s in servers:  # the prepacker has run
+        s._prepacker.submit(lambda: None).result(timeout=30)
+    staged = sum(len(s._staged) for s in servers)
+    assert staged == (0 if reads == "stock" else links * len(rest))
+    for c in pair.d.conns:
+        U.step(c, U.recv_meta(rest, pair.p))
+    ids = {q.req_id for q in rest}
+    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    assert not any(failed)
+    assert_exact(pair)
+    pair.wait_no_leaks()
+    for c in pair.d.conns:
+        w = c.connector_worker
+        assert (w.hkv_descriptors == {}) == (reads == "stock"), w.hkv_descriptors
+    if reads == "stock":
+        assert sum(s.received.get("pack", 0) for s in servers) == 0
+
+
+def test_auto_never_trades_bytes_for_speed():
+    """The pairs vLLM's stock descriptors cannot move exactly are named (hand-checked, reference §4)."""
+    from hybrid_kv.spec_hf import load_spec
+    from hybrid_kv.vllm.auto import stock_problem
+
+    falcon, nemo = load_spec("falcon-h1-0.5b"), load_spec("nemotron-h-8b")
+    assert "B|C are replicated at TP 2" in stock_problem(falcon, "DS", 1, 2)
+    assert stock_problem(falcon, "DS", 2, 2) is None  # same TP: every rank holds the same copy
+    assert stock_problem(nemo, "DS", 1, 2) is None
+    assert "SD" in stock_problem(nemo, "SD", 2, 2)
+
+
 class _LateScatter:
     """A scatter that completes only on its 5th poll (as a GPU stream may): the copy runs then."""
 
@@ -429,7 +491,14 @@ def _server(pair: Pair):
     return w, w._hkv_server
 
 
+def _hello(pair: Pair) -> dict:
+    fp = pair.d.conns[0].connector_worker._hkv_geom.fingerprint()
+    return {"type": "hello", "fingerprint": fp, "tp_size": 1, "tp_rank": 0}
+
+
 def test_side_channel_rejects_malformed_and_unknown(pairs):
+    """Nothing is served before a hello that matches; out-of-protocol messages close the connection,
+    refused requests are named and the connection stays."""
     pair = pairs("jamba-v0.1", 1, 1, "packed")
     _, srv = _server(pair)
     host, port = srv.address
@@ -437,50 +506,82 @@ def test_side_channel_rejects_malformed_and_unknown(pairs):
         s.sendall(b"GET / HTTP/1.1\r\n\r\n")
         head, _ = recv_msg(s, 5)
         assert head["type"] == "error" and "bad magic" in head["message"]
-    with socket.create_connection((host, port), timeout=5) as s:
-        send_msg(s, {"type": "pack", "request_id": "nope", "tp_size": 1, "tp_rank": 0, "blocks": [[0, [1]]]})
+    with socket.create_connection((host, port), timeout=5) as s:  # a request before any hello
+        send_msg(s, {"type": "pack", "req": "nope", "blocks": [[0, [1]]]})
         head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "request nope is not held" in head["message"]
+        assert head["type"] == "error" and "'pack' before a successful hello" in head["message"]
+        assert s.recv(1) == b""  # and the connection is closed
+    with socket.create_connection((host, port), timeout=5) as s:
         send_msg(s, {"type": "hello", "fingerprint": {"architecture": "X"}, "tp_size": 1, "tp_rank": 0})
         head, _ = recv_msg(s, 5)
         assert head["type"] == "error" and "configurations differ (architecture" in head["message"]
-        send_msg(s, {"type": "pack", "request_id": "nope", "tp_size": 3, "tp_rank": 0, "blocks": []})
+        send_msg(s, {"type": "hello", **{k: v for k, v in _hello(pair).items() if k != "type"}, "tp_size": 3})
         head, _ = recv_msg(s, 5)
         assert head["type"] == "error" and "decode tp_size=3" in head["message"]
+        send_msg(s, _hello(pair))
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "welcome"
+        bad = [
+            ({"req": "nope", "blocks": [[0, [1]]]}, "request nope is not held"),
+            ({"req": "", "blocks": []}, "request id ''"),
+            ({"req": 7, "blocks": []}, "request id 7"),
+            ({"req": "x" * 600, "blocks": []}, "a string of 1 to 512 characters"),
+        ]
+        for fields, why in bad:
+            send_msg(s, {"type": "pack", **fields})
+            head, _ = recv_msg(s, 5)
+            assert head["type"] == "error" and why in head["message"], (fields, head)
+        send_msg(s, {"type": "mode", "part": ["small", 10]})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "packs all or nothing" in head["message"]
+        send_msg(s, {"type": "mode", "part": "all"})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "accepted: null" in head["message"]
+        send_msg(s, {"type": "hello", "fingerprint": {}})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "second hello" in head["message"]
 
 
 def test_staged_slots_freed_on_disconnect_and_lease(pairs):
-    """A decode rank that packs and vanishes (connection closed) or never says done (lease) frees its slots."""
+    """A decode rank that packs and vanishes (connection closed) or never releases (lease) frees its slots."""
     pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra={"hybrid_kv_staging_lease_s": 1, "hybrid_kv_timeout_s": 0.5})
     _, srv = _server(pair)
     q = pair.reqs[0]
     for c in pair.p.conns:
         U.step(c, U.send_meta(pair.reqs))
     g = [i for i, (_, _, kind) in enumerate(pair.p.groups()) if kind == "mamba"]
-    msg = {
-        "type": "pack",
-        "request_id": "p" + q.req_id,
-        "tp_size": 1,
-        "tp_rank": 0,
-        "blocks": [[i, q.p_blocks[i]] for i in g],
-    }
-    with socket.create_connection(srv.address, timeout=5) as s:
+    msg = {"type": "pack", "req": "p" + q.req_id, "blocks": [[i, q.p_blocks[i]] for i in g]}
+
+    def pack(s) -> None:
+        send_msg(s, _hello(pair))
+        assert recv_msg(s, 10)[0]["type"] == "welcome"
         send_msg(s, msg)
-        head, _ = recv_msg(s, 10)
-        assert head["type"] == "ready" and srv.live_slots == 1
+        ready, _ = recv_msg(s, 10)
+        assert ready["type"] == "ready" and ready["req"] == msg["req"] and len(ready["units"]) == 1
+        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
+
+    with socket.create_connection(srv.address, timeout=5) as s:
+        pack(s)
     deadline = time.monotonic() + 5
     while srv.live_slots and time.monotonic() < deadline:
         time.sleep(0.01)
     assert srv.live_slots == 0  # disconnect
     s = socket.create_connection(srv.address, timeout=5)
     try:
-        send_msg(s, msg)
-        head, _ = recv_msg(s, 10)
-        assert head["type"] == "ready" and srv.live_slots == 1
+        pack(s)
         deadline = time.monotonic() + 10
         while srv.live_slots and time.monotonic() < deadline:
             time.sleep(0.05)
         assert srv.live_slots == 0  # lease expiry with the connection still open
+        send_msg(s, {"type": "release", "req": msg["req"]})  # late: nothing left to free, no reply
+        send_msg(s, msg)  # and the connection still serves
+        assert recv_msg(s, 10)[0]["type"] == "ready"
+        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
+        send_msg(s, {"type": "release", "req": msg["req"]})
+        deadline = time.monotonic() + 5
+        while srv.live_slots and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.live_slots == 0  # released
     finally:
         s.close()
 

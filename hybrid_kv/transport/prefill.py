@@ -1,6 +1,7 @@
 """Prefill rank endpoint: owns its cache and staging pool, serves decode ranks over the side channel.
 
-Protocol (side channel; data moves by NIXL READs the decode rank posts):
+Protocol (side channel, the vocabulary of `hybrid_kv.staging.messages`; data moves by NIXL READs the
+decode rank posts):
 
 * ``hello`` {rank fields, agent} + NIXL metadata -> ``welcome`` {rank fields, cache/staging addresses,
   unit budget} + NIXL metadata, or ``error`` naming the mismatching field (nothing is registered for a
@@ -8,10 +9,10 @@ Protocol (side channel; data moves by NIXL READs the decode rank posts):
 * ``mode`` {part} -> ``mode-ok``: before a run (warm-up), which pieces this rank packs for that decode
   rank: all (packed), the short runs (auto: ["small", threshold]) or none (strided).
 * When a request's prefill has finished (the driver's ``prefilled``), this rank packs it for every
-  decode rank that reads from it, **unasked**, and sends ``ready`` {req, unit, addr, nbytes} per
-  transfer unit: the decode rank's READ waits on no reply of its own. Units are packed in FIFO order,
-  every unit that fits the pool in one launch per loop step; a unit that finds no slot waits (bounded
-  by ``pool_wait_s``), then ``error``.
+  decode rank that reads from it, **unasked**, and sends ``ready`` {req, units: [[unit, offset, nbytes]]}
+  for the units of a request packed by one launch: the decode rank's READ waits on no reply of its own.
+  Units are packed in FIFO order, every unit that fits the pool in one launch per loop step; a unit that
+  finds no slot waits (bounded by ``pool_wait_s``), then ``error``.
 * The decode rank's READ carries the notification ``done:<req>:<unit>``; on it the slot is freed. A
   slot is also freed on ``release``, when its reader disconnects or when its lease expires.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, flat_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
@@ -195,21 +197,21 @@ class PrefillEndpoint:
         kind = str(msg["type"])[:32]
         self.messages[kind] = self.messages.get(kind, 0) + 1
         try:
-            if msg["type"] == "hello":
+            if msg["type"] == M.HELLO:
                 self._hello(peer, msg, payload)
             elif peer.agent is None:
                 raise ProtocolError(f"{msg['type']!r} before a successful hello")
-            elif msg["type"] == "mode":  # a new run: what is still held for the last one is stale
-                peer.part = _part(msg.get("part"))
+            elif msg["type"] == M.MODE:  # a new run: what is still held for the last one is stale
+                peer.part = M.part(msg.get("part"))
                 self._forget_work(peer)
-                send_msg(peer.sock, {"type": "mode-ok"})
-            elif msg["type"] == "ping":  # the decode rank's cost model measures the round trip
-                send_msg(peer.sock, {"type": "pong"})
-            elif msg["type"] == "release":  # a request the decode rank gave up: free what it staged
-                req = str(msg["req"])
+                send_msg(peer.sock, {"type": M.MODE_OK})
+            elif msg["type"] == M.PING:  # the decode rank's cost model measures the round trip
+                send_msg(peer.sock, {"type": M.PONG})
+            elif msg["type"] == M.RELEASE:  # a request the decode rank gave up: free what it staged
+                req = M.request_id(msg.get("req"))
                 self._free(lambda k, p=peer, r=req: k[0] == id(p) and k[1] == r)
                 self.waiting = deque(w for w in self.waiting if not (w.peer is peer and w.req == req))
-            elif msg["type"] == "bye":
+            elif msg["type"] == M.BYE:
                 self._drop(peer, "bye")
             else:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
@@ -221,7 +223,7 @@ class PrefillEndpoint:
 
     def _error(self, peer: Peer, message: str, **extra) -> None:
         try:
-            send_msg(peer.sock, {"type": "error", "message": message, **extra})
+            send_msg(peer.sock, {"type": M.ERROR, "message": message, **extra})
         except OSError:
             pass
 
@@ -247,7 +249,7 @@ class PrefillEndpoint:
         send_msg(
             peer.sock,
             {
-                "type": "welcome",
+                "type": M.WELCOME,
                 **hello_fields(self.layout, self.cfg),
                 "agent": self.agent.name,
                 "cache": self.cache_reg,
@@ -335,20 +337,16 @@ class PrefillEndpoint:
         while self.packing and self.packing[0].done.ready():
             batch = self.packing.pop(0)
             now = time.monotonic()
+            grouped: dict[tuple[int, str], tuple[Peer, list]] = {}
             for peer, req, unit, off, n in batch.units:
                 self.pool.lease((id(peer), req, unit), now + self.opts.lease_s)
                 self.stats["packed_units"] += 1
+                grouped.setdefault((id(peer), req), (peer, []))[1].append((unit, off, n))
+            for (_, req), (peer, units) in grouped.items():
+                if peer.sock.fileno() not in self.peers:
+                    continue  # dropped by a failed send of this batch
                 try:
-                    send_msg(
-                        peer.sock,
-                        {
-                            "type": "ready",
-                            "req": req,
-                            "unit": unit,
-                            "addr": self.staging_reg["addr"] + off,
-                            "nbytes": n,
-                        },
-                    )
+                    send_msg(peer.sock, M.ready(req, units))
                 except OSError as e:
                     self._drop(peer, f"send failed: {e}")
 
@@ -427,19 +425,3 @@ def prefill_main(cfg: SideConfig, rank: int, opts: PrefillOptions, ctl) -> None:
             ctl.send(("closed", ep.counts()))
         except (BrokenPipeError, OSError):
             pass
-
-
-def _part(obj) -> tuple | None:
-    """A `mode` message's part: null, ["all", 0] or ["small", threshold] (checked, never trusted)."""
-    if obj is None:
-        return None
-    if (
-        isinstance(obj, list)
-        and len(obj) == 2
-        and obj[0] in ("all", "small")
-        and isinstance(obj[1], int)
-        and not isinstance(obj[1], bool)
-        and 0 <= obj[1] <= 1 << 40
-    ):
-        return (obj[0], obj[1])
-    raise ValueError(f"mode part={obj!r} (accepted: null, ['all', 0], ['small', threshold >= 0])")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from hybrid_kv.layout import cdiv
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.transport.common import blocks_from
@@ -78,13 +79,13 @@ class Receiver:
             self.parts[p] = part
             if not src.alive:
                 continue
-            send_msg(src.sock, {"type": "mode", "part": None if part is None else list(part)})
+            send_msg(src.sock, {"type": M.MODE, "part": None if part is None else list(part)})
             deadline = time.monotonic() + self.opts.handshake_timeout_s
             while True:  # announcements of an earlier run may still be queued ahead of the reply
                 msg, _ = recv_msg(src.sock, max(0.0, deadline - time.monotonic()))
-                if msg["type"] == "mode-ok":
+                if msg["type"] == M.MODE_OK:
                     break
-                if msg["type"] == "error" and msg.get("req") is None:
+                if msg["type"] == M.ERROR and msg.get("req") is None:
                     raise RuntimeError(f"prefill rank {p} refused mode {mode}: {msg.get('message')}")
 
     def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
@@ -95,7 +96,7 @@ class Receiver:
         active: dict[str, Request] = {}
         finished: list[Request] = []
         self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted)
-        self._wait_slot: deque = deque()  # (request, source rank, ready message) waiting for a recv slot
+        self._wait_slot: deque = deque()  # (request, source rank, (unit, offset, nbytes)) waiting for a slot
         while todo or active:
             while todo and len(active) < concurrency:
                 r = self._start(todo.popleft(), mode)
@@ -207,8 +208,8 @@ class Receiver:
         for key, _ in self.sel.select(wait):
             self._on_message(key.data, active)
         while self._wait_slot:
-            r, p, msg = self._wait_slot[0]
-            if r.error is None and not self._landing(r, p, msg):
+            r, p, unit = self._wait_slot[0]
+            if r.error is None and not self._landing(r, p, unit):
                 break
             self._wait_slot.popleft()
         landed = []  # (request, source, unit, slot key): scattered together, one launch
@@ -276,11 +277,11 @@ class Receiver:
             self._source_lost(src, str(e), active)
             return
         r = active.get(str(msg.get("req")))
-        if msg["type"] == "error":
+        if msg["type"] == M.ERROR:
             if r is not None and r.error is None:
                 r.error = f"request {r.id}: prefill rank {src.rank} refused: {msg.get('message')}"
             return
-        if msg["type"] != "ready":
+        if msg["type"] != M.READY:
             return
         if r is None:  # announced before this rank started the request: keep it (bounded by the run)
             early = self._early.setdefault((str(msg.get("req")), src.rank), [])
@@ -293,28 +294,21 @@ class Receiver:
         if r.error is not None:
             return  # the request's release (when it retires) frees the source's slots
         chunk = r.chunks.get(p)
-        unit, n, addr = msg.get("unit"), msg.get("nbytes"), msg.get("addr")
-        staging = self.sources[p].info["staging"]
-        ok = (
-            chunk is not None
-            and isinstance(unit, int)
-            and 0 <= unit < len(chunk.units)
-            and n == chunk.unit_bytes[unit]
-            and isinstance(addr, int)
-            and staging["addr"] <= addr
-            and addr + n <= staging["addr"] + staging["nbytes"]
-            and (p, unit) in r.pending
-        )
-        if not ok:
-            r.error = (
-                f"request {r.id}: prefill rank {p} announced unit={unit!r} nbytes={n!r} addr={addr!r}, "
-                f"which its plan for this rank does not hold"
-            )
+        try:
+            if chunk is None:
+                raise ValueError(f"prefill rank {p} announced units for a request it holds no chunk of here")
+            units = M.ready_units(msg, chunk.unit_bytes, self.sources[p].info["staging"]["nbytes"], f"prefill rank {p}")
+            stale = [u for u, _, _ in units if (p, u) not in r.pending]
+            if stale:
+                raise ValueError(f"prefill rank {p} announced units {stale} again, which this rank already holds")
+        except ValueError as e:
+            r.error = f"request {r.id}: {e}"
             return
         if not r.ready_s:
             r.ready_s = time.monotonic() - r.start
-        if not self._landing(r, p, msg):
-            self._wait_slot.append((r, p, msg))
+        for unit in units:
+            if not self._landing(r, p, unit):
+                self._wait_slot.append((r, p, unit))
 
     def _release_request(self, r: Request) -> None:
         """Tell each source to free what it staged (or still queues) for a request that failed."""
@@ -322,20 +316,20 @@ class Receiver:
             src = self.sources[p]
             if src.alive:
                 try:
-                    send_msg(src.sock, {"type": "release", "req": r.id})
+                    send_msg(src.sock, {"type": M.RELEASE, "req": r.id})
                 except OSError:
                     pass
 
-    def _landing(self, r: Request, p: int, msg: dict) -> bool:
-        """Post the READ of a ready unit into a receive slot; False if no slot is free yet."""
-        unit, n = int(msg["unit"]), int(msg["nbytes"])
-        key = (r.id, p, unit)
+    def _landing(self, r: Request, p: int, unit: tuple[int, int, int]) -> bool:
+        """Post the READ of a ready (unit, offset, nbytes) into a receive slot; False if no slot is free yet."""
+        u, off, n = unit
+        key = (r.id, p, u)
         slot = self.pool.alloc(key, n)
         if slot is None:
             return False
         local = np.array([[self.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
-        remote = np.array([[int(msg["addr"]), n]], dtype=np.int64)
-        self._post(r, p, unit, key, local, remote, f"done:{r.id}:{unit}")
+        remote = np.array([[self.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
+        self._post(r, p, u, key, local, remote, f"done:{r.id}:{u}")
         return True
 
 

@@ -11,6 +11,8 @@ serves a small TCP side channel (hybrid-kv's framed wire format, every read boun
   unit; D then READs one descriptor per unit.
 - ``done``   D -> P: the READs finished (or were abandoned): P frees the slots. A closed connection
   and the slot lease free them too.
+- ``mode``   D -> P (auto only): ``part`` null: D reads this engine's state with vLLM's stock descriptors,
+  so P stops staging for it (``"all"``: packed again); answered ``mode-ok``.
 
 Packing runs on the connection's thread, not the engine loop, so an idle prefill engine still answers.
 """
@@ -18,8 +20,6 @@ Packing runs on the connection's thread, not the engine loop, so an idle prefill
 from __future__ import annotations
 
 import itertools
-import queue
-import select
 import socket
 import threading
 import time
@@ -30,22 +30,18 @@ import torch
 from vllm.logger import init_logger
 
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.copier import Copier
-from hybrid_kv.staging.handshake import check_fingerprints as check
 from hybrid_kv.staging.pool import LeasedPool
-from hybrid_kv.staging.template import PlanCache
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, expect, recv_msg, send_msg
+from hybrid_kv.staging.template import ALL, PlanCache
+from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
+from hybrid_kv.vllm.link import check_fingerprints
 from hybrid_kv.vllm.state import StateGeometry, state_chunk
 
 # under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
 log = init_logger("vllm.hybrid_kv")
 
 IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between requests
-
-
-def check_fingerprints(prefill: dict, decode: dict) -> None:
-    """Refuse a pair whose state pages cannot correspond; the message names the differing field."""
-    check(prefill, decode, extra=("state_layers",))
 
 
 class PrefillServer:
@@ -78,6 +74,7 @@ class PrefillServer:
         # connections that said hello: cid -> (socket, send lock, decode layout); pushes go to them
         self._peers: dict[int, tuple[socket.socket, threading.Lock, RankLayout]] = {}
         self._staged: dict[tuple, tuple] = {}  # (cid, request, decode rank) -> (blocks, offsets, sizes)
+        self._no_push: set[int] = set()  # connections whose decode rank reads the state the stock way
         self._prepacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-prepack")
         self.received: dict[str, int] = {}  # messages received, by type (tests count round trips)
         self._sock = socket.create_server((host, port), reuse_port=False)
@@ -144,17 +141,24 @@ class PrefillServer:
                     break
                 except ProtocolError as e:
                     log.warning("hybrid-kv: malformed message from a decode rank: %s", e)
-                    self._reply(conn, {"type": "error", "message": str(e)})
+                    self._reply(conn, {"type": M.ERROR, "message": str(e)})
                     break
                 kind = str(head["type"])[:32]
                 self.received[kind] = self.received.get(kind, 0) + 1
                 try:
                     reply = self._handle(head, cid, conn)
+                except ProtocolError as e:  # out of protocol: refuse and close
+                    self._reply(conn, {"type": M.ERROR, "message": str(e)}, cid)
+                    break
                 except Exception as e:  # refused: tell the decode rank why, keep serving
-                    reply = {"type": "error", "message": f"{type(e).__name__}: {e}"}
-                if not self._reply(conn, reply, cid):
+                    reply = {"type": M.ERROR, "message": f"{type(e).__name__}: {e}"}
+                    if head["type"] == M.RELEASE:  # no reply expected: say it in the log only
+                        log.warning("hybrid-kv: bad release from decode connection %d: %s", cid, e)
+                        reply = None
+                if reply is not None and not self._reply(conn, reply, cid):
                     break
         self._peers.pop(cid, None)
+        self._no_push.discard(cid)
         self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
 
     def _reply(self, conn: socket.socket, msg: dict, cid: int | None = None) -> bool:
@@ -169,19 +173,34 @@ class PrefillServer:
         except OSError:
             return False
 
-    def _handle(self, head: dict, cid: int, conn: socket.socket) -> dict:
+    def _handle(self, head: dict, cid: int, conn: socket.socket) -> dict | None:
         kind = head["type"]
-        if kind == "hello":
+        if kind == M.HELLO:
+            if cid in self._peers:
+                raise ProtocolError("second hello on one connection")
             reply = self._hello(head)
             self._peers[cid] = (conn, threading.Lock(), self._decode_layout(head))
             return reply
-        if kind == "pack":
-            return self._pack(head, cid)
-        if kind == "done":
-            req, d = str(head["request_id"]), int(head["dst_rank"])
-            self._free_where(lambda k: k[0] == cid and k[1] == req and k[2] == d)
-            return {"type": "ok"}
-        raise ProtocolError(f"unexpected message {kind!r} (expected hello, pack or done)")
+        if cid not in self._peers:
+            raise ProtocolError(f"{kind!r:.40} before a successful hello")
+        if kind == M.PACK:
+            self._pack(head, cid)
+            return {"type": M.OK}
+        if kind == M.MODE:  # auto: this decode rank reads the stock way (part null) or packed again
+            part = M.part(head.get("part"))
+            if part not in (None, ALL):
+                raise ValueError(f"mode part={list(part)!r} (this side channel packs all or nothing)")
+            if part is None:
+                self._no_push.add(cid)
+            else:
+                self._no_push.discard(cid)
+            self._free_where(lambda k: k[0] == cid)
+            return {"type": M.MODE_OK}
+        if kind == M.RELEASE:  # no reply: the READs are done (or abandoned)
+            req = M.request_id(head.get("req"))
+            self._free_where(lambda k: k[0] == cid and k[1] == req)
+            return None
+        raise ProtocolError(f"unexpected message {kind!r:.40} (expected hello, mode, pack or release)")
 
     def _decode_layout(self, head: dict) -> RankLayout:
         key = (head.get("tp_size"), head.get("tp_rank"))
@@ -205,7 +224,7 @@ class PrefillServer:
         self._decode_layout(head)
         lay = self.geom.layout
         return {
-            "type": "hello",
+            "type": M.WELCOME,
             "fingerprint": self.geom.fingerprint(),
             "tp_size": lay.tp_size,
             "tp_rank": lay.tp_rank,
@@ -213,13 +232,15 @@ class PrefillServer:
             "agent": self.agent_name,
         }
 
-    def _pack(self, head: dict, cid: int) -> dict:
-        dec = self._decode_layout(head)
-        req = str(head["request_id"])
+    def _pack(self, head: dict, cid: int) -> None:
+        """Stage the request for this connection's decode rank (unless it is staged already) and push
+        its `ready`; the caller's `ok` follows it on the same socket."""
+        conn, lock, dec = self._peers[cid]
+        req = M.request_id(head.get("req"))
         why = self.not_held(req)
         if why is not None:
             raise ValueError(f"request {req} is not held by this prefill rank: {why}")
-        blocks = {int(g): [int(b) for b in ids] for g, ids in head["blocks"]}
+        blocks = M.blocks_of(head.get("blocks"))
         self.geom.check_blocks(blocks, "prefill")
         lay = self.geom.layout
         pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
@@ -229,15 +250,19 @@ class PrefillServer:
         with self._cv:
             hit = self._staged.get((cid, req, dec.tp_rank))
         if hit is not None and hit[0] == blocks and hit[2] == sizes:  # packed when the prefill finished
-            return {"type": "ready", "units": [[off, n] for off, n in zip(hit[1], sizes)]}
-        self._free_where(lambda k: k[:3] == (cid, req, dec.tp_rank))  # staged for other block ids
-        offsets = self._alloc(keys, sizes, req)
-        try:
-            self.copier.run([(chunk, offsets)]).wait()  # on this connection's thread: the READ must see it
-        except BaseException:
-            self._free_where(lambda k: k in keys)
-            raise
-        return {"type": "ready", "units": [[off, n] for off, n in zip(offsets, sizes)]}
+            offsets = hit[1]
+        else:
+            self._free_where(lambda k: k[:3] == (cid, req, dec.tp_rank))  # staged for other block ids
+            offsets = self._alloc(keys, sizes, req)
+            try:
+                self.copier.run([(chunk, offsets)]).wait()  # on this connection's thread: the READ must see it
+            except BaseException:
+                self._free_where(lambda k: k in keys)
+                raise
+            with self._cv:
+                self._staged[(cid, req, dec.tp_rank)] = (blocks, offsets, sizes)
+        with lock:
+            send_msg(conn, M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], blocks))
 
     # ---- packing when the prefill finishes (before any decode rank asks) --------------------------------
 
@@ -251,6 +276,8 @@ class PrefillServer:
         lay = self.geom.layout
         jobs, pushes = [], []
         for cid, (conn, lock, dec) in list(self._peers.items()):
+            if cid in self._no_push:
+                continue
             pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
             if pair.state is None:
                 continue
@@ -286,12 +313,7 @@ class PrefillServer:
                 if not all(self.pool.held(k) for k in keys):
                     continue  # freed meanwhile (disconnect, forget)
                 self._staged[(cid, req, rank)] = (blocks, offsets, sizes)
-            msg = {
-                "type": "staged",
-                "request_id": req,
-                "blocks": [[g, ids] for g, ids in blocks.items()],
-                "units": [[off, n] for off, n in zip(offsets, sizes)],
-            }
+            msg = M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], blocks)
             try:
                 with lock:
                     send_msg(conn, msg)
@@ -319,79 +341,3 @@ class PrefillServer:
                         "(raise hybrid_kv_staging_bytes, or hybrid_kv_timeout_s to wait longer)"
                     )
                 self._cv.wait(min(left, 0.5))
-
-
-class PrefillLink:
-    """A decode rank's connection to one prefill rank's server: one call at a time; a reader thread takes
-    every message, hands replies to the waiting call and keeps `staged` pushes (bounded) for
-    `take_staged`."""
-
-    MAX_STAGED = 4096  # pushes kept for requests this rank has not reached yet
-
-    def __init__(self, host: str, port: int, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        try:
-            self._sock = socket.create_connection((host, port), timeout=timeout_s)
-        except OSError as e:
-            raise ConnectionError(f"hybrid-kv side channel {host}:{port} unreachable: {e}") from e
-        self._sock.settimeout(None)  # the reader blocks; calls wait on their own deadline
-        self.peer: dict = {}
-        self._replies: queue.Queue = queue.Queue()
-        self._staged: dict[str, dict] = {}
-        self._staged_lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, name="hybrid-kv-link-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                select.select([self._sock], [], [])  # idle for as long as it likes; woken by close
-                head, _ = recv_msg(self._sock, self.timeout_s)  # a message that started must complete
-            except (ProtocolError, TimeoutError, OSError, ValueError) as e:
-                self._replies.put(e)  # wakes a waiting call; later calls fail at once
-                return
-            if head.get("type") == "staged":
-                with self._staged_lock:
-                    self._staged[str(head.get("request_id"))] = head
-                    while len(self._staged) > self.MAX_STAGED:
-                        self._staged.pop(next(iter(self._staged)))
-            else:
-                self._replies.put(head)
-
-    def take_staged(self, request_id: str) -> dict | None:
-        """The prefill rank's push for `request_id`, if it came (removed: used once)."""
-        with self._staged_lock:
-            return self._staged.pop(request_id, None)
-
-    def call(self, msg: dict, *expected: str) -> dict:
-        with self._lock:
-            send_msg(self._sock, msg)
-            try:
-                head = self._replies.get(timeout=self.timeout_s)
-            except queue.Empty as e:
-                raise TimeoutError(
-                    f"no {msg['type']} reply from the prefill rank within hybrid_kv_timeout_s={self.timeout_s:g} s"
-                ) from e
-            if isinstance(head, BaseException):
-                self._replies.put(head)
-                raise ConnectionError(f"hybrid-kv side channel lost: {head}") from head
-        return expect(head, *expected)
-
-    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:
-        self.peer = self.call(
-            {"type": "hello", "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}, "hello"
-        )
-        check_fingerprints(self.peer["fingerprint"], fingerprint)
-        return self.peer
-
-    def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
-        self._reader.join(timeout=5)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from hybrid_kv.staging.mode import FLAG as FLAG  # re-exported: hybrid_kv.vllm.FLAG
 from hybrid_kv.staging.mode import parse_mode
 
-MODES = ("packed", "strided")
+MODES = ("packed", "strided", "auto")
 
 
 def transfer_mode(environ: dict | None = None) -> str:
@@ -35,6 +35,11 @@ class PackedConfig:
     # slot is never reused while a slow decode rank may still READ it.
     lease_s: float = 180.0
     backend: str | None = None  # "triton" | "torch" for pack/scatter (default: triton on GPU)
+    # auto: the cost model's inputs; unset ones are measured (copy at start-up, descriptor cost at the
+    # first handshake with each prefill engine)
+    desc_cost_us: float | None = None
+    copy_gbps: float | None = None
+    auto_concurrency: int = 1  # requests in flight per decode rank that the auto cost model assumes
 
     KEYS: ClassVar[dict[str, str]] = {
         "hybrid_kv_staging_bytes": "staging_bytes",
@@ -43,10 +48,14 @@ class PackedConfig:
         "hybrid_kv_timeout_s": "timeout_s",
         "hybrid_kv_staging_lease_s": "lease_s",
         "hybrid_kv_backend": "backend",
+        "hybrid_kv_desc_cost_us": "desc_cost_us",
+        "hybrid_kv_copy_gbps": "copy_gbps",
+        "hybrid_kv_auto_concurrency": "auto_concurrency",
     }
 
     def __post_init__(self) -> None:
-        for name, low in (("staging_bytes", 4096), ("max_unit_bytes", 16), ("port_offset", 1)):
+        ints = (("staging_bytes", 4096), ("max_unit_bytes", 16), ("port_offset", 1), ("auto_concurrency", 1))
+        for name, low in ints:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 raise ValueError(f"{self._key(name)}={v!r} must be an integer >= {low}")
@@ -54,6 +63,12 @@ class PackedConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{self._key(name)}={v!r} must be a positive number of seconds")
+        for name, low_ok in (("desc_cost_us", True), ("copy_gbps", False)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or (v == 0 and not low_ok):
+                raise ValueError(f"{self._key(name)}={v!r} must be a {'non-negative' if low_ok else 'positive'} number")
         if self.lease_s < 2 * self.timeout_s:
             raise ValueError(
                 f"hybrid_kv_staging_lease_s={self.lease_s!r} must be at least twice hybrid_kv_timeout_s="

@@ -6,8 +6,11 @@ Select it with (one line)::
                            "kv_connector_module_path":"hybrid_kv.vllm","kv_role":"kv_both"}'
 
 `HYBRID_KV_TRANSFER=packed` (default) moves the Mamba/GDN state through hybrid-kv's gather -> one
-descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs vLLM's stock worker unchanged.
-The scheduler side is vLLM's own in both modes. Being a `NixlPullConnector`, it keeps `SupportsHMA`.
+descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs vLLM's stock worker unchanged;
+`auto` runs the packed worker and lets each decode rank choose, per prefill engine at handshake, between
+packing and vLLM's stock descriptors with the cost model (`hybrid_kv.vllm.auto`; packed wherever the
+stock path would move wrong bytes). The scheduler is vLLM's own (packed and auto: plus the finished
+requests' block ids for the prefill-side packers). Being a `NixlPullConnector`, it keeps `SupportsHMA`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class HybridKVConnector(NixlPullConnector):
         # NixlPullConnector.__init__ would build a stock worker (and its NIXL agent) first; skip it.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
-            if self.transfer_mode == "packed":  # also hands finished requests' block ids to the packers
+            if self.transfer_mode != "strided":  # also hands finished requests' block ids to the packers
                 from hybrid_kv.vllm.scheduler import HybridKVScheduler
 
                 cls = HybridKVScheduler
@@ -39,10 +42,12 @@ class HybridKVConnector(NixlPullConnector):
             self.connector_worker = None
         elif role == KVConnectorRole.WORKER:
             self.connector_scheduler = None
-            if self.transfer_mode == "packed":
+            if self.transfer_mode != "strided":
                 from hybrid_kv.vllm.worker import HybridKVWorker
 
-                self.connector_worker = HybridKVWorker(vllm_config, self.engine_id, kv_cache_config)
+                self.connector_worker = HybridKVWorker(
+                    vllm_config, self.engine_id, kv_cache_config, mode=self.transfer_mode
+                )
             else:
                 self.connector_worker = NixlPullConnectorWorker(vllm_config, self.engine_id, kv_cache_config)
         else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from vllm.logger import init_logger
 
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pool import Slot
 from hybrid_kv.vllm.state import state_chunk
@@ -56,6 +57,8 @@ class PackedReceive:
             or engine_id in self._invalid_remote_engines
         ):
             return super()._read_blocks_for_req(req_id, meta)
+        if self.hkv_auto.get(engine_id, {}).get("reads") == "stock":  # auto chose vLLM's own descriptors
+            return super()._read_blocks_for_req(req_id, meta)
         local, remote = self._mamba_blocks(meta)
         if not local:  # nothing of the state to move (e.g. a full local hit): the stock path notifies
             return super()._read_blocks_for_req(req_id, meta)
@@ -83,8 +86,8 @@ class PackedReceive:
         staged = {}
         for p in recv.units:  # packed when the prefill finished: no reply to wait for
             push = self._hkv_links[(engine_id, p)].take_staged(meta.remote.request_id)
-            if push is not None and {int(g): list(ids) for g, ids in push.get("blocks", [])} == recv.remote:
-                staged[p] = push["units"]
+            if push is not None and self._same_blocks(push, recv.remote):
+                staged[p] = push
         self.hkv_round_trips[req_id] = len(recv.units) - len(staged)
         if len(staged) == len(recv.units):
             fut: Future = Future()
@@ -121,42 +124,44 @@ class PackedReceive:
                 self._hkv_pool.free(slot.key)
         recv.slots.clear()
 
-    def _check_staged(self, recv: RecvState, staged: dict[int, list]) -> dict[int, list[list[int]]]:
-        for p, got in staged.items():
-            self._check_units(recv, p, got)
-        return staged
+    @staticmethod
+    def _same_blocks(push: dict, remote: dict[int, list[int]]) -> bool:
+        try:
+            return M.blocks_of(push.get("blocks")) == remote
+        except ValueError:
+            return False  # checked again, and refused with its value, by `_check_units`
 
-    def _check_units(self, recv: RecvState, p: int, got) -> None:
-        """A source's (offset, bytes) units, checked against this rank's own chunk and the source's
-        registered staging before any READ is posted."""
+    def _check_staged(self, recv: RecvState, staged: dict[int, dict]) -> dict[int, list[tuple[int, int, int]]]:
+        return {p: self._check_units(recv, p, push) for p, push in staged.items()}
+
+    def _check_units(self, recv: RecvState, p: int, push: dict) -> list[tuple[int, int, int]]:
+        """A source's `ready`, checked against this rank's own chunk and the source's registered staging
+        before any READ is posted: every unit of the chunk, each of its planned size, inside the staging."""
         size = int(self._hkv_links[(recv.engine_id, p)].peer["staging"][1])
-        ok = isinstance(got, list) and all(
-            isinstance(u, list) and len(u) == 2 and all(type(x) is int for x in u) for u in got
-        )
-        if not ok or [n for _, n in got] != recv.units[p] or any(off < 0 or off + n > size for off, n in got):
-            raise RuntimeError(
-                f"prefill rank {p} staged units {got!r:.200}, expected sizes {recv.units[p]} inside its "
-                f"{size}-byte staging"
+        units = M.ready_units(push, recv.units[p], size, f"prefill rank {p}")
+        if len(units) != len(recv.units[p]) or not self._same_blocks(push, recv.remote):
+            raise ValueError(
+                f"prefill rank {p} announced units {[u for u, _, _ in units]} of blocks "
+                f"{push.get('blocks')!r:.120}; this rank needs units 0..{len(recv.units[p]) - 1} of {recv.remote}"
             )
+        return sorted(units)
 
-    def _request_pack(self, req_id: str, recv: RecvState, staged: dict | None = None) -> dict[int, list[list[int]]]:
-        """(client thread) ask every source prefill rank that has not staged the request to pack."""
-        out: dict[int, list[list[int]]] = dict(self._check_staged(recv, staged or {}))
+    def _request_pack(self, req_id: str, recv: RecvState, staged: dict | None = None):
+        """(client thread) ask every source prefill rank that has not staged the request to pack: its
+        `ready` comes ahead of its `ok`."""
+        out = self._check_staged(recv, staged or {})
         try:
             for p in recv.units:
                 if p in out:
                     continue
                 link = self._hkv_links[(recv.engine_id, p)]
-                msg = {
-                    "type": "pack",
-                    "request_id": recv.meta.remote.request_id,
-                    "tp_size": self.world_size,
-                    "tp_rank": self.tp_rank,
-                    "blocks": [[g, ids] for g, ids in recv.remote.items()],
-                }
-                got = link.call(msg, "ready")["units"]
-                self._check_units(recv, p, got)
-                out[p] = got
+                req = recv.meta.remote.request_id
+                msg = {"type": M.PACK, "req": req, "blocks": [[g, ids] for g, ids in recv.remote.items()]}
+                link.call(msg, M.OK)
+                push = link.take_staged(req)
+                if push is None:
+                    raise RuntimeError(f"prefill rank {p} answered pack of {req} without announcing its units")
+                out[p] = self._check_units(recv, p, push)
         except BaseException:
             self._send_done(recv, list(out))
             raise
@@ -164,9 +169,8 @@ class PackedReceive:
 
     def _send_done(self, recv: RecvState, ranks: list[int]) -> None:
         for p in ranks:
-            msg = {"type": "done", "request_id": recv.meta.remote.request_id, "dst_rank": self.tp_rank}
             try:
-                self._hkv_links[(recv.engine_id, p)].call(msg, "ok")
+                self._hkv_links[(recv.engine_id, p)].send({"type": M.RELEASE, "req": recv.meta.remote.request_id})
             except Exception as e:  # the prefill lease frees the slots anyway
                 log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
 
@@ -213,7 +217,7 @@ class PackedReceive:
             stock.remote.block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.remote.block_ids)]
             super()._read_blocks_for_req(req_id, stock)
 
-    def _post_reads(self, req_id: str, recv: RecvState, staged: dict[int, list[list[int]]]) -> None:
+    def _post_reads(self, req_id: str, recv: RecvState, staged: dict[int, list[tuple[int, int, int]]]) -> None:
         nx, mem = self.nixl_wrapper, self.nixl_memory_type
         base = self._hkv_staging.data_ptr()
         recv.posted = True
@@ -222,7 +226,7 @@ class PackedReceive:
             link = self._hkv_links[(recv.engine_id, p)]
             p_addr, _, p_dev = link.peer["staging"]
             agent = self._remote_agents[recv.engine_id][(0, p)]
-            for (off, nbytes), slot in zip(units, recv.slots[p]):
+            for (_, off, nbytes), slot in zip(units, recv.slots[p]):
                 local = nx.get_xfer_descs([(base + slot.offset, int(nbytes), self._hkv_desc[2])], mem)
                 remote = nx.get_xfer_descs([(int(p_addr) + int(off), int(nbytes), int(p_dev))], mem)
                 handle = nx.initialize_xfer("READ", local, remote, agent)

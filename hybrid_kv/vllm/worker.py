@@ -37,11 +37,15 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.ops import resolve_backend
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.cost import copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import PlanCache
-from hybrid_kv.vllm.channel import PrefillLink, PrefillServer
+from hybrid_kv.vllm import auto
+from hybrid_kv.vllm.channel import PrefillServer
 from hybrid_kv.vllm.config import PackedConfig, side_port
+from hybrid_kv.vllm.link import PrefillLink
 from hybrid_kv.vllm.receive import PackedReceive, RecvState
 from hybrid_kv.vllm.state import StateGeometry, model_spec
 
@@ -51,7 +55,7 @@ log = init_logger("vllm.hybrid_kv")
 COMPAT_TAG = "hybrid-kv-packed/1"
 
 
-def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
+def _refuse_unsupported(vllm_config, kv_cache_config, mode: str) -> None:
     """Deployments the packed state path does not handle (the stock one may): a clear start-up error."""
     has_state = any(
         isinstance(s, MambaSpec)
@@ -70,15 +74,18 @@ def _refuse_unsupported(vllm_config, kv_cache_config) -> None:
     }
     for what, hit in bad.items():
         if hit:
-            raise ValueError(f"HYBRID_KV_TRANSFER=packed does not support {what}; use HYBRID_KV_TRANSFER=strided")
+            raise ValueError(f"HYBRID_KV_TRANSFER={mode} does not support {what}; use HYBRID_KV_TRANSFER=strided")
 
 
 class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
     """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source."""
 
-    def __init__(self, vllm_config, engine_id: str, kv_cache_config) -> None:
+    def __init__(self, vllm_config, engine_id: str, kv_cache_config, mode: str = "packed") -> None:
+        if mode not in ("packed", "auto"):
+            raise ValueError(f"HybridKVWorker mode {mode!r} (accepted: packed, auto; strided is vLLM's worker)")
+        self.hkv_mode = mode
         self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
-        _refuse_unsupported(vllm_config, kv_cache_config)  # before the stock worker creates its NIXL agent
+        _refuse_unsupported(vllm_config, kv_cache_config, mode)  # before the stock worker creates its NIXL agent
         # The stock worker asserts the DS conv layout because its 3-read needs channel-contiguous x|B|C.
         # Packing addresses each channel slice itself, so SD works too: let those asserts see DS (the stock
         # Mamba descriptors they guard are registered but never used in packed mode).
@@ -115,6 +122,9 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
         self._hkv_scattering: list[tuple[Done, list[str]]] = []  # launched scatters not yet complete
         self.hkv_descriptors: dict[str, int] = {}  # state descriptors posted per request (telemetry aside)
         self.hkv_round_trips: dict[str, int] = {}  # pack replies each request waited for
+        self.hkv_auto: dict[str, dict] = {}  # auto: prefill engine -> this rank's choice and its inputs
+        self._hkv_copy_gbps: float | None = None
+        self._hkv_cal_addr = 0
 
     # ---- registration ---------------------------------------------------------------------------------
 
@@ -186,10 +196,16 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
         dev = geom.storage.device
         self._hkv_plans = PlanCache(spec, conv_layout, kv_layout, self.hkv.max_unit_bytes, kv=False)
         self._hkv_backend = resolve_backend(self.hkv.backend, dev)
-        self._hkv_staging = torch.empty(self.hkv.staging_bytes, dtype=torch.uint8, device=dev)
+        cal = auto.CAL_BYTES if self.hkv_mode == "auto" else 0  # outside the pool: no request's slot
+        whole = torch.empty(self.hkv.staging_bytes + cal, dtype=torch.uint8, device=dev)
+        self._hkv_staging = whole[: self.hkv.staging_bytes]
         self._hkv_copier = Copier(geom.storage, geom.pages, self._hkv_staging, "decode", self._hkv_backend)
         self._hkv_pool = LeasedPool(self.hkv.staging_bytes)
-        self._hkv_desc = (self._hkv_staging.data_ptr(), self._hkv_staging.numel(), dev.index or 0)
+        self._hkv_desc = (whole.data_ptr(), whole.numel(), dev.index or 0)
+        self._hkv_cal_addr = whole.data_ptr() + self.hkv.staging_bytes
+        if self.hkv_mode == "auto":
+            half = min(32 << 20, self.hkv.staging_bytes // 2)
+            self._hkv_copy_gbps = self.hkv.copy_gbps or copy_gbps(whole[:half], whole[half : 2 * half])
         self._hkv_reg = self.nixl_wrapper.get_reg_descs([(*self._hkv_desc, "")], self.nixl_memory_type)
         self.nixl_wrapper.register_memory(self._hkv_reg, backends=self.nixl_backends)
         self._hkv_geom = geom
@@ -229,11 +245,31 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
         if fresh:
             self._hkv_connect(key, remote_tp_size)
         try:
-            return super().add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
+            name = super().add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
         except BaseException:
             if fresh:
                 self._hkv_links.pop(key).close()
             raise
+        if fresh and self.hkv_mode == "auto":
+            self._hkv_choose(key, remote_tp_size, name)
+        return name
+
+    def _hkv_choose(self, key: tuple[str, int], remote_tp: int, agent_name: str) -> None:
+        """auto: decide once per prefill engine (on the handshake thread); tell each of its ranks that
+        reads the stock way to stop staging for this rank."""
+        link = self._hkv_links[key]
+        if key[0] not in self.hkv_auto:
+            try:
+                choice = auto.choose(self, remote_tp, agent_name, link.peer["staging"])
+            except Exception as e:  # packing is exact for every pair: the safe choice when unsure
+                choice = {"reads": "packed", "why": f"cost model failed ({type(e).__name__}: {e})"}
+            self.hkv_auto[key[0]] = choice
+            log.info("hybrid-kv auto: state from engine %s read %s: %s", key[0], choice["reads"], choice["why"])
+        if self.hkv_auto[key[0]]["reads"] == "stock":
+            try:
+                link.call({"type": M.MODE, "part": None}, M.MODE_OK)
+            except Exception as e:  # the source's staged copies expire with their lease
+                log.warning("hybrid-kv: could not tell prefill rank %d to stop staging: %s", key[1], e)
 
     def _hkv_connect(self, key: tuple[str, int], remote_tp: int) -> None:
         """hello with one prefill rank: both sides check the other's pages before any descriptor exists."""

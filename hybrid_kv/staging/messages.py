@@ -1,0 +1,100 @@
+"""The one side-channel vocabulary of both shells (framing: `hybrid_kv.transport.wire`).
+
+Decode rank -> prefill rank:
+
+* ``hello``   {tp_size, tp_rank, fingerprint | rank fields, agent} (+ NIXL metadata in the CLI) -> ``welcome``
+  {the prefill rank's fields, its staging region} or ``error``. Nothing else is served before it.
+* ``mode``    {part}: what the prefill rank packs for this decode rank from now on: null (nothing: the
+  decode rank reads page to page, or with vLLM's stock descriptors), ["all", 0] or ["small", threshold]
+  (auto's short runs) -> ``mode-ok``. Whatever it still held for the decode rank is dropped.
+* ``pack``    {req, blocks} (the connector, only when nothing was pushed for the request) -> ``ready``,
+  then ``ok`` (or ``error``).
+* ``release`` {req}: the decode rank is done with the request's staged units (read, failed or given up).
+* ``ping`` -> ``pong`` (the auto cost model's round trip); ``bye``.
+
+Prefill rank -> decode rank, unasked:
+
+* ``ready``   {req, units: [[unit, offset, nbytes], ...], blocks?}: units staged for the request at
+  `offset` of the prefill rank's registered staging; the decode rank READs each one descriptor.
+* ``error``   {message, req?}: a refused request (or message), named.
+
+Every field is checked here, against the receiver's own plan, before it is used (`ready_units`, `part`,
+`request_id`): a value that does not fit fails the request (or the message) with its name and value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+HELLO, WELCOME, MODE, MODE_OK, PACK, OK = "hello", "welcome", "mode", "mode-ok", "pack", "ok"
+READY, RELEASE, PING, PONG, BYE, ERROR = "ready", "release", "ping", "pong", "bye", "error"
+
+MAX_REQUEST_ID = 512  # characters
+MAX_THRESHOLD = 1 << 40
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def request_id(v) -> str:
+    """A request id as sent: a non-empty string of at most MAX_REQUEST_ID characters."""
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_REQUEST_ID:
+        raise ValueError(f"request id {v!r:.80} (accepted: a string of 1 to {MAX_REQUEST_ID} characters)")
+    return v
+
+
+def part(v) -> tuple | None:
+    """A `mode` message's part: null, ["all", 0] or ["small", threshold] (checked, never trusted)."""
+    if v is None:
+        return None
+    if isinstance(v, list) and len(v) == 2 and v[0] in ("all", "small") and _int(v[1]) and 0 <= v[1] <= MAX_THRESHOLD:
+        if v[0] == "all" and v[1] != 0:
+            raise ValueError(f"mode part={v!r:.80} (['all', 0] takes no threshold)")
+        return (v[0], v[1])
+    raise ValueError(f"mode part={v!r:.80} (accepted: null, ['all', 0], ['small', threshold >= 0])")
+
+
+def ready(req: str, units: Sequence[tuple[int, int, int]], blocks: dict | None = None) -> dict:
+    """The `ready` announcement of `units` ((unit, offset, nbytes), offsets into the sender's staging)."""
+    msg = {"type": READY, "req": req, "units": [[int(u), int(o), int(n)] for u, o, n in units]}
+    if blocks is not None:
+        msg["blocks"] = [[int(g), [int(b) for b in ids]] for g, ids in blocks.items()]
+    return msg
+
+
+def ready_units(msg: dict, sizes: Sequence[int], staging_bytes: int, source: str) -> list[tuple[int, int, int]]:
+    """The (unit, offset, nbytes) a `ready` announces, checked against the receiver's own chunk (`sizes`
+    of its units, which both sides compute from their own block ids) and the source's registered
+    staging: each unit index in range and announced once, its size the planned size, its range inside
+    the staging. Anything else raises, naming what was announced and what the plan holds."""
+    got = msg.get("units")
+    ok = isinstance(got, list) and 0 < len(got) <= len(sizes)
+    out: list[tuple[int, int, int]] = []
+    if ok:
+        for e in got:
+            if not (isinstance(e, list) and len(e) == 3 and all(_int(x) for x in e)):
+                ok = False
+                break
+            u, off, n = e
+            if not (0 <= u < len(sizes) and n == sizes[u] and 0 <= off and off + n <= staging_bytes):
+                ok = False
+                break
+            out.append((u, off, n))
+        ok = ok and len({u for u, _, _ in out}) == len(out)
+    if not ok:
+        raise ValueError(
+            f"{source} announced units={got!r:.200}, which its plan for this rank does not hold "
+            f"(unit sizes {list(sizes)!r:.120} inside its {staging_bytes}-byte staging)"
+        )
+    return out
+
+
+def blocks_of(v) -> dict[int, list[int]]:
+    """[[group, [block ids]], ...] as sent -> {group: ids} (ints only; ranges are the receiver's check)."""
+    if not isinstance(v, list) or not all(
+        isinstance(e, list) and len(e) == 2 and _int(e[0]) and isinstance(e[1], list) and all(_int(b) for b in e[1])
+        for e in v
+    ):
+        raise ValueError(f"blocks={v!r:.120} (accepted: [[group, [block ids]], ...] of integers)")
+    return {g: list(ids) for g, ids in v}

@@ -1,0 +1,98 @@
+"""The decode rank's end of the hybrid-kv side channel (`channel.PrefillServer` is the other end)."""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import threading
+
+from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.handshake import check_fingerprints as check
+from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg
+
+
+def check_fingerprints(prefill: dict, decode: dict) -> None:
+    """Refuse a pair whose state pages cannot correspond; the message names the differing field."""
+    check(prefill, decode, extra=("state_layers",))
+
+
+class PrefillLink:
+    """A decode rank's connection to one prefill rank's server: one call at a time; a reader thread takes
+    every message, hands replies to the waiting call and keeps `ready` pushes (bounded, the last per
+    request) for `take_staged`."""
+
+    MAX_STAGED = 4096  # pushes kept for requests this rank has not reached yet
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout_s)
+        except OSError as e:
+            raise ConnectionError(f"hybrid-kv side channel {host}:{port} unreachable: {e}") from e
+        self._sock.settimeout(None)  # the reader blocks; calls wait on their own deadline
+        self.peer: dict = {}
+        self._replies: queue.Queue = queue.Queue()
+        self._staged: dict[str, dict] = {}
+        self._staged_lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, name="hybrid-kv-link-reader", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                select.select([self._sock], [], [])  # idle for as long as it likes; woken by close
+                head, _ = recv_msg(self._sock, self.timeout_s)  # a message that started must complete
+            except (ProtocolError, TimeoutError, OSError, ValueError) as e:
+                self._replies.put(e)  # wakes a waiting call; later calls fail at once
+                return
+            if head.get("type") == M.READY:
+                with self._staged_lock:
+                    self._staged[str(head.get("req"))] = head
+                    while len(self._staged) > self.MAX_STAGED:
+                        self._staged.pop(next(iter(self._staged)))
+            else:
+                self._replies.put(head)
+
+    def take_staged(self, request_id: str) -> dict | None:
+        """The prefill rank's push for `request_id`, if it came (removed: used once)."""
+        with self._staged_lock:
+            return self._staged.pop(request_id, None)
+
+    def call(self, msg: dict, *expected: str) -> dict:
+        with self._lock:
+            send_msg(self._sock, msg)
+            try:
+                head = self._replies.get(timeout=self.timeout_s)
+            except queue.Empty as e:
+                raise TimeoutError(
+                    f"no {msg['type']} reply from the prefill rank within hybrid_kv_timeout_s={self.timeout_s:g} s"
+                ) from e
+            if isinstance(head, BaseException):
+                self._replies.put(head)
+                raise ConnectionError(f"hybrid-kv side channel lost: {head}") from head
+        return expect(head, *expected)
+
+    def send(self, msg: dict) -> None:
+        """A message that takes no reply (`release`)."""
+        with self._lock:
+            send_msg(self._sock, msg)
+
+    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:
+        self.peer = self.call(
+            {"type": M.HELLO, "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}, M.WELCOME
+        )
+        check_fingerprints(self.peer["fingerprint"], fingerprint)
+        return self.peer
+
+    def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self._reader.join(timeout=5)
