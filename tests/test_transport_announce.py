@@ -135,3 +135,24 @@ def victim_pages(dec: DecodeEndpoint, req: dict) -> list[int]:
         ids = kv if layer.kind.value == "attention" else [state]
         out += [layer.index * n + b for b in ids]
     return out
+
+
+def test_new_run_drops_what_the_source_held_for_the_last(pair):
+    """A decode rank that starts a new run (`mode`) gets nothing of the last one: units packed and
+    announced for requests it never read are freed at once, not when their lease expires (30 s)."""
+    src, dec, reqs = pair
+    dec.reset(SEED)
+    dec.configure("packed", reqs, 2)
+    src.call(lambda: src.ep.prefilled(reqs))  # packed and announced; this rank never reads them
+    deadline = time.monotonic() + 30
+    while src.ep.stats["packed_units"] < len(reqs):
+        assert time.monotonic() < deadline, src.ep.counts()
+        time.sleep(0.01)
+    held = src.ep.pool.live
+    assert held >= len(reqs)
+    dec.configure("packed", reqs, 2)  # the next run
+    src.call(lambda: None)  # the source's loop has handled the mode
+    assert src.ep.pool.live == 0 and not src.ep.waiting, src.ep.counts()
+    done = run(src, dec, reqs)  # and the new run is whole: the stale announcements were not used
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+    assert dec.mismatches(SEED, reqs, set(done)) == []

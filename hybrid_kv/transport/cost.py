@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from hybrid_kv.plan import TransferPlan
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.cost import CAL_DESCS, CAL_REPEATS, CAL_SIZE, packing_pays
 from hybrid_kv.staging.cost import copy_gbps as measure_copy_gbps
 from hybrid_kv.staging.cost import desc_cost_us as measure_desc_cost_us
@@ -43,8 +44,8 @@ def calibrate(ep, src) -> dict:
         ts = []
         for _ in range(CAL_REPEATS):
             t = time.monotonic()
-            send_msg(src.sock, {"type": "ping"})
-            expect(recv_msg(src.sock, opts.handshake_timeout_s)[0], "pong")
+            send_msg(src.sock, {"type": M.PING})
+            expect(recv_msg(src.sock, opts.handshake_timeout_s)[0], M.PONG)
             ts.append(time.monotonic() - t)
         rtt_us = _median(ts) * 1e6
     desc_us = desc_us or 0.0

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybrid_kv.plan import TransferPlan
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
@@ -90,11 +91,11 @@ class DecodeEndpoint(Receiver):
             sock = socket.create_connection((host, port), timeout=self.opts.handshake_timeout_s)
             send_msg(
                 sock,
-                {"type": "hello", **hello_fields(self.layout, self.cfg), "agent": self.agent.name},
+                {"type": M.HELLO, **hello_fields(self.layout, self.cfg), "agent": self.agent.name},
                 self.agent.metadata(),
             )
             msg, meta = recv_msg(sock, self.opts.handshake_timeout_s)
-            expect(msg, "welcome")
+            expect(msg, M.WELCOME)
             theirs = check_peer(self.layout, msg, "decode", "prefill")
             if theirs.tp_rank != p:
                 raise ValueError(f"prefill at {host}:{port} is rank {theirs.tp_rank}, expected {p}")
@@ -197,7 +198,7 @@ class DecodeEndpoint(Receiver):
         for src in self.sources.values():
             if src.alive:
                 try:
-                    send_msg(src.sock, {"type": "bye"})
+                    send_msg(src.sock, {"type": M.BYE})
                 except OSError:
                     pass
                 src.sock.close()

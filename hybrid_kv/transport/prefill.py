@@ -217,8 +217,8 @@ class PrefillEndpoint:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
         except (ValueError, KeyError, TypeError, ProtocolError) as e:
             self._error(peer, str(e), req=msg.get("req"))
-            if msg.get("type") == "hello" or isinstance(e, ProtocolError):
-                self.stats["refused_handshakes"] += msg.get("type") == "hello"
+            if msg.get("type") == M.HELLO or isinstance(e, ProtocolError):
+                self.stats["refused_handshakes"] += msg.get("type") == M.HELLO
                 self._drop(peer, str(e))
 
     def _error(self, peer: Peer, message: str, **extra) -> None:

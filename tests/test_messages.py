@@ -1,0 +1,55 @@
+"""The one side-channel vocabulary (`hybrid_kv.staging.messages`): every peer value checked, on
+hand-built messages; both shells' tests cover the same checks on the wire."""
+
+import pytest
+
+from hybrid_kv.staging import messages as M
+
+SIZES = [100, 100, 40]  # the receiver's own plan: three units
+STAGING = 1000
+
+
+def test_ready_round_trips_through_its_check():
+    msg = M.ready("r1", [(2, 960, 40), (0, 0, 100)], {3: [7, 8]})
+    assert msg == {"type": "ready", "req": "r1", "units": [[2, 960, 40], [0, 0, 100]], "blocks": [[3, [7, 8]]]}
+    assert M.ready_units(msg, SIZES, STAGING, "p0") == [(2, 960, 40), (0, 0, 100)]
+    assert M.blocks_of(msg["blocks"]) == {3: [7, 8]}
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        [[0, 0, 101]],  # not the planned size
+        [[3, 0, 40]],  # no such unit
+        [[-1, 0, 40]],
+        [[2, 961, 40]],  # ends past the staging
+        [[2, -1, 40]],
+        [[0, 0, 100], [0, 100, 100]],  # announced twice
+        [[0, 0, 100], [1, 100, 100], [2, 200, 40], [2, 300, 40]],  # more entries than units
+        [[0, "0", 100]],
+        [[0, 0, True]],
+        [[0, 0]],
+        [],
+        None,
+        "units",
+    ],
+)
+def test_ready_units_refuses_what_the_plan_does_not_hold(units):
+    with pytest.raises(ValueError, match=r"p0 announced units=.*which its plan for this rank does not hold"):
+        M.ready_units({"type": "ready", "req": "r", "units": units}, SIZES, STAGING, "p0")
+
+
+def test_part_request_id_blocks():
+    assert M.part(None) is None
+    assert M.part(["all", 0]) == ("all", 0)
+    assert M.part(["small", 4096]) == ("small", 4096)
+    for bad in ("all", ["all", 5], ["small", -1], ["small", 1 << 41], ["big", 0], ["small", 1.5], ["small", True]):
+        with pytest.raises(ValueError, match="mode part="):
+            M.part(bad)
+    assert M.request_id("x" * 512) == "x" * 512
+    for bad in ("", "x" * 513, 7, None, ["r"]):
+        with pytest.raises(ValueError, match="request id"):
+            M.request_id(bad)
+    for bad in ([[0, [1.0]]], [[0, 1]], [["0", [1]]], {"0": [1]}, [[0, [True]]]):
+        with pytest.raises(ValueError, match="blocks="):
+            M.blocks_of(bad)
