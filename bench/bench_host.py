@@ -25,6 +25,7 @@ step. Prints one JSON object with --json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -50,6 +51,7 @@ from hybrid_kv.staging.template import ALL, PlanCache
 
 ROWS = [("qwen3.5-27b", 2, 4), ("qwen3.5-397b-a17b", 8, 4), ("nemotron-h-8b", 1, 2)]
 UNIT = 256 << 20  # the connector's default unit budget
+VARIANTS = 4  # distinct block-id sets, cycled: consecutive requests never share their ids
 STAGING = 1 << 30
 
 
@@ -147,10 +149,12 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     server._peers[0] = (ours, threading.Lock(), RankLayout(spec, dtp, 0))
-    finished = {"r": {g: [3] for g in pgeom.groups}}
+    # every request has other block ids (a memo of the last request's offsets must not flatter it)
+    finished = [{"r": {g: [b] for g in pgeom.groups}} for b in range(VARIANTS)]
+    turn = itertools.count()
 
     def prefill() -> None:
-        server._prepack(finished)
+        server._prepack(finished[next(turn) % VARIANTS])
 
     def done() -> None:  # the READ's 'done' (not timed); drain the push
         server._free_where(lambda k: True)
@@ -163,9 +167,10 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     recv_stage = torch.empty(STAGING, dtype=torch.uint8)
     dcopier = Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", "torch")
     pool = StagingPool(STAGING)
-    local = {g: [5] for g in dgeom.groups}
+    locals_ = [{g: [b] for g in dgeom.groups} for b in range(VARIANTS)]
 
     def decode() -> None:
+        local = locals_[next(turn) % VARIANTS]
         dgeom.check_blocks(local, "decode")  # _read_blocks_for_req
         chunks = {
             p: state_chunk(plans.pair(ptp, dtp, p, 0), dgeom, local, "decode", plans.shapes)
@@ -190,7 +195,9 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         "stock_host_us": None,
         "round_trips": 0,  # after warm-up: pushed when the prefill finished (tests/test_vllm_connector.py)
         "launches_per_step": {"prefill": 1, "decode": 1},  # every request finished / landed in one step
-        "slots_per_request": len(state_chunk(plans.pair(ptp, dtp, src, 0), dgeom, local, "decode", plans.shapes).tpl),
+        "slots_per_request": len(
+            state_chunk(plans.pair(ptp, dtp, src, 0), dgeom, locals_[0], "decode", plans.shapes).tpl
+        ),
     }
 
 
@@ -221,12 +228,18 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         plans=plans, cfg=types.SimpleNamespace(block_size=16, tp_size=ptp), rank=src, layout=players[src], pages=ppages
     )
     peer = Peer(None, agent="d", tp_size=dtp, tp_rank=0, layouts=dlayers, block_size=16, part=ALL)
-    req = {"id": "r", "tokens": tokens, "prefill_blocks": [0, list(range(1, 1 + nkv_p))]}
     pcopier = Copier(pcache, ppages, pstage, "prefill", "torch")
     ppool = StagingPool(STAGING)
 
+    rng = np.random.default_rng(0)  # every request has other block ids
+    reqs = []
+    for _ in range(VARIANTS):
+        ids = rng.permutation(nbp)[: 1 + nkv_p].tolist()
+        reqs.append({"id": "r", "tokens": tokens, "prefill_blocks": [ids[0], ids[1:]]})
+    turn = itertools.count()
+
     def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting, for one decode peer
-        chunk = PrefillEndpoint._chunk(pep, peer, req)
+        chunk = PrefillEndpoint._chunk(pep, peer, reqs[next(turn) % VARIANTS])
         offs = [ppool.alloc(("p", "r", u), n).offset for u, n in enumerate(chunk.unit_bytes)]
         pcopier.rows([(chunk, offs)])
 
@@ -242,10 +255,15 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
     )
     dcopier = Copier(dcache, dpages, dstage, "decode", "torch")
     dpool = StagingPool(STAGING)
-    pb = types.SimpleNamespace(state=0, kv=tuple(range(1, 1 + nkv_p)))
-    db = types.SimpleNamespace(state=1, kv=tuple(range(2, 2 + nkv_d)))
+    pbs = [types.SimpleNamespace(state=r["prefill_blocks"][0], kv=tuple(r["prefill_blocks"][1])) for r in reqs]
+    dbs = []
+    for _ in range(VARIANTS):
+        ids = rng.permutation(nbd)[: 1 + nkv_d].tolist()
+        dbs.append(types.SimpleNamespace(state=ids[0], kv=tuple(ids[1:])))
 
     def decode() -> None:  # DecodeEndpoint._start + _landing + _scatter, for every source
+        i = next(turn) % VARIANTS
+        pb, db = pbs[i], dbs[i]
         jobs = []
         for p in sources:
             chunk = DecodeEndpoint._chunk(dep, p, ALL, tokens, pb, db)[0]
@@ -253,6 +271,8 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         dcopier.rows(jobs)
 
     def stock() -> None:  # the strided mode's descriptors of one request (before NIXL's post)
+        i = next(turn) % VARIANTS
+        pb, db = pbs[i], dbs[i]
         for p in sources:
             dx, px = DecodeEndpoint._chunk(dep, p, ("large", 0), tokens, pb, db, prefill_side=True)
             runs = direct_runs(px, dx)
@@ -262,7 +282,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
     hp = _timed(prefill, iters, lambda: ppool.free_where(lambda k: True))
     hd = _timed(decode, iters, lambda: dpool.free_where(lambda k: True))
     hs = _timed(stock, iters)
-    chunk = PrefillEndpoint._chunk(pep, peer, req)
+    chunk = PrefillEndpoint._chunk(pep, peer, reqs[0])
     return {
         "model": name,
         "prefill_tp": ptp,
