@@ -19,7 +19,11 @@ tests/vllm_util.py can build (others: null). `round_trips` counts the side-chann
 waits for after warm-up, `launches_per_step` the copy launches per side for all requests ready in one
 step. Prints one JSON object with --json.
 
-    python bench/bench_host.py [--json] [--iters 300]
+    python bench/bench_host.py [--json] [--iters 300] [--device cuda] [--out FILE]
+
+On `--device cuda` every copy launches for real (Triton, the copier's own stream, the slot rows uploaded
+from pinned memory) and the time stops when the launch call returns (the copy runs on after it; the
+loop synchronizes outside the timed region).
 """
 
 from __future__ import annotations
@@ -77,16 +81,40 @@ def _timed(fn, iters: int, after=None) -> dict:
     return {"median": float(np.median(a)), "p10": float(np.percentile(a, 10)), "p90": float(np.percentile(a, 90))}
 
 
-def _rows_only(copier: Copier) -> None:
-    """Build and check the launch arguments, note the time of the launch call, skip the copy (excluded
-    from host time by definition)."""
+DEVICE = ["cpu"]  # --device: on CUDA the copies launch for real (Triton, the copier's own stream)
 
-    def run(jobs):
+
+def _empty(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, device=DEVICE[0])
+
+
+def _backend() -> str:
+    return "triton" if DEVICE[0].startswith("cuda") else "torch"
+
+
+def _instrument(copier: Copier) -> Copier:
+    """CPU: build and check the launch arguments, note the time of the launch call, skip the copy
+    (excluded from host time by definition). CUDA: the real launch (slot-row upload, kernel enqueue on
+    the copier's stream); the time is taken when the launch call returns, before the copy completes."""
+    real = copier.run
+
+    def rows_only(jobs):
         copier.rows(jobs)
         _LAUNCH_AT[0] = time.thread_time_ns()
         return Done()
 
-    copier.run = run
+    def launched(jobs):
+        done = real(jobs)
+        _LAUNCH_AT[0] = time.thread_time_ns()
+        return done
+
+    copier.run = launched if DEVICE[0].startswith("cuda") else rows_only
+    return copier
+
+
+def _settle() -> None:
+    if DEVICE[0].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # ---- vLLM shell ------------------------------------------------------------------------------------------
@@ -102,7 +130,7 @@ def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
     state = [layer for layer in spec.layers if layer.kind.value != "attention"]
     n_groups = max(1, cdiv(len(state), max(1, len(spec.attention_layers) or len(state))))
     group_size = cdiv(len(state), n_groups)
-    buf = torch.empty(group_size * num_blocks * page, dtype=torch.uint8)
+    buf = _empty(group_size * num_blocks * page)
     conv = (lay.conv_channels, lay.conv_rows)
     shapes = types.SimpleNamespace(shapes=(conv, (lay.ssm_shard.size, *spec.state.head_shape)))
     groups, caches, specs = [], {}, {}
@@ -128,7 +156,7 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     plans = PlanCache(spec, "DS", "HND", UNIT, kv=False)
     sources = plans.sources(ptp, dtp)[0]
     src = sources[0]
-    staging = torch.empty(STAGING, dtype=torch.uint8)
+    staging = _empty(STAGING)
     server = PrefillServer(
         host="127.0.0.1",
         port=0,
@@ -140,9 +168,9 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         not_held=lambda r: None,
         lease_s=180.0,
         timeout_s=60.0,
-        backend="torch",
+        backend=_backend(),
     )
-    _rows_only(server.copier)
+    _instrument(server.copier)
     # one decode rank connected (a socket pair stands in for its link): what the prefill worker runs
     # when the request's prefill finishes (`PrefillServer._prepack`: checks, chunk, slots, launch
     # arguments, and the `staged` push)
@@ -164,8 +192,8 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         except BlockingIOError:
             pass
 
-    recv_stage = torch.empty(STAGING, dtype=torch.uint8)
-    dcopier = Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", "torch")
+    recv_stage = _empty(STAGING)
+    dcopier = _instrument(Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", _backend()))
     pool = StagingPool(STAGING)
     locals_ = [{g: [b] for g in dgeom.groups} for b in range(VARIANTS)]
 
@@ -177,13 +205,13 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
             for p in plans.sources(ptp, dtp)[0]
         }
         slots = {p: [pool.alloc(("r", p, u), n) for u, n in enumerate(c.unit_bytes)] for p, c in chunks.items()}
-        dcopier.rows([(c, [s.offset for s in slots[p]]) for p, c in chunks.items()])  # _hkv_scatter's launch
+        dcopier.run([(c, [s.offset for s in slots[p]]) for p, c in chunks.items()])  # _hkv_scatter's launch
 
     try:
         hp = _timed(prefill, iters, done)
     finally:
         server.close()
-    hd = _timed(decode, iters, lambda: pool.free_where(lambda k: True))
+    hd = _timed(decode, iters, lambda: (_settle(), pool.free_where(lambda k: True)))
     return {
         "model": name,
         "prefill_tp": ptp,
@@ -221,14 +249,13 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
     src = sources[0]
     ppages = PageMap.flat(n_layers, nbp, players[0].page_bytes)
     dpages = PageMap.flat(n_layers, nbd, dlayers[0].page_bytes)
-    pcache = torch.empty(ppages.storage_bytes, dtype=torch.uint8)
-    dcache = torch.empty(dpages.storage_bytes, dtype=torch.uint8)
-    pstage, dstage = torch.empty(STAGING, dtype=torch.uint8), torch.empty(STAGING, dtype=torch.uint8)
+    pcache, dcache = _empty(ppages.storage_bytes), _empty(dpages.storage_bytes)
+    pstage, dstage = _empty(STAGING), _empty(STAGING)
     pep = types.SimpleNamespace(
         plans=plans, cfg=types.SimpleNamespace(block_size=16, tp_size=ptp), rank=src, layout=players[src], pages=ppages
     )
     peer = Peer(None, agent="d", tp_size=dtp, tp_rank=0, layouts=dlayers, block_size=16, part=ALL)
-    pcopier = Copier(pcache, ppages, pstage, "prefill", "torch")
+    pcopier = _instrument(Copier(pcache, ppages, pstage, "prefill", _backend()))
     ppool = StagingPool(STAGING)
 
     rng = np.random.default_rng(0)  # every request has other block ids
@@ -241,7 +268,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
     def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting, for one decode peer
         chunk = PrefillEndpoint._chunk(pep, peer, reqs[next(turn) % VARIANTS])
         offs = [ppool.alloc(("p", "r", u), n).offset for u, n in enumerate(chunk.unit_bytes)]
-        pcopier.rows([(chunk, offs)])
+        pcopier.run([(chunk, offs)])
 
     dep = types.SimpleNamespace(
         plans=plans,
@@ -253,7 +280,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         pages=dpages,
         ppages=ppages,
     )
-    dcopier = Copier(dcache, dpages, dstage, "decode", "torch")
+    dcopier = _instrument(Copier(dcache, dpages, dstage, "decode", _backend()))
     dpool = StagingPool(STAGING)
     pbs = [types.SimpleNamespace(state=r["prefill_blocks"][0], kv=tuple(r["prefill_blocks"][1])) for r in reqs]
     dbs = []
@@ -268,7 +295,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         for p in sources:
             chunk = DecodeEndpoint._chunk(dep, p, ALL, tokens, pb, db)[0]
             jobs.append((chunk, [dpool.alloc(("r", p, u), n).offset for u, n in enumerate(chunk.unit_bytes)]))
-        dcopier.rows(jobs)
+        dcopier.run(jobs)
 
     def stock() -> None:  # the strided mode's descriptors of one request (before NIXL's post)
         i = next(turn) % VARIANTS
@@ -279,8 +306,8 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
             np.stack([1 << 40 + runs[:, 1], runs[:, 2]], axis=1)
             np.stack([1 << 41 + runs[:, 0], runs[:, 2]], axis=1)
 
-    hp = _timed(prefill, iters, lambda: ppool.free_where(lambda k: True))
-    hd = _timed(decode, iters, lambda: dpool.free_where(lambda k: True))
+    hp = _timed(prefill, iters, lambda: (_settle(), ppool.free_where(lambda k: True)))
+    hd = _timed(decode, iters, lambda: (_settle(), dpool.free_where(lambda k: True)))
     hs = _timed(stock, iters)
     chunk = PrefillEndpoint._chunk(pep, peer, reqs[0])
     return {
@@ -304,7 +331,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--device", default="cpu", help="cpu (launch arguments only) or cuda (real launches)")
+    ap.add_argument("--out", default="", help="also write the JSON object to this file")
     a = ap.parse_args()
+    DEVICE[0] = a.device
     torch.set_num_threads(1)
     rows = []
     for name, ptp, dtp in ROWS:
@@ -313,7 +343,7 @@ def main() -> None:
         if not a.json:
             for r in rows[-2:]:
                 print(r, flush=True)
-    env = environment("cpu")
+    env = environment(DEVICE[0])
     out = {
         "rows": rows,
         "device": env["device"],
@@ -321,8 +351,12 @@ def main() -> None:
         "date": env["date"],
         "git": env["git"],
         "cpus": os.cpu_count(),
+        "launches": "real (Triton on the copier's stream)" if a.device.startswith("cuda") else "arguments only",
     }
-    print(json.dumps(out, indent=None if a.json else 2))
+    text = json.dumps(out, indent=None if a.json else 2)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ seconds, files):
   cuda-tests      the `cuda`-marked tests: the Triton kernels natively, byte-exact
   kernels         pack / unpack bandwidth against torch copy_ (L2 flushed), qwen3.5-27b 2->4 and 1->8,
                   nemotron-h-8b 2->4, 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
-  host            host time per request: packed tables + kernel preparation vs the strided descriptor list
+  host            host time per request, block ids -> launch call (bench/bench_host.py, real launches on CUDA)
   vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU, packed and strided in one
                   run, every byte verified against the oracle; then the timed transfer sweep
   memcheck        one kernel test under compute-sanitizer memcheck (where it is installed); last, as the
@@ -103,9 +103,9 @@ def steps(out: Path, gpu: bool) -> list[dict]:
         dict(
             name="host",
             needs=["gpu"],
-            limit=120,
-            gpu=[PY, "bench/gpu/host_time.py", "--device", "cuda", "--json", f"{out}/host.json"],
-            cpu=[PY, "bench/gpu/host_time.py", "--device", "cpu", "--repeats", "5", "--json", f"{out}/host-cpu.json"],
+            limit=240,
+            gpu=[PY, "bench/bench_host.py", "--json", "--device", "cuda", "--out", f"{out}/host.json"],
+            cpu=[PY, "bench/bench_host.py", "--json", "--iters", "5", "--out", f"{out}/host-cpu.json"],
         ),
         dict(
             name="vram-transfer",
