@@ -1,4 +1,4 @@
-"""HybridKVConnector inside vLLM 0.32: packed vs strided (stock) on the same requests, same run.
+"""HybridKVConnector inside vLLM 0.32: strided (stock) vs packed vs auto on the same requests, same run.
 
 Builds a prefill and a decode engine per TP pair from vLLM's own objects (see tests/vllm_util.py: a real
 model config at full layer count, vLLM's block alignment, KV cache grouping and allocation, one connector
@@ -70,14 +70,16 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
         )
         state = (
             sum(sum(v for k, v in c.connector_worker.hkv_descriptors.items() if k != "it0") for c in d.conns) / iters
-            if mode == "packed"
+            if mode != "strided"
             else None
         )
+        chose = sorted({ch["reads"] for c in d.conns for ch in c.connector_worker.hkv_auto.values()})
         ms = np.array(lat) * 1e3
         return {
             "model": name,
             "pair": f"{ptp}->{dtp}",
             "mode": mode,
+            "auto_chose": "/".join(chose) if mode == "auto" else None,
             "descriptors": desc,
             "state_descriptors": state,
             "bytes": nbytes,
@@ -96,6 +98,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--pairs", nargs="+", default=["1:2", "2:1", "2:4", "4:2"])
     ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["strided", "packed", "auto"])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="bench/results/vllm_connector_cpu.txt")
     a = ap.parse_args()
@@ -104,7 +107,7 @@ def main() -> None:
         for name in a.models:
             for pair in a.pairs:
                 ptp, dtp = map(int, pair.split(":"))
-                for mode in ("strided", "packed"):
+                for mode in a.modes:
                     r = one(name, ptp, dtp, mode, a.iters, a.tokens, Path(tmp) / f"{name}{pair}{mode}")
                     rows.append(r)
                     print(r, flush=True)
@@ -115,14 +118,15 @@ def main() -> None:
         "descriptors/bytes = NIXL telemetry per request summed over decode ranks"
     )
     head = (
-        f"{'model':<20} {'pair':<5} {'mode':<8} {'descr/req':>10} {'state':>6} {'MB/req':>8} {'p50 ms':>8} "
+        f"{'model':<20} {'pair':<5} {'mode':<14} {'descr/req':>10} {'state':>6} {'MB/req':>8} {'p50 ms':>8} "
         f"{'p10-p90 ms':>14} ok"
     )
     lines.append(head)
     for r in rows:
         st = "-" if r["state_descriptors"] is None else f"{r['state_descriptors']:g}"
+        mode = r["mode"] + (f" ({r['auto_chose']})" if r["auto_chose"] else "")
         lines.append(
-            f"{r['model']:<20} {r['pair']:<5} {r['mode']:<8} {r['descriptors']:>10g} {st:>6} "
+            f"{r['model']:<20} {r['pair']:<5} {mode:<14} {r['descriptors']:>10g} {st:>6} "
             f"{r['bytes'] / 1e6:>8.1f} {r['p50_ms']:>8.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} {r['verified']}"
         )
     Path(a.out).write_text("\n".join(lines) + "\n")

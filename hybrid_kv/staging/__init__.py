@@ -8,7 +8,9 @@
   torch reference), on its own CUDA stream, validated before any byte is written;
 * `pool`     - the leased, all-or-none staging slot pool;
 * `mode`     - the one `HYBRID_KV_TRANSFER` / `--mode` parser;
-* `handshake`- the page-fingerprint comparison both shells run before any descriptor exists.
+* `handshake`- the page-fingerprint comparison both shells run before any descriptor exists;
+* `messages` - the one side-channel vocabulary and the checks of every value a peer sends;
+* `cost`     - the `auto` mode's cost model and its calibration helpers.
 
 Nothing here does I/O: the shells move messages and post NIXL READs.
 """
