@@ -5,8 +5,10 @@ model config at full layer count, vLLM's block alignment, KV cache grouping and 
 per rank, real NIXL/UCX on DRAM), fills the prefill caches, and times requests from the decode workers'
 `start_load_kv` to every decode rank reporting the request received (the step loop is driven in-process,
 as vLLM's model runner would). Reports per mode: descriptors per request (NIXL's own telemetry, summed over
-decode ranks, split into state and attention), bytes, p50 / p10-p90 latency, and verifies every decode rank
-byte for byte against the oracle after the timed requests.
+decode ranks, split into state and attention), bytes, p50 / p10-p90 latency and what auto chose, and
+verifies every decode rank byte for byte against the oracle after the timed requests. `--rounds N` runs
+the modes in turn N times (this VM's speed drifts between runs; compare rows of one round). No host-time
+column: over UCX on CPU the posting thread performs the copy itself, so its CPU time is the copy's.
 
     python bench/bench_vllm_connector.py [--models nemotron-h-8b qwen3-next-80b-a3b] [--iters 8]
 """
@@ -58,6 +60,7 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
                 raise RuntimeError(f"{name} {ptp}->{dtp} {mode}: request failed")
             if it:
                 lat.append(time.perf_counter() - t0)
+
             else:
                 tel0 = [len(c.connector_worker.xfer_stats.data["num_descriptors"]) for c in d.conns]
         want = U.fill(d, reqs, "decode", 4)
@@ -73,7 +76,7 @@ def one(name: str, ptp: int, dtp: int, mode: str, iters: int, tokens: int, tmp: 
             if mode != "strided"
             else None
         )
-        chose = sorted({ch["reads"] for c in d.conns for ch in c.connector_worker.hkv_auto.values()})
+        chose = sorted({ch["reads"] for c in d.conns for ch in getattr(c.connector_worker, "hkv_auto", {}).values()})
         ms = np.array(lat) * 1e3
         return {
             "model": name,
@@ -99,6 +102,7 @@ def main() -> None:
     ap.add_argument("--pairs", nargs="+", default=["1:2", "2:1", "2:4", "4:2"])
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--modes", nargs="+", default=["strided", "packed", "auto"])
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="bench/results/vllm_connector_cpu.txt")
     a = ap.parse_args()
@@ -107,10 +111,11 @@ def main() -> None:
         for name in a.models:
             for pair in a.pairs:
                 ptp, dtp = map(int, pair.split(":"))
-                for mode in a.modes:
-                    r = one(name, ptp, dtp, mode, a.iters, a.tokens, Path(tmp) / f"{name}{pair}{mode}")
-                    rows.append(r)
-                    print(r, flush=True)
+                for rnd in range(a.rounds):
+                    for mode in a.modes:
+                        r = one(name, ptp, dtp, mode, a.iters, a.tokens, Path(tmp) / f"{name}{pair}{mode}{rnd}")
+                        rows.append({**r, "round": rnd})
+                        print(rows[-1], flush=True)
     env = environment("cpu")
     lines = [f"# {k}: {v}" for k, v in env.items()]
     lines.append(
