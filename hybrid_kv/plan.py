@@ -100,17 +100,28 @@ def assign_sources(
 
 
 MATCHING_FIELDS = ("architecture", "layer_kinds", "state", "attention", "conv_layout", "kv_layout")
+# differ legitimately between the sides (names, TP-dependent sizes, checked against the TP elsewhere)
+UNMATCHED_FIELDS = frozenset({"model", "tp_size", "tp_rank", "block_size", "page_bytes"})
+
+
+def _diff(key: str, a, b, a_name: str, b_name: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):  # every key of either side: an extra key is a difference
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(f"{key}.{k}", a.get(k), b.get(k), a_name, b_name)
+        return out
+    return [] if a == b and type(a) is type(b) else [f"{key}: {a_name} {a!r} vs {b_name} {b!r}"]
 
 
 def fingerprint_diff(a: dict, b: dict, a_name: str = "prefill", b_name: str = "decode") -> str | None:
-    """None if the two sides' pages can correspond, else a message naming every differing field."""
-    for key in MATCHING_FIELDS:
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                diff = [k for k in a[key] if a[key][k] != b[key].get(k)]
-                return ", ".join(f"{key}.{k}: {a_name} {a[key][k]!r} vs {b_name} {b[key].get(k)!r}" for k in diff)
-            return f"{key}: {a_name} {a.get(key)!r} vs {b_name} {b.get(key)!r}"
-    return None
+    """None if the two sides' pages can correspond, else a message naming every differing field. Every
+    field either side sends is compared (nested ones too), except the UNMATCHED_FIELDS: a field added
+    later, or one side's extra key, is a difference, never ignored."""
+    keys = [k for k in MATCHING_FIELDS] + sorted((set(a) | set(b)) - set(MATCHING_FIELDS) - UNMATCHED_FIELDS, key=str)
+    out = []
+    for key in keys:
+        out += _diff(key, a.get(key), b.get(key), a_name, b_name)
+    return ", ".join(out) if out else None
 
 
 def check_compatible(prefill: RankLayout, decode: RankLayout) -> None:
