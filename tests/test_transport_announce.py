@@ -3,52 +3,21 @@ prefill endpoint (its loop on a thread) and a real decode endpoint in this proce
 source's announcements are rewritten on the wire. A lying source fails exactly the requests it lied about,
 naming the values, no decode page is written for them, and nothing stays held on either side."""
 
-import queue
-import threading
 import time
 from dataclasses import replace
 
 import pytest
 import torch
+from transport_util import LoopSource as Source
 from transport_util import small_config
 
 import hybrid_kv.transport.prefill as prefill_mod
 from hybrid_kv.transport.common import SideConfig
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
 from hybrid_kv.transport.launch import TransferJob, plan_requests
-from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
 
 pytestmark = pytest.mark.timeout(240)
 SEED = 5
-
-
-class Source:
-    """A prefill endpoint whose event loop runs on a thread; commands run on that thread too."""
-
-    def __init__(self, cfg: SideConfig) -> None:
-        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(pool_bytes=64 << 20))
-        self.cmds: queue.Queue = queue.Queue()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            while not self.cmds.empty():
-                fn, done = self.cmds.get()
-                fn()
-                done.set()
-            self.ep.step(0.002)
-
-    def call(self, fn) -> None:
-        done = threading.Event()
-        self.cmds.put((fn, done))
-        assert done.wait(30)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.ep.close()
 
 
 @pytest.fixture

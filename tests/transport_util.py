@@ -1,6 +1,8 @@
 """Small real-model configs (fewer layers, real dims) written to disk for rank processes to load."""
 
 import json
+import queue
+import threading
 from pathlib import Path
 
 from hybrid_kv.spec_hf import load_config
@@ -48,3 +50,34 @@ def assert_no_leaks(counts: dict) -> None:
     for who, c in counts.items():
         held = {k: c[k] for k in ("registrations", "remote_agents", "xfer_handles", "staging_slots") if c.get(k)}
         assert not held, f"{who} still holds {held}"
+
+
+class LoopSource:
+    """A prefill endpoint whose event loop runs on a thread; commands run on that thread too."""
+
+    def __init__(self, cfg, **opts) -> None:
+        from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
+
+        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(pool_bytes=64 << 20, **opts))
+        self.cmds: queue.Queue = queue.Queue()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            while not self.cmds.empty():
+                fn, done = self.cmds.get()
+                fn()
+                done.set()
+            self.ep.step(0.002)
+
+    def call(self, fn) -> None:
+        done = threading.Event()
+        self.cmds.put((fn, done))
+        assert done.wait(30)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.ep.close()

@@ -2,8 +2,10 @@
 
 Decode rank -> prefill rank:
 
-* ``hello``   {tp_size, tp_rank, fingerprint | rank fields, agent} (+ NIXL metadata in the CLI) -> ``welcome``
-  {the prefill rank's fields, its staging region} or ``error``. Nothing else is served before it.
+* ``hello``   {tp_size, tp_rank, fingerprint | rank fields, agent, nonce} (+ NIXL metadata in the CLI, without
+  a secret) -> ``welcome`` {the prefill rank's fields, its staging region} or ``error``. With a shared
+  secret, ``challenge`` / ``auth`` (+ the metadata) come first (`hybrid_kv.staging.auth`). Nothing else is
+  served before the welcome.
 * ``mode``    {part}: what the prefill rank packs for this decode rank from now on: null (nothing: the
   decode rank reads page to page, or with vLLM's stock descriptors), ["all", 0] or ["small", threshold]
   (auto's short runs) -> ``mode-ok``. Whatever it still held for the decode rank is dropped.
@@ -27,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 HELLO, WELCOME, MODE, MODE_OK, PACK, OK = "hello", "welcome", "mode", "mode-ok", "pack", "ok"
+CHALLENGE, AUTH = "challenge", "auth"  # with a shared secret, between hello and welcome (staging/auth.py)
 READY, RELEASE, PING, PONG, BYE, ERROR = "ready", "release", "ping", "pong", "bye", "error"
 
 MAX_REQUEST_ID = 512  # characters

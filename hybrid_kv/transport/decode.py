@@ -24,6 +24,7 @@ import numpy as np
 
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.auth import ClientAuth, load_secret
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
@@ -67,6 +68,8 @@ class DecodeEndpoint(Receiver):
         self.sel = selectors.DefaultSelector()
         self.sources: dict[int, Source] = {}
         self.player = None  # prefill layouts, as this rank computes them
+        self.secret = load_secret()
+        self._socks: list[socket.socket] = []  # every side-channel socket opened, closed on close()
         try:
             self._connect(addrs)
         except BaseException:
@@ -89,13 +92,18 @@ class DecodeEndpoint(Receiver):
         for p in probe.sources_of(self.rank):
             host, port = addrs[p]
             sock = socket.create_connection((host, port), timeout=self.opts.handshake_timeout_s)
-            send_msg(
-                sock,
-                {"type": M.HELLO, **hello_fields(self.layout, self.cfg), "agent": self.agent.name},
-                self.agent.metadata(),
-            )
+            self._socks.append(sock)
+            auth = ClientAuth(self.secret)
+            hello = {"type": M.HELLO, **hello_fields(self.layout, self.cfg), "agent": self.agent.name}
+            hello.update(nonce=auth.nonce, auth=self.secret is not None)
+            # with a secret, this rank's NIXL metadata goes only to a prefill rank that proved it
+            send_msg(sock, hello, b"" if self.secret else self.agent.metadata())
             msg, meta = recv_msg(sock, self.opts.handshake_timeout_s)
-            expect(msg, M.WELCOME)
+            reply = auth.answer(expect(msg, M.WELCOME, M.CHALLENGE), f"prefill rank {p} at {host}:{port}")
+            if reply is not None:
+                send_msg(sock, reply, self.agent.metadata())
+                msg, meta = recv_msg(sock, self.opts.handshake_timeout_s)
+                expect(msg, M.WELCOME)
             theirs = check_peer(self.layout, msg, "decode", "prefill")
             if theirs.tp_rank != p:
                 raise ValueError(f"prefill at {host}:{port} is rank {theirs.tp_rank}, expected {p}")
@@ -202,6 +210,11 @@ class DecodeEndpoint(Receiver):
                 except OSError:
                     pass
                 src.sock.close()
+        for sock in self._socks:  # also those of a handshake that was refused
+            try:
+                sock.close()
+            except OSError:
+                pass
         self.sel.close()
         self.agent.close()
 

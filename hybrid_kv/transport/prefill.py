@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind, load_secret
 from hybrid_kv.staging.chunk import Chunk, flat_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
@@ -68,6 +69,8 @@ class Peer:
     layouts: list | None = None  # the decode side's layouts, as this rank computes them
     block_size: int = 16  # the decode side's cache block size
     part: tuple | None = None  # what this rank packs for the peer (None: nothing, it reads page to page)
+    auth: ServerAuth | None = None
+    hello: dict | None = None  # a challenged hello, served once its `auth` checks
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Packing:
 class PrefillEndpoint:
     def __init__(self, cfg: SideConfig, rank: int, opts: PrefillOptions) -> None:
         self.cfg, self.rank, self.opts = cfg, rank, opts
+        self.secret = load_secret()
+        check_bind(opts.host, self.secret, f"prefill rank {rank}'s side channel")
         mem = RankMemory(cfg, rank, opts.pool_bytes, "prefill")
         self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
         self.cache, self.staging, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
@@ -113,6 +118,7 @@ class PrefillEndpoint:
         self.stats = {
             "packed_units": 0,
             "refused_handshakes": 0,
+            "refused_auth": 0,
             "pool_timeouts": 0,
             "lease_expired": 0,
             "disconnects": 0,
@@ -162,7 +168,7 @@ class PrefillEndpoint:
         except BlockingIOError:
             return
         sock.setblocking(True)
-        peer = Peer(sock)
+        peer = Peer(sock, auth=ServerAuth(self.secret))
         self.peers[sock.fileno()] = peer
         self.sel.register(sock, selectors.EVENT_READ, peer)
 
@@ -198,7 +204,22 @@ class PrefillEndpoint:
         self.messages[kind] = self.messages.get(kind, 0) + 1
         try:
             if msg["type"] == M.HELLO:
-                self._hello(peer, msg, payload)
+                if peer.agent is not None or peer.hello is not None:
+                    raise ProtocolError("second hello on one connection")
+                if peer.auth.required:  # nothing is revealed before the decode rank proves the secret
+                    send_msg(peer.sock, peer.auth.challenge(msg))
+                    peer.hello = msg
+                elif msg.get("auth"):
+                    raise AuthError(
+                        f"this prefill rank has no shared secret ({SECRET_ENV}) but the decode rank authenticates: "
+                        "set the same secret on both"
+                    )
+                else:
+                    self._hello(peer, msg, payload)
+            elif msg["type"] == M.AUTH and peer.hello is not None and peer.agent is None:
+                peer.auth.check(msg)
+                hello, peer.hello = peer.hello, None
+                self._hello(peer, hello, payload)
             elif peer.agent is None:
                 raise ProtocolError(f"{msg['type']!r} before a successful hello")
             elif msg["type"] == M.MODE:  # a new run: what is still held for the last one is stale
@@ -215,10 +236,14 @@ class PrefillEndpoint:
                 self._drop(peer, "bye")
             else:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
+        except AuthError as e:  # refused before anything of this rank was revealed
+            self.stats["refused_auth"] += 1
+            self._error(peer, str(e))
+            self._drop(peer, str(e))
         except (ValueError, KeyError, TypeError, ProtocolError) as e:
             self._error(peer, str(e), req=msg.get("req"))
-            if msg.get("type") == M.HELLO or isinstance(e, ProtocolError):
-                self.stats["refused_handshakes"] += msg.get("type") == M.HELLO
+            if msg.get("type") in (M.HELLO, M.AUTH) or isinstance(e, ProtocolError):
+                self.stats["refused_handshakes"] += msg.get("type") in (M.HELLO, M.AUTH)
                 self._drop(peer, str(e))
 
     def _error(self, peer: Peer, message: str, **extra) -> None:
