@@ -599,3 +599,59 @@ def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch)
     with U.tp_rank(0, 1), pytest.raises(ValueError, match="does not support pipeline_parallel_size=2"):
         HybridKVConnector(eng.vc, KVConnectorRole.WORKER, eng.kcc)
     assert created == []
+
+
+# ---- the shared secret ----------------------------------------------------------------------------------
+
+SECRET = {"hybrid_kv_secret": "s3cret-" * 4}
+
+
+def test_shared_secret_transfers_and_refuses_strangers(pairs):
+    """Both engines with `hybrid_kv_secret`: byte-exact, nothing leaks. A peer with the public fingerprint
+    but not the secret gets a challenge and an error, never the welcome (no staging address)."""
+    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra=SECRET, d_extra=SECRET)
+    _, failed, _ = pair.run()
+    assert not any(failed)
+    assert_exact(pair)
+    pair.wait_no_leaks()
+    _, srv = _server(pair)
+    for hello in (_hello(pair), {**_hello(pair), "nonce": "ab" * 16, "auth": True}):
+        got = []
+        with socket.create_connection(srv.address, timeout=5) as s:
+            send_msg(s, hello)
+            head, _ = recv_msg(s, 5)
+            got.append(head)
+            if head["type"] == "challenge":
+                send_msg(s, {"type": "auth", "proof": "0" * 64})
+                got.append(recv_msg(s, 5)[0])
+            assert s.recv(1) == b""  # closed
+        assert got[-1]["type"] == "error" and "secret" in got[-1]["message"].lower(), got
+        assert "staging" not in repr(got) and all(h["type"] in ("challenge", "error") for h in got), got
+
+
+@pytest.mark.parametrize("side", ["prefill", "decode"])
+def test_secret_on_one_side_only_fails_the_requests(pairs, caplog, side):
+    kw = {"p_extra": SECRET} if side == "prefill" else {"d_extra": SECRET}
+    pair = pairs("jamba-v0.1", 1, 1, "packed", **kw)
+    failed = pair.run_failing()
+    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
+    want = "requires the shared secret" if side == "prefill" else "has no shared secret"
+    assert want in caplog.text
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+def test_bad_secret_and_open_bind_refused_at_startup(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
+    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e", extra={"hybrid_kv_secret": "short"})
+    with U.tp_rank(0, 1), pytest.raises(ValueError, match="has 5 characters; use at least 16"):
+        HybridKVWorker(vc, "e", None)
+    from types import SimpleNamespace
+
+    from hybrid_kv.vllm.channel import PrefillServer
+
+    geom = SimpleNamespace(layout=SimpleNamespace(tp_rank=0))  # refused before it is used
+    kw = dict(port=0, geometry=geom, plans=None, staging=None, staging_desc=(0, 0, 0), agent_name="a")
+    kw.update(not_held=lambda r: None, lease_s=1.0, timeout_s=1.0, backend="torch")
+    with pytest.raises(ValueError, match=r"would listen on '0.0.0.0'.*HYBRID_KV_SECRET"):
+        PrefillServer(host="0.0.0.0", secret=None, **kw)

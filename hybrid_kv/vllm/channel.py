@@ -20,6 +20,7 @@ Packing runs on the connection's thread, not the engine loop, so an idle prefill
 from __future__ import annotations
 
 import itertools
+import select
 import socket
 import threading
 import time
@@ -31,6 +32,7 @@ from vllm.logger import init_logger
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
@@ -42,6 +44,8 @@ from hybrid_kv.vllm.state import StateGeometry, state_chunk
 log = init_logger("vllm.hybrid_kv")
 
 IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between requests
+MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
+MAX_CONNECTIONS = 256  # decode-rank connections served at once (one thread each); more are refused
 
 
 class PrefillServer:
@@ -61,7 +65,11 @@ class PrefillServer:
         lease_s: float,
         timeout_s: float,
         backend: str | None,
+        secret: bytes | None = None,
     ) -> None:
+        check_bind(host, secret, f"hybrid-kv side channel of prefill rank {geometry.layout.tp_rank}")
+        self.secret = secret
+        self._auth: dict[int, tuple[ServerAuth, dict]] = {}  # connection -> its challenged hello
         self.geom, self.plans, self.staging = geometry, plans, staging
         self.staging_desc, self.agent_name = staging_desc, agent_name
         self.not_held, self.lease_s, self.timeout_s, self.backend = not_held, lease_s, timeout_s, backend
@@ -108,8 +116,14 @@ class PrefillServer:
                 continue
             except OSError:
                 return
+            self._threads = [x for x in self._threads if x.is_alive()]
+            if len(self._threads) >= MAX_CONNECTIONS:
+                log.warning("hybrid-kv: side channel at %d connections; refusing another", MAX_CONNECTIONS)
+                with conn:
+                    self._reply(conn, {"type": M.ERROR, "message": f"over {MAX_CONNECTIONS} connections"})
+                continue
             t = threading.Thread(target=self._serve, args=(conn, next(self._ids)), daemon=True)
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            self._threads.append(t)
             t.start()
 
     def _reap(self) -> None:
@@ -134,10 +148,16 @@ class PrefillServer:
 
     def _serve(self, conn: socket.socket, cid: int) -> None:
         with conn:
+            quiet = time.monotonic()
             while not self._stop.is_set():
                 try:
-                    head, _ = recv_msg(conn, IDLE_TIMEOUT_S)
-                except (PeerClosed, TimeoutError, OSError):
+                    if not select.select([conn], [], [], 0.5)[0]:  # idle: check stop, bound the silence
+                        if time.monotonic() - quiet > IDLE_TIMEOUT_S:
+                            break
+                        continue
+                    head, _ = recv_msg(conn, MSG_TIMEOUT_S)
+                    quiet = time.monotonic()
+                except (PeerClosed, TimeoutError, OSError, ValueError):
                     break
                 except ProtocolError as e:
                     log.warning("hybrid-kv: malformed message from a decode rank: %s", e)
@@ -147,7 +167,7 @@ class PrefillServer:
                 self.received[kind] = self.received.get(kind, 0) + 1
                 try:
                     reply = self._handle(head, cid, conn)
-                except ProtocolError as e:  # out of protocol: refuse and close
+                except (ProtocolError, AuthError) as e:  # out of protocol or not authenticated: refuse, close
                     self._reply(conn, {"type": M.ERROR, "message": str(e)}, cid)
                     break
                 except Exception as e:  # refused: tell the decode rank why, keep serving
@@ -158,6 +178,7 @@ class PrefillServer:
                 if reply is not None and not self._reply(conn, reply, cid):
                     break
         self._peers.pop(cid, None)
+        self._auth.pop(cid, None)
         self._no_push.discard(cid)
         self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
 
@@ -176,11 +197,23 @@ class PrefillServer:
     def _handle(self, head: dict, cid: int, conn: socket.socket) -> dict | None:
         kind = head["type"]
         if kind == M.HELLO:
-            if cid in self._peers:
+            if cid in self._peers or cid in self._auth:
                 raise ProtocolError("second hello on one connection")
-            reply = self._hello(head)
-            self._peers[cid] = (conn, threading.Lock(), self._decode_layout(head))
-            return reply
+            if self.secret is not None:  # nothing is revealed before the decode rank proves the secret
+                auth = ServerAuth(self.secret)
+                challenge = auth.challenge(head)
+                self._auth[cid] = (auth, head)
+                return challenge
+            if head.get("auth"):
+                raise AuthError(
+                    f"this prefill rank has no shared secret ({SECRET_ENV} / hybrid_kv_secret) but the decode "
+                    "rank authenticates: set the same secret on both"
+                )
+            return self._welcome(head, cid, conn)
+        if kind == M.AUTH and cid in self._auth:
+            auth, hello = self._auth.pop(cid)
+            auth.check(head)
+            return self._welcome(hello, cid, conn)
         if cid not in self._peers:
             raise ProtocolError(f"{kind!r:.40} before a successful hello")
         if kind == M.PACK:
@@ -201,6 +234,11 @@ class PrefillServer:
             self._free_where(lambda k: k[0] == cid and k[1] == req)
             return None
         raise ProtocolError(f"unexpected message {kind!r:.40} (expected hello, mode, pack or release)")
+
+    def _welcome(self, hello: dict, cid: int, conn: socket.socket) -> dict:
+        reply = self._hello(hello)
+        self._peers[cid] = (conn, threading.Lock(), self._decode_layout(hello))
+        return reply
 
     def _decode_layout(self, head: dict) -> RankLayout:
         key = (head.get("tp_size"), head.get("tp_rank"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from hybrid_kv.staging.mode import FLAG as FLAG  # re-exported: hybrid_kv.vllm.FLAG
@@ -40,6 +40,8 @@ class PackedConfig:
     desc_cost_us: float | None = None
     copy_gbps: float | None = None
     auto_concurrency: int = 1  # requests in flight per decode rank that the auto cost model assumes
+    # shared secret of the side channels (else $HYBRID_KV_SECRET); never printed
+    secret: str | None = field(default=None, repr=False)
 
     KEYS: ClassVar[dict[str, str]] = {
         "hybrid_kv_staging_bytes": "staging_bytes",
@@ -51,6 +53,7 @@ class PackedConfig:
         "hybrid_kv_desc_cost_us": "desc_cost_us",
         "hybrid_kv_copy_gbps": "copy_gbps",
         "hybrid_kv_auto_concurrency": "auto_concurrency",
+        "hybrid_kv_secret": "secret",
     }
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class PackedConfig:
                 f"hybrid_kv_staging_lease_s={self.lease_s!r} must be at least twice hybrid_kv_timeout_s="
                 f"{self.timeout_s!r}: a staged slot must outlive the decode rank's wait for it and its READ"
             )
+        if self.secret is not None and not isinstance(self.secret, str):
+            raise ValueError(f"hybrid_kv_secret must be a string, not {type(self.secret).__name__}")
         if self.backend not in (None, "triton", "torch"):
             raise ValueError(f"hybrid_kv_backend={self.backend!r} (accepted: triton, torch)")
 

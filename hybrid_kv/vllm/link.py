@@ -8,6 +8,7 @@ import socket
 import threading
 
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.auth import ClientAuth
 from hybrid_kv.staging.handshake import check_fingerprints as check
 from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg
 
@@ -26,6 +27,7 @@ class PrefillLink:
 
     def __init__(self, host: str, port: int, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        self.address = f"{host}:{port}"
         self._lock = threading.Lock()
         try:
             self._sock = socket.create_connection((host, port), timeout=timeout_s)
@@ -79,10 +81,17 @@ class PrefillLink:
         with self._lock:
             send_msg(self._sock, msg)
 
-    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int) -> dict:
-        self.peer = self.call(
-            {"type": M.HELLO, "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}, M.WELCOME
-        )
+    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int, secret: bytes | None = None) -> dict:
+        """hello (and, with a shared secret, the challenge and auth: `hybrid_kv.staging.auth`); the
+        prefill rank's welcome is used only once it proved the secret (or neither side has one)."""
+        auth = ClientAuth(secret)
+        msg = {"type": M.HELLO, "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}
+        msg.update(nonce=auth.nonce, auth=secret is not None)
+        reply = self.call(msg, M.WELCOME, M.CHALLENGE)
+        answer = auth.answer(reply, f"prefill side channel {self.address}")
+        if answer is not None:
+            reply = self.call(answer, M.WELCOME)
+        self.peer = reply
         check_fingerprints(self.peer["fingerprint"], fingerprint)
         return self.peer
 

@@ -38,6 +38,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.ops import resolve_backend
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.auth import load_secret
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.cost import copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
@@ -85,6 +86,7 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
             raise ValueError(f"HybridKVWorker mode {mode!r} (accepted: packed, auto; strided is vLLM's worker)")
         self.hkv_mode = mode
         self.hkv = PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
+        self._hkv_secret = load_secret(self.hkv.secret)  # a bad secret fails before any agent exists
         _refuse_unsupported(vllm_config, kv_cache_config, mode)  # before the stock worker creates its NIXL agent
         # The stock worker asserts the DS conv layout because its 3-read needs channel-contiguous x|B|C.
         # Packing addresses each channel slice itself, so SD works too: let those asserts see DS (the stock
@@ -159,6 +161,7 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
                 lease_s=float(self.hkv.lease_s),
                 timeout_s=self.hkv.timeout_s,
                 backend=self._hkv_backend,
+                secret=self._hkv_secret,
             )
 
     def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
@@ -285,7 +288,7 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
         host, port = self._hkv_peer_addr
         link = PrefillLink(host, self._hkv_port(port, p_rank), self.hkv.timeout_s)
         try:
-            peer = link.hello(self._hkv_geom.fingerprint(), self.world_size, self.tp_rank)
+            peer = link.hello(self._hkv_geom.fingerprint(), self.world_size, self.tp_rank, self._hkv_secret)
             if (peer["tp_size"], peer["tp_rank"]) != (remote_tp, p_rank):
                 raise ValueError(
                     f"hybrid-kv side channel {host}:{self._hkv_port(port, p_rank)} is prefill rank "
