@@ -125,3 +125,31 @@ def test_new_run_drops_what_the_source_held_for_the_last(pair):
     done = run(src, dec, reqs)  # and the new run is whole: the stale announcements were not used
     assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
     assert dec.mismatches(SEED, reqs, set(done)) == []
+
+
+def test_a_partial_frame_delays_no_other_peer(pair, monkeypatch):
+    """3 header bytes and silence from one connection: the prefill loop keeps serving the decode rank
+    (a round trip stays under 100 ms; the blocking read it replaced stalled every peer for 10 s), and the
+    stuck connection alone is dropped once its message is overdue."""
+    import socket
+
+    import hybrid_kv.transport.prefill_channel as chan
+    from hybrid_kv.transport.wire import recv_msg
+
+    src, dec, reqs = pair
+    monkeypatch.setattr(chan, "MSG_TIMEOUT_S", 0.5)
+    stuck = socket.create_connection(("127.0.0.1", src.ep.port), timeout=10)
+    stuck.sendall(b"HKV")
+    time.sleep(0.05)
+    rtts = []
+    for _ in range(5):
+        t = time.monotonic()
+        dec.configure("packed", reqs, 2)  # mode -> mode-ok through the same loop
+        rtts.append(time.monotonic() - t)
+    assert sorted(rtts)[2] < 0.1, rtts
+    head, _ = recv_msg(stuck, 10)  # overdue: told why, then closed
+    assert head["type"] == "error" and "incomplete after 0.5 s" in head["message"]
+    assert stuck.recv(1) == b""
+    stuck.close()
+    done = run(src, dec, reqs)  # the decode rank's own connection was never disturbed
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]

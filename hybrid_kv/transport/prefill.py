@@ -25,10 +25,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from hybrid_kv.layout import RankLayout
-from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES, TransferPlan
+from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind, load_secret
+from hybrid_kv.staging.auth import check_bind, load_secret
 from hybrid_kv.staging.chunk import Chunk, flat_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
@@ -37,14 +36,12 @@ from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
     blocks_from,
-    check_peer,
-    hello_fields,
     init_rank_process,
 )
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
+from hybrid_kv.transport.prefill_channel import Peer, SideChannel
+from hybrid_kv.transport.wire import send_msg
 
 MAX_TOKENS = 1 << 24  # a request's token count beyond this is refused before any plan is built
-MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
 IDLE_WAIT_S = 0.01  # longest sleep in select when no unit waits for a slot
 
 
@@ -58,19 +55,6 @@ class PrefillOptions:
     lease_s: float = 30.0
     backend: str | None = None  # ops backend for packing
     poll_s: float = 0.0005
-
-
-@dataclass
-class Peer:
-    sock: socket.socket
-    agent: str | None = None
-    tp_size: int = 0
-    tp_rank: int = 0
-    layouts: list | None = None  # the decode side's layouts, as this rank computes them
-    block_size: int = 16  # the decode side's cache block size
-    part: tuple | None = None  # what this rank packs for the peer (None: nothing, it reads page to page)
-    auth: ServerAuth | None = None
-    hello: dict | None = None  # a challenged hello, served once its `auth` checks
 
 
 @dataclass
@@ -92,7 +76,7 @@ class Packing:
     units: list[tuple[Peer, str, int, int, int]] = field(default_factory=list)  # peer, req, unit, offset, bytes
 
 
-class PrefillEndpoint:
+class PrefillEndpoint(SideChannel):
     def __init__(self, cfg: SideConfig, rank: int, opts: PrefillOptions) -> None:
         self.cfg, self.rank, self.opts = cfg, rank, opts
         self.secret = load_secret()
@@ -158,30 +142,10 @@ class PrefillEndpoint:
             else:
                 self._on_readable(key.data)
         self._on_notifs()
+        self._drop_stale(time.monotonic())
         self._expire_leases()
         self._pack_waiting()
         self._announce()
-
-    def _accept(self) -> None:
-        try:
-            sock, _ = self.server.accept()
-        except BlockingIOError:
-            return
-        sock.setblocking(True)
-        peer = Peer(sock, auth=ServerAuth(self.secret))
-        self.peers[sock.fileno()] = peer
-        self.sel.register(sock, selectors.EVENT_READ, peer)
-
-    def _drop(self, peer: Peer, why: str) -> None:
-        """A decode rank went away: free everything it held, forget its agent."""
-        self.stats["disconnects"] += 1
-        self.last_disconnect = f"decode rank {peer.tp_rank} ({peer.agent or 'no handshake'}): {why}"
-        self._forget_work(peer)
-        if peer.agent:
-            self.agent.remove_remote(peer.agent)
-        self.sel.unregister(peer.sock)
-        self.peers.pop(peer.sock.fileno(), None)
-        peer.sock.close()
 
     def _forget_work(self, peer: Peer) -> None:
         """Free every slot held for `peer` and drop its queued and not yet announced units."""
@@ -189,100 +153,6 @@ class PrefillEndpoint:
         self.waiting = deque(w for w in self.waiting if w.peer is not peer)
         for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
             batch.units = [u for u in batch.units if u[0] is not peer]
-
-    def _on_readable(self, peer: Peer) -> None:
-        try:
-            msg, payload = recv_msg(peer.sock, MSG_TIMEOUT_S)
-        except PeerClosed as e:
-            self._drop(peer, str(e))
-            return
-        except (ProtocolError, TimeoutError) as e:
-            self._error(peer, f"malformed message: {e}")
-            self._drop(peer, str(e))
-            return
-        kind = str(msg["type"])[:32]
-        self.messages[kind] = self.messages.get(kind, 0) + 1
-        try:
-            if msg["type"] == M.HELLO:
-                if peer.agent is not None or peer.hello is not None:
-                    raise ProtocolError("second hello on one connection")
-                if peer.auth.required:  # nothing is revealed before the decode rank proves the secret
-                    send_msg(peer.sock, peer.auth.challenge(msg))
-                    peer.hello = msg
-                elif msg.get("auth"):
-                    raise AuthError(
-                        f"this prefill rank has no shared secret ({SECRET_ENV}) but the decode rank authenticates: "
-                        "set the same secret on both"
-                    )
-                else:
-                    self._hello(peer, msg, payload)
-            elif msg["type"] == M.AUTH and peer.hello is not None and peer.agent is None:
-                peer.auth.check(msg)
-                hello, peer.hello = peer.hello, None
-                self._hello(peer, hello, payload)
-            elif peer.agent is None:
-                raise ProtocolError(f"{msg['type']!r} before a successful hello")
-            elif msg["type"] == M.MODE:  # a new run: what is still held for the last one is stale
-                peer.part = M.part(msg.get("part"))
-                self._forget_work(peer)
-                send_msg(peer.sock, {"type": M.MODE_OK})
-            elif msg["type"] == M.PING:  # the decode rank's cost model measures the round trip
-                send_msg(peer.sock, {"type": M.PONG})
-            elif msg["type"] == M.RELEASE:  # a request the decode rank gave up: free what it staged
-                req = M.request_id(msg.get("req"))
-                self._free(lambda k, p=peer, r=req: k[0] == id(p) and k[1] == r)
-                self.waiting = deque(w for w in self.waiting if not (w.peer is peer and w.req == req))
-            elif msg["type"] == M.BYE:
-                self._drop(peer, "bye")
-            else:
-                raise ProtocolError(f"unknown message type {msg['type']!r}")
-        except AuthError as e:  # refused before anything of this rank was revealed
-            self.stats["refused_auth"] += 1
-            self._error(peer, str(e))
-            self._drop(peer, str(e))
-        except (ValueError, KeyError, TypeError, ProtocolError) as e:
-            self._error(peer, str(e), req=msg.get("req"))
-            if msg.get("type") in (M.HELLO, M.AUTH) or isinstance(e, ProtocolError):
-                self.stats["refused_handshakes"] += msg.get("type") in (M.HELLO, M.AUTH)
-                self._drop(peer, str(e))
-
-    def _error(self, peer: Peer, message: str, **extra) -> None:
-        try:
-            send_msg(peer.sock, {"type": M.ERROR, "message": message, **extra})
-        except OSError:
-            pass
-
-    def _hello(self, peer: Peer, msg: dict, payload: bytes) -> None:
-        if peer.agent is not None:
-            raise ProtocolError("second hello on one connection")
-        dec = check_peer(self.layout, msg, "prefill", "decode")
-        if not payload or not isinstance(msg.get("agent"), str):
-            raise ValueError("decode hello lacks its NIXL agent name or metadata")
-        peer.tp_size, peer.tp_rank, peer.block_size = dec.tp_size, dec.tp_rank, dec.cache_block_size
-        peer.layouts = [
-            RankLayout(dec.spec, dec.tp_size, r, dec.conv_layout, dec.kv_layout, dec.cache_block_size)
-            for r in range(dec.tp_size)
-        ]
-        # Only decode ranks that read from this rank may connect.
-        probe = TransferPlan(self.layouts, peer.layouts, 1, self.unit_bytes)
-        if self.rank not in probe.sources_of(dec.tp_rank):
-            raise ValueError(
-                f"decode rank {dec.tp_rank} of TP {dec.tp_size} reads nothing from prefill rank "
-                f"{self.rank} of TP {self.cfg.tp_size}"
-            )
-        peer.agent = self.agent.add_remote(payload)
-        send_msg(
-            peer.sock,
-            {
-                "type": M.WELCOME,
-                **hello_fields(self.layout, self.cfg),
-                "agent": self.agent.name,
-                "cache": self.cache_reg,
-                "staging": self.staging_reg,
-                "max_unit_bytes": self.unit_bytes,
-            },
-            self.agent.metadata(),
-        )
 
     # ---- packing, unasked -------------------------------------------------------------------------------
 

@@ -62,13 +62,17 @@ def recv_msg(sock: socket.socket, timeout: float) -> tuple[dict, bytes]:
         raise ProtocolError(f"declared lengths too large (header {hlen} B, payload {plen} B)")
     raw = _recv_exact(sock, hlen, deadline, "header")
     payload = _recv_exact(sock, plen, deadline, "payload") if plen else b""
+    return _parse_header(raw), payload
+
+
+def _parse_header(raw: bytes) -> dict:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ProtocolError(f"header is not valid JSON: {e}") from e
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be a JSON object with a string 'type'")
-    return header, payload
+    return header
 
 
 def expect(header: dict, *types: str) -> dict:
@@ -77,3 +81,48 @@ def expect(header: dict, *types: str) -> dict:
     if header.get("type") not in types:
         raise ProtocolError(f"unexpected message {header.get('type')!r} (expected {' or '.join(types)})")
     return header
+
+
+class FrameReader:
+    """Incremental framing for an event loop: `read()` takes whatever bytes have arrived (never
+    blocking) and returns the messages now complete. A message that started more than `deadline_s` ago
+    and is still partial is `stale`: the loop drops that peer, and no other peer waits for it."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sock: socket.socket, deadline_s: float) -> None:
+        self.sock, self.deadline_s = sock, deadline_s
+        self._buf = bytearray()
+        self._since: float | None = None  # when the first byte of the partial message arrived
+
+    def read(self) -> list[tuple[dict, bytes]]:
+        while True:
+            try:
+                chunk = self.sock.recv(self.CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except (ConnectionResetError, BrokenPipeError) as e:
+                raise PeerClosed("connection reset") from e
+            if not chunk:
+                raise PeerClosed("truncated message" if self._buf else "peer closed the connection")
+            self._buf += chunk
+            if len(chunk) < self.CHUNK:
+                break
+        out = []
+        while len(self._buf) >= _HEAD.size:
+            magic, hlen, plen = _HEAD.unpack_from(self._buf)
+            if magic != MAGIC:
+                raise ProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a hybrid-kv peer")
+            if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+                raise ProtocolError(f"declared lengths too large (header {hlen} B, payload {plen} B)")
+            end = _HEAD.size + hlen + plen
+            if len(self._buf) < end:
+                break
+            raw, payload = bytes(self._buf[_HEAD.size : _HEAD.size + hlen]), bytes(self._buf[_HEAD.size + hlen : end])
+            del self._buf[:end]
+            out.append((_parse_header(raw), payload))
+        self._since = (self._since or time.monotonic()) if self._buf else None
+        return out
+
+    def stale(self, now: float) -> bool:
+        return self._since is not None and now - self._since > self.deadline_s
