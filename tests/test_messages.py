@@ -10,8 +10,14 @@ STAGING = 1000
 
 
 def test_ready_round_trips_through_its_check():
-    msg = M.ready("r1", [(2, 960, 40), (0, 0, 100)], {3: [7, 8]})
-    assert msg == {"type": "ready", "req": "r1", "units": [[2, 960, 40], [0, 0, 100]], "blocks": [[3, [7, 8]]]}
+    msg = M.ready("r1", [(2, 960, 40), (0, 0, 100)], 12.5, {3: [7, 8]})
+    assert msg == {
+        "type": "ready",
+        "req": "r1",
+        "units": [[2, 960, 40], [0, 0, 100]],
+        "until": 12.5,
+        "blocks": [[3, [7, 8]]],
+    }
     assert M.ready_units(msg, SIZES, STAGING, "p0") == [(2, 960, 40), (0, 0, 100)]
     assert M.blocks_of(msg["blocks"]) == {3: [7, 8]}
 
@@ -53,3 +59,15 @@ def test_part_request_id_blocks():
     for bad in ([[0, [1.0]]], [[0, 1]], [["0", [1]]], {"0": [1]}, [[0, [True]]]):
         with pytest.raises(ValueError, match="blocks="):
             M.blocks_of(bad)
+
+
+def test_lease_clock_maps_deadlines_never_late():
+    """The peer read its clock (100.0) somewhere between our send (5.0) and receipt (5.2): its 130.0 is
+    at the earliest our 35.0 (offset 95.0, the largest the exchange allows)."""
+    clock = M.LeaseClock(100.0, 5.0, 5.2)
+    assert clock.local(130.0) == 35.0
+    for bad in (None, "1", True):
+        with pytest.raises(ValueError, match="peer clock reading"):
+            M.LeaseClock(bad, 5.0, 5.2)
+        with pytest.raises(ValueError, match="lease deadline"):
+            clock.local(bad)

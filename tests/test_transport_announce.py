@@ -153,3 +153,45 @@ def test_a_partial_frame_delays_no_other_peer(pair, monkeypatch):
     stuck.close()
     done = run(src, dec, reqs)  # the decode rank's own connection was never disturbed
     assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+
+
+def test_lease_race_never_delivers_wrong_bytes(tmp_path):
+    """The race of a staging lease that ends before the decode rank READs (10 runs): a source pool of one
+    unit and a 0.2 s lease; A is announced, its lease runs out while this rank has not started it, the
+    source packs B into the same slot. A READ of A's announcement would deliver B's bytes as A's: the
+    fence fails A instead, naming the lease, and B arrives byte-exact. (Without the fence A is
+    "received" with B's state: the oracle check below fails.)"""
+    from hybrid_kv.staging.pool import LeasedPool
+    from hybrid_kv.staging.template import ALL
+    from hybrid_kv.transport.common import blocks_from
+
+    model = small_config(tmp_path, "falcon-h1-0.5b")
+    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=2, tokens=300, seed=SEED)
+    _, reqs, nbp, nbd = plan_requests(job)
+    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    src = Source(pcfg, lease_s=0.2)
+    try:
+        src.call(lambda: src.ep.fill(SEED, reqs, dcfg.layouts()[0].block_size))
+        dec = DecodeEndpoint(dcfg, 1, pcfg, [("127.0.0.1", src.ep.port)], DecodeOptions(request_timeout_s=10))
+        try:
+            r0 = reqs[0]
+            chunk = dec._chunk(0, ALL, 300, blocks_from(r0["prefill_blocks"]), blocks_from(r0["decode_blocks"]))[0]
+            assert len(chunk.units) == 1
+            src.call(lambda: setattr(src.ep, "pool", LeasedPool(chunk.unit_bytes[0])))  # one unit: A, then B
+            a, b = reqs[0]["id"], reqs[1]["id"]
+            for _ in range(10):
+                dec.reset(SEED)
+                dec.configure("packed", reqs, 2)
+                src.call(lambda: src.ep.prefilled(reqs))
+                deadline = time.monotonic() + 10  # A's lease ends, B is packed into its slot and announced
+                while src.ep.stats["packed_units"] % 2 or src.ep.waiting:
+                    assert time.monotonic() < deadline, src.ep.counts()
+                    time.sleep(0.01)
+                done = {r.id: r for r in dec.run("packed", reqs, 2)}
+                assert done[a].error is not None and "staging lease" in done[a].error, done[a].error
+                assert done[b].error is None, done[b].error
+                assert dec.mismatches(SEED, reqs, {b}) == []  # B exact, A's pages untouched
+        finally:
+            dec.close()
+    finally:
+        src.close()

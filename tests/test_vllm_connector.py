@@ -221,13 +221,7 @@ def test_stock_path_misreads_replicated_bc(pairs):
     want, got = pair.expected()[1], pair.d.storage(1)
     bad = (want != got).nonzero().flatten()
     assert bad.numel() > 0
-    names = U.layer_names(pair.d)
-    base = pair.d.storage(1).data_ptr()
-    state = {names[i] for i in (layer.index for layer in pair.d.spec.state_layers)}
-    spans = []
-    for n in state:
-        t = pair.d.caches[1][n]
-        spans.append((t.data_ptr() - base, t.data_ptr() - base + t.shape[0] * t.stride(0)))
+    spans = state_spans(pair, 1)
     assert all(any(a <= int(b) < z for a, z in spans) for b in bad[:: max(1, bad.numel() // 1000)])
 
 
@@ -414,7 +408,19 @@ def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
 
 def assert_untouched(pair: Pair) -> None:
     for r in range(pair.d.tp):
-        assert bool((pair.d.storage(r) == pair.background[r]).all()), f"decode rank {r} pages were written"
+        same = torch.equal(pair.d.storage(r), pair.background[r])  # (a bool: pytest must not repr the buffers)
+        assert same, f"decode rank {r} pages were written"
+
+
+def state_spans(pair: Pair, r: int) -> list[tuple[int, int]]:
+    """Byte ranges of decode rank r's state layers in its backing buffer."""
+    names = U.layer_names(pair.d)
+    base = pair.d.storage(r).data_ptr()
+    out = []
+    for i in (layer.index for layer in pair.d.spec.state_layers):
+        t = pair.d.caches[r][names[i]]
+        out.append((t.data_ptr() - base, t.data_ptr() - base + t.shape[0] * t.stride(0)))
+    return out
 
 
 def test_mismatched_ssm_dtype_refused_at_handshake(pairs, caplog):
@@ -655,3 +661,55 @@ def test_bad_secret_and_open_bind_refused_at_startup(tmp_path, monkeypatch):
     kw.update(not_held=lambda r: None, lease_s=1.0, timeout_s=1.0, backend="torch")
     with pytest.raises(ValueError, match=r"would listen on '0.0.0.0'.*HYBRID_KV_SECRET"):
         PrefillServer(host="0.0.0.0", secret=None, **kw)
+
+
+# ---- the lease fence ------------------------------------------------------------------------------------
+
+
+def test_push_near_its_lease_end_is_not_used(pairs):
+    """A push whose lease leaves less than the decode rank's whole wait (here: the prefill lease is only
+    twice the decode timeout) is not used: the decode rank asks, the source renews the lease, bytes exact."""
+    p_extra = {"hybrid_kv_staging_lease_s": 120, "hybrid_kv_timeout_s": 60}
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", n=2, p_extra=p_extra)
+    warm, rest = pair.reqs[:1], pair.reqs[1:]
+    ids = {q.req_id for q in warm}
+    U.submit(pair.p, pair.d, warm)
+    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    srv = pair.p.conns[0].connector_worker._hkv_server
+    for c in pair.p.conns:
+        U.step(c, U.send_meta(rest))
+    srv._prepacker.submit(lambda: None).result(timeout=30)
+    assert len(srv._staged) == 1  # pushed, but with 120 s of lease, under the decode's 2 x 60 s
+    for c in pair.d.conns:
+        U.step(c, U.recv_meta(rest, pair.p))
+    ids = {q.req_id for q in rest}
+    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    assert not any(failed)
+    assert pair.d.conns[0].connector_worker.hkv_round_trips[rest[0].req_id] == 1
+    assert_exact(pair)
+    pair.wait_no_leaks()
+
+
+def test_read_that_ends_after_the_lease_is_not_used(pairs, monkeypatch, caplog):
+    """The fence after the READ: bytes whose READ completed once the source's lease could have ended are
+    discarded (a margin larger than any lease makes every READ late): the requests fail, no page is
+    written, nothing leaks."""
+    import hybrid_kv.vllm.receive as R
+
+    monkeypatch.setattr(R, "LEASE_MARGIN_S", 1e9)
+    pair = pairs("jamba-v0.1", 1, 1, "packed")
+    failed = pair.run_failing()
+    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
+    assert "completed after the source's staging lease could have ended" in caplog.text
+    want = pair.expected()  # attention came by vLLM's own READ (the failed request's blocks are recomputed)
+    for r, c in enumerate(pair.d.conns):
+        geom = c.connector_worker._hkv_geom
+        got, bg, exp = pair.d.storage(r), pair.background[r], want[r].clone()
+        for q in pair.reqs:  # the requests' state pages: no byte was scattered
+            for s in geom.layers:
+                for b in q.d_blocks[s.group]:
+                    a = s.offset + b * s.stride
+                    exp[a : a + geom.layout.state_bytes] = bg[a : a + geom.layout.state_bytes]
+        same = torch.equal(got, exp)
+        assert same, f"decode rank {r}: state pages written, or attention differs from the oracle"
+    pair.wait_no_leaks()

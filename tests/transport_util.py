@@ -58,7 +58,7 @@ class LoopSource:
     def __init__(self, cfg, **opts) -> None:
         from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
 
-        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(pool_bytes=64 << 20, **opts))
+        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(**{"pool_bytes": 64 << 20, **opts}))
         self.cmds: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)

@@ -16,8 +16,10 @@ Decode rank -> prefill rank:
 
 Prefill rank -> decode rank, unasked:
 
-* ``ready``   {req, units: [[unit, offset, nbytes], ...], blocks?}: units staged for the request at
-  `offset` of the prefill rank's registered staging; the decode rank READs each one descriptor.
+* ``ready``   {req, units: [[unit, offset, nbytes], ...], until, blocks?}: units staged for the request at
+  `offset` of the prefill rank's registered staging, leased until `until` (its monotonic clock); the
+  decode rank READs each with one descriptor, and uses the bytes only if the READ completed before that
+  lease could have ended on its own clock (`LeaseClock`).
 * ``error``   {message, req?}: a refused request (or message), named.
 
 Every field is checked here, against the receiver's own plan, before it is used (`ready_units`, `part`,
@@ -58,9 +60,10 @@ def part(v) -> tuple | None:
     raise ValueError(f"mode part={v!r:.80} (accepted: null, ['all', 0], ['small', threshold >= 0])")
 
 
-def ready(req: str, units: Sequence[tuple[int, int, int]], blocks: dict | None = None) -> dict:
-    """The `ready` announcement of `units` ((unit, offset, nbytes), offsets into the sender's staging)."""
-    msg = {"type": READY, "req": req, "units": [[int(u), int(o), int(n)] for u, o, n in units]}
+def ready(req: str, units: Sequence[tuple[int, int, int]], until: float, blocks: dict | None = None) -> dict:
+    """The `ready` announcement of `units` ((unit, offset, nbytes), offsets into the sender's staging),
+    leased until `until` on the sender's monotonic clock (the receiver's fence: `LeaseClock`)."""
+    msg = {"type": READY, "req": req, "units": [[int(u), int(o), int(n)] for u, o, n in units], "until": until}
     if blocks is not None:
         msg["blocks"] = [[int(g), [int(b) for b in ids]] for g, ids in blocks.items()]
     return msg
@@ -101,3 +104,20 @@ def blocks_of(v) -> dict[int, list[int]]:
     ):
         raise ValueError(f"blocks={v!r:.120} (accepted: [[group, [block ids]], ...] of integers)")
     return {g: list(ids) for g, ids in v}
+
+
+class LeaseClock:
+    """A peer's monotonic clock seen from here, from one exchange: the peer read `peer_now` between our
+    `sent` and `received`. `local(t)` maps the peer's time `t` to the earliest local time it can be, so a
+    deadline mapped with it is never late (the exchange's round trip is the margin; drift over a lease is
+    negligible)."""
+
+    def __init__(self, peer_now, sent: float, received: float) -> None:
+        if not isinstance(peer_now, (int, float)) or isinstance(peer_now, bool) or received < sent:
+            raise ValueError(f"peer clock reading {peer_now!r:.40} (accepted: the peer's monotonic seconds)")
+        self.offset = float(peer_now) - sent  # the largest offset the exchange allows
+
+    def local(self, t) -> float:
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            raise ValueError(f"lease deadline {t!r:.40} (accepted: the peer's monotonic seconds)")
+        return float(t) - self.offset

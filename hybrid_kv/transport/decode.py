@@ -104,6 +104,7 @@ class DecodeEndpoint(Receiver):
                 send_msg(sock, reply, self.agent.metadata())
                 msg, meta = recv_msg(sock, self.opts.handshake_timeout_s)
                 expect(msg, M.WELCOME)
+            clock = _clock_of(sock, self.opts.handshake_timeout_s)
             theirs = check_peer(self.layout, msg, "decode", "prefill")
             if theirs.tp_rank != p:
                 raise ValueError(f"prefill at {host}:{port} is rank {theirs.tp_rank}, expected {p}")
@@ -115,9 +116,12 @@ class DecodeEndpoint(Receiver):
                     f"decode staging pool ({self.pool.capacity} B) is smaller than the prefill "
                     f"transfer unit budget ({unit} B): raise the decode pool or lower max_unit_bytes"
                 )
+            lease = msg.get("lease_s")
+            if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
+                raise ValueError(f"prefill rank {p} welcome: lease_s={lease!r} (accepted: seconds in (0, 86400])")
             name = self.agent.add_remote(meta)
             sock.setblocking(True)
-            src = Source(p, sock, name, msg)
+            src = Source(p, sock, name, msg, lease_s=float(lease), clock=clock)
             self.sources[p] = src
             self.sel.register(sock, selectors.EVENT_READ, src)
         self.unit_bytes = unit or probe.max_unit_bytes
@@ -200,6 +204,7 @@ class DecodeEndpoint(Receiver):
             "staging_slots": self.pool.live,
             "staging_in_use": self.pool.in_use,
             "in_flight_reads": len(getattr(self, "_reads", {})),
+            "quarantined_slots": len(getattr(self, "_stuck", {})),
         }
 
     def close(self) -> None:
@@ -217,6 +222,19 @@ class DecodeEndpoint(Receiver):
                 pass
         self.sel.close()
         self.agent.close()
+
+
+def _clock_of(sock: socket.socket, timeout: float) -> M.LeaseClock:
+    """The source's monotonic clock from one ping (its round trip bounds the error, on the safe side)."""
+    best = None
+    for _ in range(3):  # the tightest of three
+        sent = time.monotonic()
+        send_msg(sock, {"type": M.PING})
+        pong = expect(recv_msg(sock, timeout)[0], M.PONG)
+        clock = M.LeaseClock(pong.get("now"), sent, time.monotonic())
+        if best is None or clock.offset < best.offset:
+            best = clock
+    return best
 
 
 def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: DecodeOptions, ctl) -> None:

@@ -233,15 +233,16 @@ class PrefillEndpoint(SideChannel):
             batch = self.packing.pop(0)
             now = time.monotonic()
             grouped: dict[tuple[int, str], tuple[Peer, list]] = {}
+            until = now + self.opts.lease_s  # sent along: the decode rank's fence (messages.LeaseClock)
             for peer, req, unit, off, n in batch.units:
-                self.pool.lease((id(peer), req, unit), now + self.opts.lease_s)
+                self.pool.lease((id(peer), req, unit), until)
                 self.stats["packed_units"] += 1
                 grouped.setdefault((id(peer), req), (peer, []))[1].append((unit, off, n))
             for (_, req), (peer, units) in grouped.items():
                 if peer.sock.fileno() not in self.peers:
                     continue  # dropped by a failed send of this batch
                 try:
-                    send_msg(peer.sock, M.ready(req, units))
+                    send_msg(peer.sock, M.ready(req, units, until))
                 except OSError as e:
                     self._drop(peer, f"send failed: {e}")
 

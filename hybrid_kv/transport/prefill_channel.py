@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import selectors
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -114,7 +115,7 @@ class SideChannel:
                 self._forget_work(peer)
                 send_msg(peer.sock, {"type": M.MODE_OK})
             elif msg["type"] == M.PING:  # the decode rank's cost model measures the round trip
-                send_msg(peer.sock, {"type": M.PONG})
+                send_msg(peer.sock, {"type": M.PONG, "now": time.monotonic()})  # also the decode's lease clock
             elif msg["type"] == M.RELEASE:  # a request the decode rank gave up: free what it staged
                 req = M.request_id(msg.get("req"))
                 self._free(lambda k, p=peer, r=req: k[0] == id(p) and k[1] == r)
@@ -167,6 +168,7 @@ class SideChannel:
                 "cache": self.cache_reg,
                 "staging": self.staging_reg,
                 "max_unit_bytes": self.unit_bytes,
+                "lease_s": self.opts.lease_s,  # the decode rank READs each unit well within it
             },
             self.agent.metadata(),
         )

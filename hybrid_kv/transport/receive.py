@@ -22,6 +22,7 @@ from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_m
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
 MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
+LEASE_MARGIN = 0.25  # of a source's staging lease: a READ must be over this long before the lease ends
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Source:
     agent: str
     info: dict
     alive: bool = True
+    lease_s: float = 30.0  # the source's staging lease (its welcome), for the fence in `_landing`
+    clock: M.LeaseClock | None = None  # the source's clock, from the handshake
 
 
 @dataclass
@@ -95,8 +98,9 @@ class Receiver:
         todo = deque(requests)
         active: dict[str, Request] = {}
         finished: list[Request] = []
-        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted)
-        self._wait_slot: deque = deque()  # (request, source rank, (unit, offset, nbytes)) waiting for a slot
+        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted, read_by)
+        self._stuck = getattr(self, "_stuck", {})  # abandoned handles that refused release -> slot key
+        self._wait_slot: deque = deque()  # (request, source, (unit, offset, nbytes), read_by) waiting for a slot
         while todo or active:
             while todo and len(active) < concurrency:
                 r = self._start(todo.popleft(), mode)
@@ -180,7 +184,9 @@ class Receiver:
                 r.pending.update((p, u) for u in range(len(chunk.units)))  # announced by the source
         return r
 
-    def _post(self, r: Request, p: int, unit: int, slot_key, local: np.ndarray, remote: np.ndarray, notif: str) -> None:
+    def _post(
+        self, r: Request, p: int, unit: int, slot_key, local, remote, notif: str, read_by: float | None = None
+    ) -> None:
         src = self.sources[p]
         try:
             h = self.agent.read(
@@ -199,7 +205,7 @@ class Receiver:
             return
         r.descriptors += len(local)
         r.nbytes += int(local[:, 1].sum())
-        self._reads[h] = (r, p, unit, slot_key, time.monotonic())
+        self._reads[h] = (r, p, unit, slot_key, time.monotonic(), read_by)
 
     def _step(self, active: dict[str, Request], mode: str) -> None:
         # Block on the side channel while no READ is in flight (no CPU burnt waiting for 'ready');
@@ -208,22 +214,36 @@ class Receiver:
         for key, _ in self.sel.select(wait):
             self._on_message(key.data, active)
         while self._wait_slot:
-            r, p, unit = self._wait_slot[0]
-            if r.error is None and not self._landing(r, p, unit):
+            r, p, unit, read_by = self._wait_slot[0]
+            if r.error is None and not self._landing(r, p, unit, read_by):
                 break
             self._wait_slot.popleft()
         landed = []  # (request, source, unit, slot key): scattered together, one launch
-        for h, (r, p, unit, slot_key, posted) in list(self._reads.items()):
+        self._poll_stuck()
+        for h, (r, p, unit, slot_key, posted, read_by) in list(self._reads.items()):
             state = self.agent.poll(h)
-            if state == "PROC" and self.sources[p].alive and time.monotonic() - r.start <= self.opts.request_timeout_s:
-                continue
-            r.read_s += time.monotonic() - posted
+            now = time.monotonic()
+            if state == "PROC":
+                if read_by is not None and now >= read_by:
+                    why = f"did not complete within the source's staging lease ({self.sources[p].lease_s:g} s)"
+                elif now - r.start > self.opts.request_timeout_s:
+                    why = f"timed out after {self.opts.request_timeout_s:.1f} s"
+                elif not self.sources[p].alive:
+                    why = "lost its source"
+                else:
+                    continue
+                r.error = r.error or f"request {r.id}: READ of unit {unit} from prefill rank {p} {why}"
+            r.read_s += now - posted
             tel = self.agent.telemetry(h) if state == "DONE" else {}
+            del self._reads[h]
             try:
                 self.agent.release(h)
-            except Exception:  # a handle whose peer died may refuse release; it is dropped either way
-                pass
-            del self._reads[h]
+            except Exception:  # still in flight: a late write may land in its slot, so the slot waits
+                if state == "PROC" and slot_key is not None:
+                    self._stuck[h] = slot_key
+                    continue
+            if state == "DONE" and read_by is not None and now >= read_by:
+                state = "after the source's staging lease could have ended (bytes not used)"
             if state != "DONE":
                 r.error = r.error or f"request {r.id}: READ from prefill rank {p} ended {state}"
             else:
@@ -238,6 +258,18 @@ class Receiver:
                 self.pool.free(slot_key)
         if landed:
             self._scatter(landed)
+
+    def _poll_stuck(self) -> None:
+        """Receive slots of abandoned READs whose handle could not be released: freed once it ends."""
+        for h, slot_key in list(self._stuck.items()):
+            if self.agent.poll(h) == "PROC":
+                continue
+            try:
+                self.agent.release(h)
+            except Exception:
+                continue
+            del self._stuck[h]
+            self.pool.free(slot_key)
 
     def _scatter(self, landed: list) -> None:
         """Scatter every unit that landed this step: one launch (Triton); with the synchronous torch
@@ -301,14 +333,17 @@ class Receiver:
             stale = [u for u, _, _ in units if (p, u) not in r.pending]
             if stale:
                 raise ValueError(f"prefill rank {p} announced units {stale} again, which this rank already holds")
+            # the fence: bytes count only if their READ completed before the lease could end here
+            src = self.sources[p]
+            read_by = src.clock.local(msg.get("until")) - src.lease_s * LEASE_MARGIN
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return
         if not r.ready_s:
             r.ready_s = time.monotonic() - r.start
         for unit in units:
-            if not self._landing(r, p, unit):
-                self._wait_slot.append((r, p, unit))
+            if not self._landing(r, p, unit, read_by):
+                self._wait_slot.append((r, p, unit, read_by))
 
     def _release_request(self, r: Request) -> None:
         """Tell each source to free what it staged (or still queues) for a request that failed."""
@@ -320,16 +355,28 @@ class Receiver:
                 except OSError:
                     pass
 
-    def _landing(self, r: Request, p: int, unit: tuple[int, int, int]) -> bool:
-        """Post the READ of a ready (unit, offset, nbytes) into a receive slot; False if no slot is free yet."""
+    def _landing(self, r: Request, p: int, unit: tuple[int, int, int], read_by: float) -> bool:
+        """Post the READ of a ready (unit, offset, nbytes) into a receive slot; False if no slot is free yet.
+
+        The lease fence: the source may reuse the slot once the lease it announced ends, so a unit is READ
+        only while `read_by` (that end on this rank's clock, minus a margin) is ahead, a READ still running
+        at `read_by` is abandoned and one that completed after it is discarded (`_step`). A late unit
+        fails its request; it never delivers bytes of whatever the source staged there next."""
         u, off, n = unit
+        if time.monotonic() >= read_by:
+            r.error = r.error or (
+                f"request {r.id}: unit {u} of prefill rank {p} waited past its staging lease "
+                f"({self.sources[p].lease_s:g} s) for a receive slot; not read (raise the prefill's lease or "
+                "this rank's staging pool)"
+            )
+            return True
         key = (r.id, p, u)
         slot = self.pool.alloc(key, n)
         if slot is None:
             return False
         local = np.array([[self.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
         remote = np.array([[self.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
-        self._post(r, p, u, key, local, remote, f"done:{r.id}:{u}")
+        self._post(r, p, u, key, local, remote, f"done:{r.id}:{u}", read_by)
         return True
 
 

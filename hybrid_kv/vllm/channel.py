@@ -229,6 +229,8 @@ class PrefillServer:
                 self._no_push.discard(cid)
             self._free_where(lambda k: k[0] == cid)
             return {"type": M.MODE_OK}
+        if kind == M.PING:  # the decode rank's view of this rank's clock, for the lease fence
+            return {"type": M.PONG, "now": time.monotonic()}
         if kind == M.RELEASE:  # no reply: the READs are done (or abandoned)
             req = M.request_id(head.get("req"))
             self._free_where(lambda k: k[0] == cid and k[1] == req)
@@ -299,8 +301,14 @@ class PrefillServer:
                 raise
             with self._cv:
                 self._staged[(cid, req, dec.tp_rank)] = (blocks, offsets, sizes)
+        with self._cv:  # a fresh lease from now: the decode rank READs within it (its fence)
+            until = time.monotonic() + self.lease_s
+            for k in keys:
+                self.pool.lease(k, until)
+            if not all(self.pool.held(k) for k in keys):
+                raise RuntimeError(f"staging of request {req} was freed while it was packed")
         with lock:
-            send_msg(conn, M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], blocks))
+            send_msg(conn, M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], until, blocks))
 
     # ---- packing when the prefill finishes (before any decode rank asks) --------------------------------
 
@@ -331,27 +339,28 @@ class PrefillServer:
                 with self._cv:
                     if (cid, req, dec.tp_rank) in self._staged or any(self.pool.held(k) for k in keys):
                         continue
-                    got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s)
+                    until = time.monotonic() + self.lease_s
+                    got = self.pool.alloc_all(keys, sizes, until)
                 if got is None:
                     continue  # pool full now: the decode rank will ask, and wait for a slot then
                 offsets = [s.offset for s in got]
                 jobs.append((chunk, offsets))
-                pushes.append((cid, conn, lock, dec.tp_rank, req, blocks, keys, offsets, sizes))
+                pushes.append((cid, conn, lock, dec.tp_rank, req, blocks, keys, offsets, sizes, until))
         if not jobs:
             return
         try:
             self.copier.run(jobs).wait()  # one launch for every request and decode rank of this step
         except Exception as e:  # never fatal: the decode ranks fall back to asking
             log.warning("hybrid-kv: packing %d request(s) at finish failed: %s", len(requests), e)
-            for *_, keys, _, _ in pushes:
+            for *_, keys, _, _, _ in pushes:
                 self._free_where(lambda k, ks=set(keys): k in ks)
             return
-        for cid, conn, lock, rank, req, blocks, keys, offsets, sizes in pushes:
+        for cid, conn, lock, rank, req, blocks, keys, offsets, sizes, until in pushes:
             with self._cv:
                 if not all(self.pool.held(k) for k in keys):
                     continue  # freed meanwhile (disconnect, forget)
                 self._staged[(cid, req, rank)] = (blocks, offsets, sizes)
-            msg = M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], blocks)
+            msg = M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], until, blocks)
             try:
                 with lock:
                     send_msg(conn, msg)

@@ -6,6 +6,7 @@ import queue
 import select
 import socket
 import threading
+import time
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
@@ -35,6 +36,7 @@ class PrefillLink:
             raise ConnectionError(f"hybrid-kv side channel {host}:{port} unreachable: {e}") from e
         self._sock.settimeout(None)  # the reader blocks; calls wait on their own deadline
         self.peer: dict = {}
+        self.clock: M.LeaseClock | None = None
         self._replies: queue.Queue = queue.Queue()
         self._staged: dict[str, dict] = {}
         self._staged_lock = threading.Lock()
@@ -92,6 +94,12 @@ class PrefillLink:
         if answer is not None:
             reply = self.call(answer, M.WELCOME)
         self.peer = reply
+        for _ in range(3):  # the prefill rank's clock, for the lease fence: the tightest of three pings
+            sent = time.monotonic()
+            pong = self.call({"type": M.PING}, M.PONG)
+            clock = M.LeaseClock(pong.get("now"), sent, time.monotonic())
+            if self.clock is None or clock.offset < self.clock.offset:
+                self.clock = clock
         check_fingerprints(self.peer["fingerprint"], fingerprint)
         return self.peer
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import queue
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from hybrid_kv.staging.pool import Slot
 from hybrid_kv.vllm.state import state_chunk
 
 log = init_logger("vllm.hybrid_kv")
+LEASE_MARGIN_S = 1.0  # a READ counts only if it completed this long before the source's lease ends
 
 
 @dataclass
@@ -31,6 +33,7 @@ class RecvState:
     chunks: dict[int, Chunk]  # source prefill rank -> this rank's chunk of its state
     units: dict[int, list[int]]  # source prefill rank -> bytes of each of its transfer units
     slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
+    read_by: dict[int, float] = field(default_factory=dict)  # source -> its staging lease's end, here
     posted: bool = False
     descriptors: int = 0
 
@@ -86,7 +89,7 @@ class PackedReceive:
         staged = {}
         for p in recv.units:  # packed when the prefill finished: no reply to wait for
             push = self._hkv_links[(engine_id, p)].take_staged(meta.remote.request_id)
-            if push is not None and self._same_blocks(push, recv.remote):
+            if push is not None and self._same_blocks(push, recv.remote) and self._lease_left(recv, p, push):
                 staged[p] = push
         self.hkv_round_trips[req_id] = len(recv.units) - len(staged)
         if len(staged) == len(recv.units):
@@ -134,10 +137,22 @@ class PackedReceive:
     def _check_staged(self, recv: RecvState, staged: dict[int, dict]) -> dict[int, list[tuple[int, int, int]]]:
         return {p: self._check_units(recv, p, push) for p, push in staged.items()}
 
+    def _lease_left(self, recv: RecvState, p: int, push: dict) -> bool:
+        """Whether a push's lease leaves this rank its whole wait for the READ (else it asks again, and
+        the source renews the lease)."""
+        try:
+            end = self._hkv_links[(recv.engine_id, p)].clock.local(push.get("until"))
+        except (AttributeError, ValueError):
+            return False
+        return end - time.monotonic() > 2 * self.hkv.timeout_s
+
     def _check_units(self, recv: RecvState, p: int, push: dict) -> list[tuple[int, int, int]]:
         """A source's `ready`, checked against this rank's own chunk and the source's registered staging
-        before any READ is posted: every unit of the chunk, each of its planned size, inside the staging."""
-        size = int(self._hkv_links[(recv.engine_id, p)].peer["staging"][1])
+        before any READ is posted: every unit of the chunk, each of its planned size, inside the staging;
+        and its lease's end on this rank's clock, which the READ must beat (the fence)."""
+        link = self._hkv_links[(recv.engine_id, p)]
+        size = int(link.peer["staging"][1])
+        recv.read_by[p] = link.clock.local(push.get("until")) - LEASE_MARGIN_S
         units = M.ready_units(push, recv.units[p], size, f"prefill rank {p}")
         if len(units) != len(recv.units[p]) or not self._same_blocks(push, recv.remote):
             raise ValueError(
@@ -247,6 +262,14 @@ class PackedReceive:
             else:
                 landed.append(req_id)
                 done.discard(req_id)  # reported once its scatter has completed, never before
+        now = time.monotonic()
+        for req_id in [r for r in landed if now >= min(self._hkv_recv[r].read_by.values(), default=now)]:
+            log.error(  # the source may have reused the slot during the READ: the bytes are not used
+                "hybrid-kv: state READ of %s completed after the source's staging lease could have ended", req_id
+            )
+            landed.remove(req_id)
+            self._hkv_retire(req_id)
+            failed.add(req_id)
         if landed:
             self._hkv_scatter(landed, failed)
         still = []
