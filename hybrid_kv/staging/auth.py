@@ -50,8 +50,11 @@ def load_secret(value: str | None = None, environ=None) -> bytes | None:
 
 
 def is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return host == "localhost"
+    """127.0.0.0/8, ::1, localhost, or a name that resolves only to those ("" binds every address)."""
+    if host == "localhost":
+        return True
+    if not host:
+        return False
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:

@@ -28,6 +28,7 @@ Every field is checked here, against the receiver's own plan, before it is used 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 HELLO, WELCOME, MODE, MODE_OK, PACK, OK = "hello", "welcome", "mode", "mode-ok", "pack", "ok"
@@ -104,6 +105,19 @@ def blocks_of(v) -> dict[int, list[int]]:
     ):
         raise ValueError(f"blocks={v!r:.120} (accepted: [[group, [block ids]], ...] of integers)")
     return {g: list(ids) for g, ids in v}
+
+
+def clock_by_ping(ping, tries: int = 3) -> LeaseClock:
+    """The peer's clock from `tries` ping/pong exchanges (`ping()` sends a ping, returns the pong), the
+    tightest one kept: both shells map lease deadlines with it."""
+    best = None
+    for _ in range(tries):
+        sent = time.monotonic()
+        pong = ping()
+        clock = LeaseClock(pong.get("now"), sent, time.monotonic())
+        if best is None or clock.offset < best.offset:
+            best = clock
+    return best
 
 
 class LeaseClock:

@@ -133,6 +133,7 @@ class DecodeEndpoint(Receiver):
         self.copier = Copier(self.cache, self.pages, self.recv, "decode", self.opts.backend)
         self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
         self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
+        self._stuck: dict = {}  # abandoned READ handles that refused release -> their receive slot (all runs)
         self.cost = self._calibrate()
 
     def _calibrate(self) -> dict:
@@ -204,7 +205,7 @@ class DecodeEndpoint(Receiver):
             "staging_slots": self.pool.live,
             "staging_in_use": self.pool.in_use,
             "in_flight_reads": len(getattr(self, "_reads", {})),
-            "quarantined_slots": len(getattr(self, "_stuck", {})),
+            "quarantined_slots": len(self._stuck) if hasattr(self, "_stuck") else 0,
         }
 
     def close(self) -> None:
@@ -225,16 +226,13 @@ class DecodeEndpoint(Receiver):
 
 
 def _clock_of(sock: socket.socket, timeout: float) -> M.LeaseClock:
-    """The source's monotonic clock from one ping (its round trip bounds the error, on the safe side)."""
-    best = None
-    for _ in range(3):  # the tightest of three
-        sent = time.monotonic()
+    """The source's monotonic clock (the pings' round trip bounds the error, on the safe side)."""
+
+    def ping() -> dict:
         send_msg(sock, {"type": M.PING})
-        pong = expect(recv_msg(sock, timeout)[0], M.PONG)
-        clock = M.LeaseClock(pong.get("now"), sent, time.monotonic())
-        if best is None or clock.offset < best.offset:
-            best = clock
-    return best
+        return expect(recv_msg(sock, timeout)[0], M.PONG)
+
+    return M.clock_by_ping(ping)
 
 
 def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: DecodeOptions, ctl) -> None:

@@ -4,13 +4,15 @@ Protocol (side channel, the vocabulary of `hybrid_kv.staging.messages`; data mov
 decode rank posts):
 
 * ``hello`` {rank fields, agent} + NIXL metadata -> ``welcome`` {rank fields, cache/staging addresses,
-  unit budget} + NIXL metadata, or ``error`` naming the mismatching field (nothing is registered for a
-  refused peer).
+  unit budget, lease} + NIXL metadata (with a shared secret, ``challenge`` / ``auth`` first and the
+  metadata with ``auth``: `hybrid_kv.staging.auth`), or ``error`` naming the mismatching field (nothing
+  is registered for a refused peer).
 * ``mode`` {part} -> ``mode-ok``: before a run (warm-up), which pieces this rank packs for that decode
   rank: all (packed), the short runs (auto: ["small", threshold]) or none (strided).
 * When a request's prefill has finished (the driver's ``prefilled``), this rank packs it for every
-  decode rank that reads from it, **unasked**, and sends ``ready`` {req, units: [[unit, offset, nbytes]]}
-  for the units of a request packed by one launch: the decode rank's READ waits on no reply of its own.
+  decode rank that reads from it, **unasked**, and sends ``ready`` {req, units: [[unit, offset, nbytes]],
+  until} for the units of a request packed by one launch (`until`: their lease end on this rank's
+  clock): the decode rank's READ waits on no reply of its own.
   Units are packed in FIFO order, every unit that fits the pool in one launch per loop step; a unit that
   finds no slot waits (bounded by ``pool_wait_s``), then ``error``.
 * The decode rank's READ carries the notification ``done:<req>:<unit>``; on it the slot is freed. A

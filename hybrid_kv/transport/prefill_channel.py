@@ -141,8 +141,7 @@ class SideChannel:
             pass
 
     def _hello(self, peer: Peer, msg: dict, payload: bytes) -> None:
-        if peer.agent is not None:
-            raise ProtocolError("second hello on one connection")
+        """Serve a (checked, or authenticated) hello: `_dispatch` refused a second one already."""
         dec = check_peer(self.layout, msg, "prefill", "decode")
         if not payload or not isinstance(msg.get("agent"), str):
             raise ValueError("decode hello lacks its NIXL agent name or metadata")

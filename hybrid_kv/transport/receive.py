@@ -99,7 +99,6 @@ class Receiver:
         active: dict[str, Request] = {}
         finished: list[Request] = []
         self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted, read_by)
-        self._stuck = getattr(self, "_stuck", {})  # abandoned handles that refused release -> slot key
         self._wait_slot: deque = deque()  # (request, source, (unit, offset, nbytes), read_by) waiting for a slot
         while todo or active:
             while todo and len(active) < concurrency:

@@ -48,6 +48,11 @@ MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete with
 MAX_CONNECTIONS = 256  # decode-rank connections served at once (one thread each); more are refused
 
 
+def _units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(unit, offset, nbytes) of a request's staged units, as `ready` announces them."""
+    return [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))]
+
+
 class PrefillServer:
     """Serves hello/pack/done for one prefill rank; owns its staging pool's slots."""
 
@@ -308,7 +313,7 @@ class PrefillServer:
             if not all(self.pool.held(k) for k in keys):
                 raise RuntimeError(f"staging of request {req} was freed while it was packed")
         with lock:
-            send_msg(conn, M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], until, blocks))
+            send_msg(conn, M.ready(req, _units(offsets, sizes), until, blocks))
 
     # ---- packing when the prefill finishes (before any decode rank asks) --------------------------------
 
@@ -360,7 +365,7 @@ class PrefillServer:
                 if not all(self.pool.held(k) for k in keys):
                     continue  # freed meanwhile (disconnect, forget)
                 self._staged[(cid, req, rank)] = (blocks, offsets, sizes)
-            msg = M.ready(req, [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))], until, blocks)
+            msg = M.ready(req, _units(offsets, sizes), until, blocks)
             try:
                 with lock:
                     send_msg(conn, msg)

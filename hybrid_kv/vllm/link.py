@@ -6,7 +6,6 @@ import queue
 import select
 import socket
 import threading
-import time
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
@@ -94,12 +93,7 @@ class PrefillLink:
         if answer is not None:
             reply = self.call(answer, M.WELCOME)
         self.peer = reply
-        for _ in range(3):  # the prefill rank's clock, for the lease fence: the tightest of three pings
-            sent = time.monotonic()
-            pong = self.call({"type": M.PING}, M.PONG)
-            clock = M.LeaseClock(pong.get("now"), sent, time.monotonic())
-            if self.clock is None or clock.offset < self.clock.offset:
-                self.clock = clock
+        self.clock = M.clock_by_ping(lambda: self.call({"type": M.PING}, M.PONG))  # for the lease fence
         check_fingerprints(self.peer["fingerprint"], fingerprint)
         return self.peer
 
