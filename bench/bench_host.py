@@ -278,7 +278,6 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         player=players,
         layout=dlayers[0],
         pages=dpages,
-        ppages=ppages,
     )
     dcopier = _instrument(Copier(dcache, dpages, dstage, "decode", _backend()))
     dpool = StagingPool(STAGING)

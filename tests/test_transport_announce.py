@@ -195,3 +195,42 @@ def test_lease_race_never_delivers_wrong_bytes(tmp_path):
             dec.close()
     finally:
         src.close()
+
+
+def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatch):
+    """The prefill cache holds 3 more blocks than this rank's configuration of the prefill says: page
+    offsets past layer 0 come from the welcome's num_blocks, so a strided run is byte-exact (with the
+    configured count every READ of layer 1 lands 3 pages early: the oracle check fails). A welcome whose
+    num_blocks does not match the cache it registered is refused at the handshake, naming the value."""
+    import hybrid_kv.transport.prefill_channel as chan
+
+    model = small_config(tmp_path, "falcon-h1-0.5b")
+    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=3, tokens=700, seed=SEED)
+    _, reqs, nbp, nbd = plan_requests(job)
+    pcfg, dcfg = replace(job.prefill, num_blocks=nbp + 3), replace(job.decode, num_blocks=nbd)
+    told = replace(pcfg, num_blocks=nbp)  # what the decode rank was configured with
+    src = Source(pcfg)
+    try:
+        src.call(lambda: src.ep.fill(SEED, reqs, dcfg.layouts()[0].block_size))
+        dec = DecodeEndpoint(dcfg, 1, told, [("127.0.0.1", src.ep.port)], DecodeOptions(request_timeout_s=10))
+        try:
+            dec.reset(SEED)
+            dec.configure("strided", reqs, 2)
+            done = {r.id: r for r in dec.run("strided", reqs, 2)}
+            assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+            assert dec.mismatches(SEED, reqs, set(done)) == []
+        finally:
+            dec.close()
+        real = chan.send_msg
+        for lie, msg in [(nbp, r"num_blocks=%d x page_bytes=\d+ make \d+ B" % nbp), ("9", r"num_blocks='9'")]:
+
+            def send(sock, header, payload=b"", lie=lie):
+                if header.get("type") == "welcome":
+                    header = {**header, "num_blocks": lie}
+                return real(sock, header, payload)
+
+            monkeypatch.setattr(chan, "send_msg", send)
+            with pytest.raises(ValueError, match=msg):
+                DecodeEndpoint(dcfg, 1, told, [("127.0.0.1", src.ep.port)], DecodeOptions(handshake_timeout_s=5))
+    finally:
+        src.close()

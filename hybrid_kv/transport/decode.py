@@ -64,7 +64,6 @@ class DecodeEndpoint(Receiver):
         self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
         self.cache, self.recv, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
         self.cache_reg, self.recv_reg = mem.cache_reg, mem.staging_reg
-        self.pgeom = None
         self.sel = selectors.DefaultSelector()
         self.sources: dict[int, Source] = {}
         self.player = None  # prefill layouts, as this rank computes them
@@ -119,17 +118,16 @@ class DecodeEndpoint(Receiver):
             lease = msg.get("lease_s")
             if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
                 raise ValueError(f"prefill rank {p} welcome: lease_s={lease!r} (accepted: seconds in (0, 86400])")
+            pages = _source_pages(msg, self.player[p], self.geom.num_layers, p)
             name = self.agent.add_remote(meta)
             sock.setblocking(True)
-            src = Source(p, sock, name, msg, lease_s=float(lease), clock=clock)
+            src = Source(p, sock, name, msg, lease_s=float(lease), clock=clock, pages=pages)
             self.sources[p] = src
             self.sel.register(sock, selectors.EVENT_READ, src)
         self.unit_bytes = unit or probe.max_unit_bytes
-        self.pgeom = self.pcfg.geometry(self.player[0])
         self._plans: dict[int, TransferPlan] = {}
         self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
         self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
-        self.ppages = PageMap.flat(self.pgeom.num_layers, self.pgeom.num_blocks, self.pgeom.page_bytes)
         self.copier = Copier(self.cache, self.pages, self.recv, "decode", self.opts.backend)
         self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
         self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
@@ -223,6 +221,23 @@ class DecodeEndpoint(Receiver):
                 pass
         self.sel.close()
         self.agent.close()
+
+
+def _source_pages(welcome: dict, layout, num_layers: int, p: int) -> PageMap:
+    """The source's page map from its welcome: its own block count (the decode's configuration of the
+    prefill does not say it), checked against the cache region it registered, so that a page-to-page READ
+    addresses the bytes it means and never leaves that region."""
+    nb, cache = welcome.get("num_blocks"), welcome.get("cache")
+    if not isinstance(nb, int) or isinstance(nb, bool) or not 1 <= nb <= 1 << 24:
+        raise ValueError(f"prefill rank {p} welcome: num_blocks={nb!r} (accepted: an integer in [1, 16777216])")
+    want = num_layers * nb * layout.page_bytes
+    got = cache.get("nbytes") if isinstance(cache, dict) else None
+    if got != want:
+        raise ValueError(
+            f"prefill rank {p} welcome: cache of {got!r} B, but {num_layers} layers x num_blocks={nb} x "
+            f"page_bytes={layout.page_bytes} make {want} B"
+        )
+    return PageMap.flat(num_layers, nb, layout.page_bytes)
 
 
 def _clock_of(sock: socket.socket, timeout: float) -> M.LeaseClock:

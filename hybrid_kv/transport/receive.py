@@ -16,6 +16,7 @@ import numpy as np
 from hybrid_kv.layout import cdiv
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
+from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.transport.common import blocks_from
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
@@ -34,6 +35,7 @@ class Source:
     alive: bool = True
     lease_s: float = 30.0  # the source's staging lease (its welcome), for the fence in `_landing`
     clock: M.LeaseClock | None = None  # the source's clock, from the handshake
+    pages: PageMap | None = None  # the source's cache pages, from its welcome (page-to-page READs)
 
 
 @dataclass
@@ -138,7 +140,7 @@ class Receiver:
         d = flat_chunk(self.plans.shapes, pair, self.pages, "decode", tokens, db.state, db.kv, bs)
         if not prefill_side:
             return d, None
-        return d, flat_chunk(self.plans.shapes, pair, self.ppages, "prefill", tokens, pb.state, pb.kv, bs)
+        return d, flat_chunk(self.plans.shapes, pair, self.sources[p].pages, "prefill", tokens, pb.state, pb.kv, bs)
 
     def _start(self, spec: dict, mode: str) -> Request:
         pb, db = blocks_from(spec["prefill_blocks"]), blocks_from(spec["decode_blocks"])
