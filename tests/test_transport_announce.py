@@ -222,7 +222,7 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
         finally:
             dec.close()
         real = chan.send_msg
-        for lie, msg in [(nbp, r"num_blocks=%d x page_bytes=\d+ make \d+ B" % nbp), ("9", r"num_blocks='9'")]:
+        for lie, msg in [(nbp, rf"num_blocks={nbp} x page_bytes=\d+ make \d+ B"), ("9", r"num_blocks='9'")]:
 
             def send(sock, header, payload=b"", lie=lie):
                 if header.get("type") == "welcome":
