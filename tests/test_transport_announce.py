@@ -234,3 +234,55 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
                 DecodeEndpoint(dcfg, 1, told, [("127.0.0.1", src.ep.port)], DecodeOptions(handshake_timeout_s=5))
     finally:
         src.close()
+
+
+def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
+    """P TP 2 -> D TP 1 (the decode rank reads both sources): prefill rank 1 sends 3 header bytes and
+    stalls. Prefill rank 0's units are still READ as soon as they are announced (its slots free within
+    100 ms, median of the requests; the blocking read this replaced held the loop 10 s), and rank 1 alone
+    is dropped once its message is overdue, failing the requests that needed it, naming why."""
+    import threading
+
+    import hybrid_kv.transport.receive as recv_mod
+
+    monkeypatch.setattr(recv_mod, "MSG_TIMEOUT_S", 2.0)
+    model = small_config(tmp_path, "falcon-h1-0.5b")
+    job = TransferJob(SideConfig(model, 2, 1), SideConfig(model, 1, 1), requests=5, tokens=700, seed=SEED)
+    _, reqs, nbp, nbd = plan_requests(job)
+    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    srcs = [Source(pcfg, rank=r) for r in range(2)]
+    try:
+        for s in srcs:
+            s.call(lambda s=s: s.ep.fill(SEED, reqs, dcfg.layouts()[0].block_size))
+        addrs = [("127.0.0.1", s.ep.port) for s in srcs]
+        dec = DecodeEndpoint(dcfg, 0, pcfg, addrs, DecodeOptions(request_timeout_s=30))
+        try:
+            assert sorted(dec.sources) == [0, 1]
+            dec.reset(SEED)
+            dec.configure("packed", reqs, 1)
+            srcs[1].call(lambda: [p.sock.sendall(b"HKV") for p in srcs[1].ep.peers.values()])
+            out: list = []
+            worker = threading.Thread(target=lambda: out.extend(dec.run("packed", reqs, len(reqs))), daemon=True)
+            worker.start()
+            time.sleep(0.2)  # the decode loop has seen rank 1's bytes
+            lag = []
+            for r in reqs:  # one request at a time: announced by rank 0, READ, its slot freed
+                packed = srcs[0].ep.stats["packed_units"]
+                t = time.monotonic()
+                srcs[0].call(lambda r=r: srcs[0].ep.prefilled([r]))
+                while srcs[0].ep.stats["packed_units"] == packed or srcs[0].ep.pool.live:
+                    assert time.monotonic() - t < 20, srcs[0].ep.counts()
+                    time.sleep(0.001)
+                lag.append(time.monotonic() - t)
+            assert sorted(lag)[len(lag) // 2] < 0.1, lag
+            worker.join(30)
+            assert not worker.is_alive()
+            assert len(out) == len(reqs)
+            for r in out:
+                assert r.error is not None and "prefill rank 1 lost (a message incomplete after 2 s)" in r.error
+            assert dec.pool.live == 0 and dec.counts()["in_flight_reads"] == 0
+        finally:
+            dec.close()
+    finally:
+        for s in srcs:
+            s.close()

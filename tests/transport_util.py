@@ -55,10 +55,10 @@ def assert_no_leaks(counts: dict) -> None:
 class LoopSource:
     """A prefill endpoint whose event loop runs on a thread; commands run on that thread too."""
 
-    def __init__(self, cfg, **opts) -> None:
+    def __init__(self, cfg, rank: int = 0, **opts) -> None:
         from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
 
-        self.ep = PrefillEndpoint(cfg, 0, PrefillOptions(**{"pool_bytes": 64 << 20, **opts}))
+        self.ep = PrefillEndpoint(cfg, rank, PrefillOptions(**{"pool_bytes": 64 << 20, **opts}))
         self.cmds: queue.Queue = queue.Queue()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)

@@ -20,7 +20,7 @@ from hybrid_kv.staging.cost import CAL_DESCS, CAL_REPEATS, CAL_SIZE, packing_pay
 from hybrid_kv.staging.cost import copy_gbps as measure_copy_gbps
 from hybrid_kv.staging.cost import desc_cost_us as measure_desc_cost_us
 from hybrid_kv.staging.cost import median as _median
-from hybrid_kv.transport.wire import expect, recv_msg, send_msg
+from hybrid_kv.transport.wire import expect, send_msg
 
 
 def calibrate(ep, src) -> dict:
@@ -45,7 +45,8 @@ def calibrate(ep, src) -> dict:
         for _ in range(CAL_REPEATS):
             t = time.monotonic()
             send_msg(src.sock, {"type": M.PING})
-            expect(recv_msg(src.sock, opts.handshake_timeout_s)[0], M.PONG)
+            msgs = src.reader.wait(time.monotonic() + opts.handshake_timeout_s, f"prefill rank {src.rank}: ping")
+            expect(msgs[0][0], M.PONG)
             ts.append(time.monotonic() - t)
         rtt_us = _median(ts) * 1e6
     desc_us = desc_us or 0.0

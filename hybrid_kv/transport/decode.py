@@ -39,9 +39,6 @@ from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.receive import Receiver, Request, Source, result_row
 from hybrid_kv.transport.wire import expect, recv_msg, send_msg
 
-IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
-MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
-
 
 @dataclass
 class DecodeOptions:

@@ -19,10 +19,11 @@ from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.transport.common import blocks_from
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
+from hybrid_kv.transport.wire import FrameReader, PeerClosed, ProtocolError, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
 MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
+MSG_TIMEOUT_S = 10.0  # a source's message must be whole this long after its first byte arrived
 LEASE_MARGIN = 0.25  # of a source's staging lease: a READ must be over this long before the lease ends
 
 
@@ -36,6 +37,11 @@ class Source:
     lease_s: float = 30.0  # the source's staging lease (its welcome), for the fence in `_landing`
     clock: M.LeaseClock | None = None  # the source's clock, from the handshake
     pages: PageMap | None = None  # the source's cache pages, from its welcome (page-to-page READs)
+    reader: FrameReader | None = None  # its side channel after the handshake (never a blocking read)
+
+    def __post_init__(self) -> None:
+        if self.reader is None:
+            self.reader = FrameReader(self.sock, MSG_TIMEOUT_S)
 
 
 @dataclass
@@ -87,11 +93,17 @@ class Receiver:
             send_msg(src.sock, {"type": M.MODE, "part": None if part is None else list(part)})
             deadline = time.monotonic() + self.opts.handshake_timeout_s
             while True:  # announcements of an earlier run may still be queued ahead of the reply
-                msg, _ = recv_msg(src.sock, max(0.0, deadline - time.monotonic()))
-                if msg["type"] == M.MODE_OK:
-                    break
-                if msg["type"] == M.ERROR and msg.get("req") is None:
-                    raise RuntimeError(f"prefill rank {p} refused mode {mode}: {msg.get('message')}")
+                msgs = [m for m, _ in src.reader.wait(deadline, f"prefill rank {p}: mode")]
+                for i, m in enumerate(msgs):
+                    if m["type"] == M.ERROR and m.get("req") is None:
+                        raise RuntimeError(f"prefill rank {p} refused mode {mode}: {m.get('message')}")
+                    if m["type"] == M.MODE_OK:
+                        for later in msgs[i + 1 :]:  # this run's: kept until their requests start
+                            self._on_message(src, later, {})
+                        break
+                else:
+                    continue
+                break
 
     def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
         if concurrency < 1:
@@ -213,7 +225,11 @@ class Receiver:
         # poll briefly while READs progress (without a progress thread, polling drives UCX).
         wait = self.opts.poll_s if (self._reads or self._wait_slot) else IDLE_WAIT_S
         for key, _ in self.sel.select(wait):
-            self._on_message(key.data, active)
+            self._on_readable(key.data, active)
+        now = time.monotonic()
+        for src in self.sources.values():
+            if src.alive and src.reader.stale(now):
+                self._source_lost(src, f"a message incomplete after {src.reader.deadline_s:g} s", active)
         while self._wait_slot:
             r, p, unit, read_by = self._wait_slot[0]
             if r.error is None and not self._landing(r, p, unit, read_by):
@@ -303,12 +319,18 @@ class Receiver:
                     r.pending.discard((p, u))
                     self.pool.free(k)
 
-    def _on_message(self, src: Source, active: dict[str, Request]) -> None:
+    def _on_readable(self, src: Source, active: dict[str, Request]) -> None:
+        """What arrived from `src`, never blocking: a source that sent part of a message and stalls is
+        lost once the message is overdue (`_step`), and no other source waits for it."""
         try:
-            msg, _ = recv_msg(src.sock, 10.0)
-        except (PeerClosed, ProtocolError, TimeoutError, OSError) as e:
+            msgs = src.reader.read()
+        except (PeerClosed, ProtocolError, OSError) as e:
             self._source_lost(src, str(e), active)
             return
+        for msg, _ in msgs:
+            self._on_message(src, msg, active)
+
+    def _on_message(self, src: Source, msg: dict, active: dict[str, Request]) -> None:
         r = active.get(str(msg.get("req")))
         if msg["type"] == M.ERROR:
             if r is not None and r.error is None:

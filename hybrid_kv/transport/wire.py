@@ -7,6 +7,7 @@ not a JSON object raise `ProtocolError` naming what was wrong, and nothing of th
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import time
@@ -123,6 +124,17 @@ class FrameReader:
             out.append((_parse_header(raw), payload))
         self._since = (self._since or time.monotonic()) if self._buf else None
         return out
+
+    def wait(self, deadline: float, what: str) -> list[tuple[dict, bytes]]:
+        """The next messages (at least one), waiting until `deadline` (monotonic; TimeoutError after)."""
+        while True:
+            msgs = self.read()
+            if msgs:
+                return msgs
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{what}: no answer in time")
+            select.select([self.sock], [], [], left)
 
     def stale(self, now: float) -> bool:
         return self._since is not None and now - self._since > self.deadline_s
