@@ -77,3 +77,21 @@ def test_units_split_large_requests(tmp_path):
         counts = cl.counts()
     assert max(c["staging_in_use"] for k, c in counts.items() if k.startswith("prefill")) == 0
     assert_no_leaks(cl.closed_counts)
+
+
+@pytest.mark.parametrize("model,p,d", [("qwen3.5-0.8b", 1, 2), ("nemotron-h-8b", 2, 1)])
+def test_mixed_lengths_in_one_run(tmp_path, model, p, d):
+    """Requests of 1 to 5000 tokens in one run, block sizes differing between the sides: every rank plans
+    each request for its own length (a rank that reused one request's plan for the next moves the wrong
+    KV blocks, or too few, and the oracle check fails)."""
+    cfg = small_config(tmp_path, model)
+    lengths = (1, 5000, 700, 33, 2049)
+    with Cluster(job(cfg, p, d, requests=5, lengths=lengths, concurrency=3)) as cl:
+        assert len({r["tokens"] for r in cl.requests}) == 5
+        kv = {len(r["decode_blocks"][1]) for r in cl.requests}
+        assert len(kv) >= 3, kv  # the lengths span different KV block counts
+        for mode in ("packed", "strided", "auto"):
+            r = cl.run(mode)
+            assert r["failures"] == [] and r["mismatches"] == [], r["failures"][:2] + r["mismatches"][:2]
+            assert r["verified"] and r["completed"] == 5
+    assert_no_leaks(cl.closed_counts)

@@ -26,6 +26,7 @@ class TransferJob:
     decode: SideConfig
     requests: int = 8
     tokens: int = 1024
+    lengths: tuple[int, ...] = ()  # if given, request i has lengths[i % len(lengths)] tokens (else `tokens`)
     concurrency: int = 4
     seed: int = 0
     verify: bool = True
@@ -73,17 +74,18 @@ def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]
 
     spec = job.prefill.spec()
     plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)
-    batch = random_batch(plan, [job.tokens] * job.requests, np.random.default_rng(job.seed), spare_blocks=2)
+    tokens = [job.lengths[i % len(job.lengths)] if job.lengths else job.tokens for i in range(job.requests)]
+    batch = random_batch(plan, tokens, np.random.default_rng(job.seed), spare_blocks=2)
     pb, db = batch.prefill_blocks, batch.decode_blocks
     nbp, nbd = batch.prefill_geom.num_blocks, batch.decode_geom.num_blocks
     reqs = [
         {
             "id": f"req-{i}",
-            "tokens": job.tokens,
+            "tokens": t,
             "prefill_blocks": [b.state, list(b.kv)],
             "decode_blocks": [d.state, list(d.kv)],
         }
-        for i, (b, d) in enumerate(zip(pb, db))
+        for i, (t, b, d) in enumerate(zip(tokens, pb, db))
     ]
     return plan, reqs, nbp, nbd
 
