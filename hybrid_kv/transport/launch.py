@@ -142,22 +142,37 @@ class Cluster:
         for r, c in enumerate(self.pconns):
             _recv(c, f"prefill rank {r} fill", t, "filled", proc=self.pprocs[r])
         for r in range(self.dcfg.tp_size):
-            a, b = self.ctx.Pipe()
-            p = self.ctx.Process(
-                target=decode_main,
-                args=(self.dcfg, r, self.pcfg, self.addrs, self.job.decode_opts, b),
-                daemon=True,
-                name=f"hybrid-kv-decode-{r}",
-            )
-            p.start()
+            p, a = self._spawn_decode(r)
             self.dprocs.append(p)
             self.dconns.append(a)
-        for r, c in enumerate(self.dconns):
-            try:
-                self.ready_info.append(_recv(c, f"decode rank {r} handshake", t, "ready", proc=self.dprocs[r])[1])
-            except RankFailed:
-                self._failed.add(id(c))
-                raise
+        for r in range(self.dcfg.tp_size):
+            self.ready_info.append(self._handshake(r))
+
+    def _spawn_decode(self, r: int):
+        a, b = self.ctx.Pipe()
+        p = self.ctx.Process(
+            target=decode_main,
+            args=(self.dcfg, r, self.pcfg, self.addrs, self.job.decode_opts, b),
+            daemon=True,
+            name=f"hybrid-kv-decode-{r}",
+        )
+        p.start()
+        return p, a
+
+    def _handshake(self, r: int) -> dict:
+        c = self.dconns[r]
+        try:
+            return _recv(c, f"decode rank {r} handshake", self.job.start_timeout_s, "ready", proc=self.dprocs[r])[1]
+        except RankFailed:
+            self._failed.add(id(c))
+            raise
+
+    def restart_decode(self, rank: int) -> None:
+        """A fresh process for decode rank `rank` (after `kill`): it connects to its sources again."""
+        if self.dprocs[rank].is_alive():
+            raise RuntimeError(f"decode rank {rank} is still running: kill it first")
+        self.dprocs[rank], self.dconns[rank] = self._spawn_decode(rank)
+        self.ready_info[rank] = self._handshake(rank)
 
     def run(self, mode: str | None = None, requests: list[dict] | None = None) -> dict:
         """Move `requests` (default: all) in `mode` on every decode rank; returns the per-mode report."""
