@@ -9,6 +9,7 @@ from conftest import PRESETS, fits
 from hybrid_kv.layout import Shard, cdiv
 from hybrid_kv.plan import PackedLayout, TransferPlan, assign_sources, split_piece
 from hybrid_kv.spec_hf import load_spec
+from hybrid_kv.testing.harness import Harness
 
 
 def reads(plan, d, layer):
@@ -105,7 +106,11 @@ def test_descriptor_counts_qwen_1_to_8():
         plan = TransferPlan.build(spec, 1, 8, tokens, prefill_block_size=1024, decode_block_size=1024)
         per_rank = 48 * 4 + 16 * cdiv(tokens, 1024)
         assert plan.strided_descriptors() == 8 * per_rank
-        assert plan.packed_descriptors() == 8 * cdiv(plan.staging[(0, 0)].nbytes, plan.max_unit_bytes)
+        # by hand (reads of test_qwen35_27b_1_to_8): each decode rank takes 48 GDN states of
+        # 1536 + 1536 + 4608 + 393216 B and 16 KV layers of 1 MiB a 1024-token block; units of 64 MiB
+        staged = 48 * (1536 + 1536 + 4608 + 393216) + 16 * cdiv(tokens, 1024) * (1 << 20)
+        assert plan.staging[(0, 0)].nbytes == staged == {512: 36_020_224, 8192: 153_460_736}[tokens]
+        assert plan.packed_descriptors() == 8 * {512: 1, 8192: 3}[tokens]
         assert plan.strided_descriptors() >= 50 * plan.packed_descriptors()
 
 
@@ -141,6 +146,25 @@ def test_write_set_is_exact(name, conv_layout):
                         assert all(b <= plan.prefill[x.src_rank].state_bytes for _, b in _intervals(x.src))
                 else:
                     assert total == dec.kv_heads_local * plan.copied_tokens * dec.kv_token_head_bytes
+        assert _applied(plan) == [], (p, d)  # and from the right source bytes
+
+
+def _applied(plan) -> list[str]:
+    """Copy exactly the plan's pieces, row by row, from oracle-filled prefill caches into random decode
+    caches: what differs from the oracle's decode caches (a piece read from the wrong source bytes, or a
+    byte outside the write set written)."""
+    h = Harness(plan, [plan.tokens], seed=3, spare_blocks=1)
+    gp, gd = h.batch.prefill_geom, h.batch.decode_geom
+    pb, db = h.batch.prefill_blocks[0], h.batch.decode_blocks[0]
+    state = {x.index for x in plan.spec.layers if x.kind.is_state}
+    for x in plan.pieces:
+        kv = x.layer not in state
+        s0 = gp.block_offset(x.layer, pb.kv[x.src_block] if kv else pb.state)
+        d0 = gd.block_offset(x.layer, db.kv[x.dst_block] if kv else db.state)
+        src, dst = h.prefill_caches[x.src_rank], h.decode_caches[x.dst_rank]
+        for a, b in zip(_intervals(x.src, s0), _intervals(x.dst, d0)):
+            dst[b[0] : b[1]] = src[a[0] : a[1]]
+    return h.mismatches()
 
 
 def test_mismatch_refused():
@@ -176,8 +200,12 @@ def test_units_respect_budget():
     plan = TransferPlan.build(spec, 1, 1, 3000, max_unit_bytes=1 << 20)
     lay = plan.staging[(0, 0)]
     assert all(b - a <= 1 << 20 for a, b in lay.units)
-    assert sum(x.nbytes for x in lay.pieces) == plan.bytes_moved()
-    assert len(lay.units) == plan.packed_descriptors() > 1
+    # by hand: 3 GDN layers at TP 1 (conv q|k|v 12288 + 12288 + 36864 B, SSM 8 x 393216 B) and 2 KV
+    # layers of 4 blocks of 784 tokens x 4096 B (3000 tokens open 4 blocks)
+    assert sum(x.nbytes for x in lay.pieces) == 3 * (61_440 + 3_145_728) + 2 * 4 * 784 * 4096 == 35_311_616
+    # units: per GDN layer one for conv q|k|v and three 1 MiB SSM parts; per KV block (3 MiB + 64 KiB)
+    # four, as a unit never takes the head of a piece it cannot hold whole: 3 * 4 + 2 * 4 * 4
+    assert len(lay.units) == plan.packed_descriptors() == 44
     # the units tile the staging bytes in order
     assert lay.units[0][0] == 0 and lay.units[-1][1] == lay.nbytes
     assert all(a[1] <= b[0] for a, b in zip(lay.units, lay.units[1:]))
@@ -189,11 +217,14 @@ def test_units_respect_budget():
 
 def test_split_by_run_size():
     plan = TransferPlan.build(load_spec("qwen3.5-27b").truncated(2, 1), 2, 4, 1000, conv_layout="SD")
-    for th in (0, 2000, 10_000, 1 << 30):
+    # by hand, at decode TP 4 (SD: one run per conv row and component): conv.q and conv.k rows of
+    # 512 ch x 2 B = 1024 B, conv.v 1536 ch x 2 B = 3072 B; SSM and KV runs are hundreds of KiB
+    small = {0: set(), 2000: {"conv.q", "conv.k"}, 10_000: {"conv.q", "conv.k", "conv.v"}}
+    small[1 << 30] = {"conv.q", "conv.k", "conv.v", "ssm", "kv"}
+    for th, want in small.items():
         packed, direct = plan.split(th)
         for pair, ps in plan.pairs.items():
             a, b = packed[pair].pieces, direct[pair].pieces
             assert sorted(map(id, a + b)) == sorted(map(id, ps))  # a partition of the pair's pieces
-            assert all(x.src.row_bytes < th for x in a) and all(x.src.row_bytes >= th for x in b)
-    assert all(not lay.pieces for lay in plan.split(0)[0].values())
+            assert {x.component for x in a} == want and not want & {x.component for x in b}
     assert {k: v.units for k, v in plan.split(None)[0].items()} == {k: v.units for k, v in plan.staging.items()}
