@@ -195,13 +195,13 @@ class Cluster:
 
     def collect(self, skip: set[int] = frozenset()) -> dict:
         """Results of the run started by `start_run`, from every decode rank not in `skip` (killed)."""
-        results = []
+        self.results: dict[int, dict] = {}  # decode rank -> its own rows (`summarize` merges them)
         for r, c in enumerate(self.dconns):
             if r in skip:
                 continue
             msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result", proc=self.dprocs[r])
-            results.append(msg[1])
-        return summarize(self._mode, self._reqs, results, self.job.verify)
+            self.results[r] = msg[1]
+        return summarize(self._mode, self._reqs, list(self.results.values()), self.job.verify)
 
     def counts(self) -> dict[str, dict]:
         out = {}
