@@ -286,3 +286,52 @@ def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
     finally:
         for s in srcs:
             s.close()
+
+
+def test_slot_of_an_unreleasable_read_is_never_reused(pair):
+    """A READ still in flight when its request times out, whose handle NIXL refuses to release: its
+    receive slot stays quarantined (a late write could still land there) until the handle ends, so no
+    later READ is given those bytes; then it is freed. (UCX here cannot be made to hold a READ or refuse
+    a release on demand: the endpoint's agent reports that one handle as in flight and refuses to
+    release it while `hold` is set; the transfer itself is real.)"""
+    src, dec, reqs = pair
+    victim, hold, posted = reqs[0]["id"], [True], []
+    agent = dec.agent
+    read, poll, release = agent.read, agent.poll, agent.release
+    held: list = []
+
+    def fake_read(local, remote, *a, **kw):
+        h = read(local, remote, *a, **kw)
+        notif = a[1].decode()
+        posted.append((notif, [(int(x), int(x + n)) for x, n in local]))
+        if not held and notif.startswith(f"done:{victim}:"):
+            held.append(h)
+        return h
+
+    def fake_poll(h):
+        state = poll(h)
+        return "PROC" if hold[0] and held and h == held[0] else state
+
+    def fake_release(h):
+        if hold[0] and held and h == held[0]:
+            raise RuntimeError("handle still in flight")
+        return release(h)
+
+    agent.read, agent.poll, agent.release = fake_read, fake_poll, fake_release
+    dec.opts.request_timeout_s = 1.0
+    done = run(src, dec, reqs)
+    assert "timed out" in done[victim].error, done[victim].error
+    ok = {i for i, r in done.items() if r.error is None}
+    assert ok == {r["id"] for r in reqs} - {victim}
+    assert dec.counts()["quarantined_slots"] == 1 and dec.pool.live == 1  # kept, not freed
+    base = dec.recv_reg["addr"]
+    stuck = next(rng for n, rngs in posted if n.startswith(f"done:{victim}:") for rng in rngs)
+    posted.clear()
+    done = run(src, dec, reqs)  # the next run: no READ lands in the quarantined bytes
+    assert posted and all(b <= stuck[0] or a >= stuck[1] for _, rngs in posted for a, b in rngs if a >= base)
+    assert {i for i, r in done.items() if r.error is None} == {r["id"] for r in reqs}
+    assert dec.mismatches(SEED, reqs, set(done)) == []
+    hold[0] = False  # the handle ends: its slot is freed on the next step
+    dec._poll_stuck()
+    assert dec.counts()["quarantined_slots"] == 0 and dec.pool.live == 0
+    assert dec.agent.counts()["xfer_handles"] == 0

@@ -156,8 +156,12 @@ def test_pool_never_overlaps():
         pool.alloc(("b",), 10)
     with pytest.raises(ValueError, match=r"can never fit"):
         pool.alloc(("d",), 2000)
-    pool.free(("b",))
-    pool.free(("c",))
+    assert pool.rekey(("c",), ("q",)).offset == 0  # same bytes, new key: ("c",) may be taken again
+    assert pool.alloc(("c",), 16).offset == 208 and pool.held(("q",)).nbytes == 208  # first fit: after q
+    with pytest.raises(ValueError, match=r"already held"):
+        pool.rekey(("c",), ("q",))
+    for k in ("b", "c", "q"):
+        pool.free((k,))
     assert pool.alloc(("e",), 992).offset == 0
 
 

@@ -76,6 +76,15 @@ class StagingPool:
     def held(self, key: tuple) -> Slot | None:
         return self._held.get(key)
 
+    def rekey(self, key: tuple, new: tuple) -> Slot:
+        """Hold `key`'s slot under `new` (its bytes unchanged): `key` may be allocated again."""
+        if new in self._held:
+            raise ValueError(f"staging slot {new} is already held")
+        slot = self._held.pop(key)
+        slot.key = new
+        self._held[new] = slot
+        return slot
+
 
 class LeasedPool(StagingPool):
     """A `StagingPool` whose slots may carry a lease: a slot nobody released is freed when its lease
@@ -106,6 +115,12 @@ class LeasedPool(StagingPool):
     def free(self, key: tuple) -> None:
         super().free(key)
         self.leases.pop(key, None)
+
+    def rekey(self, key: tuple, new: tuple) -> Slot:
+        slot = super().rekey(key, new)
+        if key in self.leases:
+            self.leases[new] = self.leases.pop(key)
+        return slot
 
     def release(self, key: tuple) -> bool:
         """Free `key` if it is held (a peer's notification may name a slot already freed)."""

@@ -257,7 +257,8 @@ class Receiver:
                 self.agent.release(h)
             except Exception:  # still in flight: a late write may land in its slot, so the slot waits
                 if state == "PROC" and slot_key is not None:
-                    self._stuck[h] = slot_key
+                    # under a key of its own: the request's id may come again (a retry, the next run)
+                    self._stuck[h] = self.pool.rekey(slot_key, ("quarantined", id(h))).key
                     continue
             if state == "DONE" and read_by is not None and now >= read_by:
                 state = "after the source's staging lease could have ended (bytes not used)"
