@@ -57,3 +57,30 @@ def _connector_logs_in_caplog(caplog):
     lg.addHandler(caplog.handler)
     yield
     lg.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def ds_layout(monkeypatch):
+    """vLLM's DS conv-state layout for the connector tests (vLLM caches the layout choice)."""
+    from vllm.model_executor.layers.mamba import mamba_utils
+
+    monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+    mamba_utils.get_conv_state_layout.cache_clear()
+    yield
+    mamba_utils.get_conv_state_layout.cache_clear()
+
+
+@pytest.fixture
+def pairs(tmp_path, monkeypatch):
+    """Make prefill/decode engine pairs (`vllm_pair.Pair`); every one made is shut down afterwards."""
+    from vllm_pair import Pair
+
+    made = []
+
+    def make(*a, **kw):
+        made.append(Pair(tmp_path / str(len(made)), monkeypatch, *a, **kw))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()

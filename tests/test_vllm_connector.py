@@ -6,8 +6,6 @@ the written pages is checked too."""
 
 from __future__ import annotations
 
-import random
-import socket
 import time
 
 import pytest
@@ -20,98 +18,12 @@ import vllm_util as U
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 from vllm.model_executor.layers.mamba import mamba_utils
+from vllm_pair import Pair, assert_exact, assert_untouched
 
-from hybrid_kv.transport.wire import recv_msg, send_msg
 from hybrid_kv.vllm import HybridKVConnector
 from hybrid_kv.vllm.worker import HybridKVWorker
 
-
-@pytest.fixture(autouse=True)
-def _ds_layout(monkeypatch):
-    monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
-    mamba_utils.get_conv_state_layout.cache_clear()
-    yield
-    mamba_utils.get_conv_state_layout.cache_clear()
-
-
-class Pair:
-    """A prefill and a decode engine with `n` requests filled on P (and their expected D bytes)."""
-
-    def __init__(
-        self, tmp, monkeypatch, name, ptp, dtp, mode, *, n=2, p_extra=None, d_extra=None, d_edit=None, d_cache=None
-    ):
-        monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
-        self.engines = []
-        path = U.model_dir(tmp, name)
-        self.p = self._engine(path, name, ptp, "prefill", p_extra, None)
-        d_path = U.model_dir(tmp / "decode", name, d_edit) if d_edit else path
-        self.d = self._engine(d_path, name, dtp, "decode", d_extra, d_cache)
-        p_free, d_free = list(range(self.p.kcc.num_blocks)), list(range(self.d.kcc.num_blocks))
-        random.Random(1).shuffle(p_free)
-        random.Random(2).shuffle(d_free)
-        # interleaved block ids, different lengths
-        self.reqs = [U.make_request(f"req{i}", self.p, self.d, 90 + 700 * i, p_free, d_free, i) for i in range(n)]
-        for r, buf in enumerate(U.fill(self.p, self.reqs, "prefill", 11)):
-            self.p.storage(r).copy_(buf)
-        self.background = U.fill(self.d, [], "decode", 12)
-        for r, buf in enumerate(self.background):
-            self.d.storage(r).copy_(buf)
-
-    def _engine(self, path, name, tp, eid, extra, cache):
-        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache)
-        self.engines.append(eng)
-        return eng
-
-    def expected(self):
-        return U.fill(self.d, self.reqs, "decode", 12)
-
-    def run(self, timeout=60.0):
-        ids = {q.req_id for q in self.reqs}
-        U.submit(self.p, self.d, self.reqs)
-        return U.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
-
-    def run_failing(self, timeout=30.0):
-        """Requests expected to fail on every decode rank: returns each rank's failed set."""
-        ids = {q.req_id for q in self.reqs}
-        U.submit(self.p, self.d, self.reqs)
-        _, failed, _ = U.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
-        return failed
-
-    def telemetry_descriptors(self) -> list[int]:
-        return [sum(c.connector_worker.xfer_stats.data["num_descriptors"]) for c in self.d.conns]
-
-    def wait_no_leaks(self, timeout=10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            leaks = [c.connector_worker.hkv_leaks() for c in (*self.p.conns, *self.d.conns)]
-            if all(v == 0 for lk in leaks for v in lk.values()):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"staging leaks after the transfers: {leaks}")
-            time.sleep(0.01)
-
-    def close(self):
-        while self.engines:
-            self.engines.pop().shutdown()
-
-
-@pytest.fixture
-def pairs(tmp_path, monkeypatch):
-    made = []
-
-    def make(*a, **kw):
-        made.append(Pair(tmp_path / str(len(made)), monkeypatch, *a, **kw))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
-
-
-def assert_exact(pair: Pair) -> None:
-    for r, (want, got) in enumerate(zip(pair.expected(), (pair.d.storage(r) for r in range(pair.d.tp)))):
-        bad = (want != got).nonzero().flatten()
-        assert bad.numel() == 0, f"decode rank {r}: {bad.numel()} bytes differ from the oracle, first at {bad[:4]}"
+pytestmark = pytest.mark.usefixtures("ds_layout")
 
 
 # ---- the flag -------------------------------------------------------------------------------------------
@@ -408,12 +320,6 @@ def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
 # ---- refusals and failures ------------------------------------------------------------------------------
 
 
-def assert_untouched(pair: Pair) -> None:
-    for r in range(pair.d.tp):
-        same = torch.equal(pair.d.storage(r), pair.background[r])  # (a bool: pytest must not repr the buffers)
-        assert same, f"decode rank {r} pages were written"
-
-
 def state_spans(pair: Pair, r: int) -> list[tuple[int, int]]:
     """Byte ranges of decode rank r's state layers in its backing buffer."""
     names = U.layer_names(pair.d)
@@ -494,106 +400,6 @@ def test_dead_prefill_fails_requests(pairs, caplog):
 # ---- the prefill side channel ---------------------------------------------------------------------------
 
 
-def _server(pair: Pair):
-    w = pair.p.conns[0].connector_worker
-    return w, w._hkv_server
-
-
-def _hello(pair: Pair) -> dict:
-    fp = pair.d.conns[0].connector_worker._hkv_geom.fingerprint()
-    return {"type": "hello", "fingerprint": fp, "tp_size": 1, "tp_rank": 0}
-
-
-def test_side_channel_rejects_malformed_and_unknown(pairs):
-    """Nothing is served before a hello that matches; out-of-protocol messages close the connection,
-    refused requests are named and the connection stays."""
-    pair = pairs("jamba-v0.1", 1, 1, "packed")
-    _, srv = _server(pair)
-    host, port = srv.address
-    with socket.create_connection((host, port), timeout=5) as s:
-        s.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "bad magic" in head["message"]
-    with socket.create_connection((host, port), timeout=5) as s:  # a request before any hello
-        send_msg(s, {"type": "pack", "req": "nope", "blocks": [[0, [1]]]})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "'pack' before a successful hello" in head["message"]
-        assert s.recv(1) == b""  # and the connection is closed
-    with socket.create_connection((host, port), timeout=5) as s:
-        send_msg(s, {"type": "hello", "fingerprint": {"architecture": "X"}, "tp_size": 1, "tp_rank": 0})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "configurations differ (architecture" in head["message"]
-        send_msg(s, {"type": "hello", **{k: v for k, v in _hello(pair).items() if k != "type"}, "tp_size": 3})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "decode tp_size=3" in head["message"]
-        send_msg(s, _hello(pair))
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "welcome"
-        bad = [
-            ({"req": "nope", "blocks": [[0, [1]]]}, "request nope is not held"),
-            ({"req": "", "blocks": []}, "request id ''"),
-            ({"req": 7, "blocks": []}, "request id 7"),
-            ({"req": "x" * 600, "blocks": []}, "a string of 1 to 512 characters"),
-        ]
-        for fields, why in bad:
-            send_msg(s, {"type": "pack", **fields})
-            head, _ = recv_msg(s, 5)
-            assert head["type"] == "error" and why in head["message"], (fields, head)
-        send_msg(s, {"type": "mode", "part": ["small", 10]})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "packs all or nothing" in head["message"]
-        send_msg(s, {"type": "mode", "part": "all"})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "accepted: null" in head["message"]
-        send_msg(s, {"type": "hello", "fingerprint": {}})
-        head, _ = recv_msg(s, 5)
-        assert head["type"] == "error" and "second hello" in head["message"]
-
-
-def test_staged_slots_freed_on_disconnect_and_lease(pairs):
-    """A decode rank that packs and vanishes (connection closed) or never releases (lease) frees its slots."""
-    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra={"hybrid_kv_staging_lease_s": 1, "hybrid_kv_timeout_s": 0.5})
-    _, srv = _server(pair)
-    q = pair.reqs[0]
-    for c in pair.p.conns:
-        U.step(c, U.send_meta(pair.reqs))
-    g = [i for i, (_, _, kind) in enumerate(pair.p.groups()) if kind == "mamba"]
-    msg = {"type": "pack", "req": "p" + q.req_id, "blocks": [[i, q.p_blocks[i]] for i in g]}
-
-    def pack(s) -> None:
-        send_msg(s, _hello(pair))
-        assert recv_msg(s, 10)[0]["type"] == "welcome"
-        send_msg(s, msg)
-        ready, _ = recv_msg(s, 10)
-        assert ready["type"] == "ready" and ready["req"] == msg["req"] and len(ready["units"]) == 1
-        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
-
-    with socket.create_connection(srv.address, timeout=5) as s:
-        pack(s)
-    deadline = time.monotonic() + 5
-    while srv.live_slots and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert srv.live_slots == 0  # disconnect
-    s = socket.create_connection(srv.address, timeout=5)
-    try:
-        pack(s)
-        deadline = time.monotonic() + 10
-        while srv.live_slots and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert srv.live_slots == 0  # lease expiry with the connection still open
-        send_msg(s, {"type": "release", "req": msg["req"]})  # late: nothing left to free, no reply
-        send_msg(s, msg)  # and the connection still serves
-        assert recv_msg(s, 10)[0]["type"] == "ready"
-        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
-        send_msg(s, {"type": "release", "req": msg["req"]})
-        deadline = time.monotonic() + 5
-        while srv.live_slots and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert srv.live_slots == 0  # released
-    finally:
-        s.close()
-
-
 def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
     eng = U.build_engine(U.model_dir(tmp_path, "jamba-v0.1"), "jamba-v0.1", 1, "e")
@@ -607,111 +413,3 @@ def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch)
     with U.tp_rank(0, 1), pytest.raises(ValueError, match="does not support pipeline_parallel_size=2"):
         HybridKVConnector(eng.vc, KVConnectorRole.WORKER, eng.kcc)
     assert created == []
-
-
-# ---- the shared secret ----------------------------------------------------------------------------------
-
-SECRET = {"hybrid_kv_secret": "s3cret-" * 4}
-
-
-def test_shared_secret_transfers_and_refuses_strangers(pairs):
-    """Both engines with `hybrid_kv_secret`: byte-exact, nothing leaks. A peer with the public fingerprint
-    but not the secret gets a challenge and an error, never the welcome (no staging address)."""
-    pair = pairs("jamba-v0.1", 1, 1, "packed", p_extra=SECRET, d_extra=SECRET)
-    _, failed, _ = pair.run()
-    assert not any(failed)
-    assert_exact(pair)
-    pair.wait_no_leaks()
-    _, srv = _server(pair)
-    for hello in (_hello(pair), {**_hello(pair), "nonce": "ab" * 16, "auth": True}):
-        got = []
-        with socket.create_connection(srv.address, timeout=5) as s:
-            send_msg(s, hello)
-            head, _ = recv_msg(s, 5)
-            got.append(head)
-            if head["type"] == "challenge":
-                send_msg(s, {"type": "auth", "proof": "0" * 64})
-                got.append(recv_msg(s, 5)[0])
-            assert s.recv(1) == b""  # closed
-        assert got[-1]["type"] == "error" and "secret" in got[-1]["message"].lower(), got
-        assert "staging" not in repr(got) and all(h["type"] in ("challenge", "error") for h in got), got
-
-
-@pytest.mark.parametrize("side", ["prefill", "decode"])
-def test_secret_on_one_side_only_fails_the_requests(pairs, caplog, side):
-    kw = {"p_extra": SECRET} if side == "prefill" else {"d_extra": SECRET}
-    pair = pairs("jamba-v0.1", 1, 1, "packed", **kw)
-    failed = pair.run_failing()
-    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
-    want = "requires the shared secret" if side == "prefill" else "has no shared secret"
-    assert want in caplog.text
-    assert_untouched(pair)
-    pair.wait_no_leaks()
-
-
-def test_bad_secret_and_open_bind_refused_at_startup(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
-    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e", extra={"hybrid_kv_secret": "short"})
-    with U.tp_rank(0, 1), pytest.raises(ValueError, match="has 5 characters; use at least 16"):
-        HybridKVWorker(vc, "e", None)
-    from types import SimpleNamespace
-
-    from hybrid_kv.vllm.channel import PrefillServer
-
-    geom = SimpleNamespace(layout=SimpleNamespace(tp_rank=0))  # refused before it is used
-    kw = dict(port=0, geometry=geom, plans=None, staging=None, staging_desc=(0, 0, 0), agent_name="a")
-    kw.update(not_held=lambda r: None, lease_s=1.0, timeout_s=1.0, backend="torch")
-    with pytest.raises(ValueError, match=r"would listen on '0.0.0.0'.*HYBRID_KV_SECRET"):
-        PrefillServer(host="0.0.0.0", secret=None, **kw)
-
-
-# ---- the lease fence ------------------------------------------------------------------------------------
-
-
-def test_push_near_its_lease_end_is_not_used(pairs):
-    """A push whose lease leaves less than the decode rank's whole wait (here: the prefill lease is only
-    twice the decode timeout) is not used: the decode rank asks, the source renews the lease, bytes exact."""
-    p_extra = {"hybrid_kv_staging_lease_s": 120, "hybrid_kv_timeout_s": 60}
-    pair = pairs("nemotron-h-8b", 1, 1, "packed", n=2, p_extra=p_extra)
-    warm, rest = pair.reqs[:1], pair.reqs[1:]
-    ids = {q.req_id for q in warm}
-    U.submit(pair.p, pair.d, warm)
-    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
-    srv = pair.p.conns[0].connector_worker._hkv_server
-    for c in pair.p.conns:
-        U.step(c, U.send_meta(rest))
-    srv._prepacker.submit(lambda: None).result(timeout=30)
-    assert len(srv._staged) == 1  # pushed, but with 120 s of lease, under the decode's 2 x 60 s
-    for c in pair.d.conns:
-        U.step(c, U.recv_meta(rest, pair.p))
-    ids = {q.req_id for q in rest}
-    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
-    assert not any(failed)
-    assert pair.d.conns[0].connector_worker.hkv_round_trips[rest[0].req_id] == 1
-    assert_exact(pair)
-    pair.wait_no_leaks()
-
-
-def test_read_that_ends_after_the_lease_is_not_used(pairs, monkeypatch, caplog):
-    """The fence after the READ: bytes whose READ completed once the source's lease could have ended are
-    discarded (a margin larger than any lease makes every READ late): the requests fail, no page is
-    written, nothing leaks."""
-    import hybrid_kv.vllm.receive as R
-
-    monkeypatch.setattr(R, "LEASE_MARGIN_S", 1e9)
-    pair = pairs("jamba-v0.1", 1, 1, "packed")
-    failed = pair.run_failing()
-    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
-    assert "completed after the source's staging lease could have ended" in caplog.text
-    want = pair.expected()  # attention came by vLLM's own READ (the failed request's blocks are recomputed)
-    for r, c in enumerate(pair.d.conns):
-        geom = c.connector_worker._hkv_geom
-        got, bg, exp = pair.d.storage(r), pair.background[r], want[r].clone()
-        for q in pair.reqs:  # the requests' state pages: no byte was scattered
-            for s in geom.layers:
-                for b in q.d_blocks[s.group]:
-                    a = s.offset + b * s.stride
-                    exp[a : a + geom.layout.state_bytes] = bg[a : a + geom.layout.state_bytes]
-        same = torch.equal(got, exp)
-        assert same, f"decode rank {r}: state pages written, or attention differs from the oracle"
-    pair.wait_no_leaks()
