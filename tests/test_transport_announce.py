@@ -15,6 +15,7 @@ import hybrid_kv.transport.prefill as prefill_mod
 from hybrid_kv.transport.common import SideConfig
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
 from hybrid_kv.transport.launch import TransferJob, plan_requests
+from hybrid_kv.transport.wire import send_msg
 
 pytestmark = pytest.mark.timeout(240)
 SEED = 5
@@ -335,3 +336,43 @@ def test_slot_of_an_unreleasable_read_is_never_reused(pair):
     dec._poll_stuck()
     assert dec.counts()["quarantined_slots"] == 0 and dec.pool.live == 0
     assert dec.agent.counts()["xfer_handles"] == 0
+
+
+def test_malformed_messages_after_the_handshake(pair):
+    """Every message type a decode rank can send, malformed, after a good handshake (and notifications
+    the source cannot parse): each is refused naming the value, the source keeps serving the connection
+    (a run afterwards is byte-exact), and a message outside the protocol closes that connection only."""
+    src, dec, reqs = pair
+    s = dec.sources[0]
+    bad = [
+        ({"type": "mode", "part": "all"}, "mode part='all' (accepted: null"),
+        ({"type": "mode", "part": ["all", 5]}, "takes no threshold"),
+        ({"type": "mode", "part": ["small", -1]}, "mode part=['small', -1]"),
+        ({"type": "mode", "part": ["small", True]}, "mode part=['small', True]"),
+        ({"type": "release", "req": 7}, "request id 7 (accepted: a string of 1 to"),
+        ({"type": "release", "req": "x" * 600}, "request id 'xxxx"),
+        ({"type": "release"}, "request id None"),
+    ]
+    for msg, why in bad:
+        send_msg(s.sock, msg)
+        (head, _), *_ = s.reader.wait(time.monotonic() + 10, "source")
+        assert head["type"] == "error" and why in head["message"], (msg, head)
+    for junk in (b"done:x:notanint", b"done:x", b"done:a:b:c", b"\xff\xfe", b""):
+        dec.agent.nx.send_notif(s.agent, junk)
+    src.call(lambda: None)
+    done = run(src, dec, reqs)  # the connection still serves, byte-exact
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+    assert dec.mismatches(SEED, reqs, set(done)) == []
+    for msg, why in [({"type": "hello"}, "second hello"), ({"type": "frobnicate"}, "unknown message type")]:
+        other = DecodeEndpoint(dec.cfg, 1, dec.pcfg, [("127.0.0.1", src.ep.port)], DecodeOptions())
+        try:
+            o = other.sources[0]
+            send_msg(o.sock, msg)
+            (head, _), *_ = o.reader.wait(time.monotonic() + 10, "source")
+            assert head["type"] == "error" and why in head["message"], head
+            o.sock.settimeout(10)
+            assert o.sock.recv(1) == b""  # that connection closed
+        finally:
+            other.close()
+    done = run(src, dec, reqs)  # and the first decode rank's connection was not disturbed
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
