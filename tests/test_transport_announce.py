@@ -244,7 +244,7 @@ def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
     is dropped once its message is overdue, failing the requests that needed it, naming why."""
     import threading
 
-    import hybrid_kv.transport.receive as recv_mod
+    import hybrid_kv.transport.request as recv_mod
 
     monkeypatch.setattr(recv_mod, "MSG_TIMEOUT_S", 2.0)
     model = small_config(tmp_path, "falcon-h1-0.5b")

@@ -36,7 +36,8 @@ from hybrid_kv.transport.common import (
     init_rank_process,
 )
 from hybrid_kv.transport.cost import calibrate, pack_pays
-from hybrid_kv.transport.receive import Receiver, Request, Source, result_row
+from hybrid_kv.transport.receive import Receiver
+from hybrid_kv.transport.request import Request, Source, result_row
 from hybrid_kv.transport.wire import expect, recv_msg, send_msg
 
 

@@ -6,67 +6,22 @@ refusal, a lost source, a failed READ or its deadline."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from hybrid_kv.layout import cdiv
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
-from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.transport.common import blocks_from
-from hybrid_kv.transport.wire import FrameReader, PeerClosed, ProtocolError, send_msg
+from hybrid_kv.transport.request import Request, Source
+from hybrid_kv.transport.wire import PeerClosed, ProtocolError, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
 MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
-MSG_TIMEOUT_S = 10.0  # a source's message must be whole this long after its first byte arrived
 LEASE_MARGIN = 0.25  # of a source's staging lease: a READ must be over this long before the lease ends
-
-
-@dataclass
-class Source:
-    rank: int
-    sock: socket.socket
-    agent: str
-    info: dict
-    alive: bool = True
-    lease_s: float = 30.0  # the source's staging lease (its welcome), for the fence in `_landing`
-    clock: M.LeaseClock | None = None  # the source's clock, from the handshake
-    pages: PageMap | None = None  # the source's cache pages, from its welcome (page-to-page READs)
-    reader: FrameReader | None = None  # its side channel after the handshake (never a blocking read)
-
-    def __post_init__(self) -> None:
-        if self.reader is None:
-            self.reader = FrameReader(self.sock, MSG_TIMEOUT_S)
-
-
-@dataclass
-class Request:
-    id: str
-    tokens: int
-    pblocks: object
-    dblocks: object
-    chunks: dict  # prefill rank -> this rank's chunk of the packed part
-    start: float = 0.0
-    end: float = 0.0
-    pending: set = field(default_factory=set)  # (prefill rank, unit) not yet landed
-    error: str | None = None
-    descriptors: int = 0
-    nbytes: int = 0
-    post_us: float = 0.0
-    xfer_us: float = 0.0
-    nixl_descs: int = 0
-    ready_s: float = 0.0  # first 'ready' from a source, after the request started
-    read_s: float = 0.0  # READ post -> completion seen, summed over READs
-    scatter_s: float = 0.0  # unpack launches, summed
-
-    @property
-    def done(self) -> bool:
-        return self.error is not None or not self.pending
 
 
 class Receiver:
@@ -402,24 +357,6 @@ class Receiver:
         remote = np.array([[self.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
         self._post(r, p, u, key, local, remote, f"done:{r.id}:{u}", read_by)
         return True
-
-
-def result_row(r: Request) -> dict:
-    return {
-        "id": r.id,
-        "ok": r.error is None,
-        "error": r.error,
-        "start": r.start,
-        "end": r.end,
-        "descriptors": r.descriptors,
-        "bytes": r.nbytes,
-        "post_us": r.post_us,
-        "xfer_us": r.xfer_us,
-        "nixl_descs": r.nixl_descs,
-        "ready_s": r.ready_s,
-        "read_s": r.read_s,
-        "scatter_s": r.scatter_s,
-    }
 
 
 def _check_kv_ids(blocks, tokens: int, block_size: int, side: str) -> None:
