@@ -202,7 +202,8 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
     """The prefill cache holds 3 more blocks than this rank's configuration of the prefill says: page
     offsets past layer 0 come from the welcome's num_blocks, so a strided run is byte-exact (with the
     configured count every READ of layer 1 lands 3 pages early: the oracle check fails). A welcome whose
-    num_blocks does not match the cache it registered is refused at the handshake, naming the value."""
+    num_blocks does not match the cache it registered, or with any value out of type or range, is refused
+    at the handshake, naming the value; nothing of the refused source stays registered."""
     import hybrid_kv.transport.prefill_channel as chan
 
     model = small_config(tmp_path, "falcon-h1-0.5b")
@@ -223,16 +224,30 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
         finally:
             dec.close()
         real = chan.send_msg
-        for lie, msg in [(nbp, rf"num_blocks={nbp} x page_bytes=\d+ make \d+ B"), ("9", r"num_blocks='9'")]:
+        lies = [
+            (dict(num_blocks=nbp), rf"num_blocks={nbp} x page_bytes=\d+ make \d+ B"),
+            (dict(num_blocks="9"), r"num_blocks='9' \(accepted: an integer"),
+            (dict(max_unit_bytes="64M"), r"max_unit_bytes='64M' \(accepted: an integer in \[4096"),
+            (dict(lease_s=-1), r"lease_s=-1 \(accepted: seconds"),
+            (dict(cache={"addr": "0x10", "nbytes": 1, "dev": 0, "mem": "DRAM"}), r"cache=\{'addr': '0x10'"),
+            (dict(staging={"addr": 4096, "nbytes": -5, "dev": 0, "mem": "DRAM"}), r"staging=\{.*'nbytes': -5"),
+            (dict(staging={"addr": 4096, "nbytes": 5, "dev": 0, "mem": "GPU"}), r"mem: DRAM or VRAM"),
+        ]
+        for lie, msg in lies:
 
             def send(sock, header, payload=b"", lie=lie):
                 if header.get("type") == "welcome":
-                    header = {**header, "num_blocks": lie}
+                    header = {**header, **lie}
                 return real(sock, header, payload)
 
             monkeypatch.setattr(chan, "send_msg", send)
             with pytest.raises(ValueError, match=msg):
                 DecodeEndpoint(dcfg, 1, told, [("127.0.0.1", src.ep.port)], DecodeOptions(handshake_timeout_s=5))
+        src.call(lambda: None)
+        deadline = time.monotonic() + 10
+        while src.ep.counts()["peers"] and time.monotonic() < deadline:  # each refusing rank said bye
+            time.sleep(0.01)
+        assert src.ep.counts()["peers"] == 0
     finally:
         src.close()
 

@@ -105,21 +105,18 @@ class DecodeEndpoint(Receiver):
             theirs = check_peer(self.layout, msg, "decode", "prefill")
             if theirs.tp_rank != p:
                 raise ValueError(f"prefill at {host}:{port} is rank {theirs.tp_rank}, expected {p}")
-            if unit is not None and msg["max_unit_bytes"] != unit:
-                raise ValueError(f"prefill ranks disagree on max_unit_bytes ({unit} vs {msg['max_unit_bytes']})")
-            unit = int(msg["max_unit_bytes"])
+            mine, lease, pages = _welcome_values(msg, p, self.player[p], self.geom.num_layers)
+            if unit is not None and mine != unit:
+                raise ValueError(f"prefill ranks disagree on max_unit_bytes ({unit} vs {mine})")
+            unit = mine
             if unit > self.pool.capacity:
                 raise ValueError(
                     f"decode staging pool ({self.pool.capacity} B) is smaller than the prefill "
                     f"transfer unit budget ({unit} B): raise the decode pool or lower max_unit_bytes"
                 )
-            lease = msg.get("lease_s")
-            if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
-                raise ValueError(f"prefill rank {p} welcome: lease_s={lease!r} (accepted: seconds in (0, 86400])")
-            pages = _source_pages(msg, self.player[p], self.geom.num_layers, p)
             name = self.agent.add_remote(meta)
             sock.setblocking(True)
-            src = Source(p, sock, name, msg, lease_s=float(lease), clock=clock, pages=pages)
+            src = Source(p, sock, name, msg, lease_s=lease, clock=clock, pages=pages)
             self.sources[p] = src
             self.sel.register(sock, selectors.EVENT_READ, src)
         self.unit_bytes = unit or probe.max_unit_bytes
@@ -221,21 +218,40 @@ class DecodeEndpoint(Receiver):
         self.agent.close()
 
 
-def _source_pages(welcome: dict, layout, num_layers: int, p: int) -> PageMap:
-    """The source's page map from its welcome: its own block count (the decode's configuration of the
-    prefill does not say it), checked against the cache region it registered, so that a page-to-page READ
-    addresses the bytes it means and never leaves that region."""
-    nb, cache = welcome.get("num_blocks"), welcome.get("cache")
-    if not isinstance(nb, int) or isinstance(nb, bool) or not 1 <= nb <= 1 << 24:
-        raise ValueError(f"prefill rank {p} welcome: num_blocks={nb!r} (accepted: an integer in [1, 16777216])")
-    want = num_layers * nb * layout.page_bytes
-    got = cache.get("nbytes") if isinstance(cache, dict) else None
+def _int_in(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _welcome_values(msg: dict, p: int, layout, num_layers: int) -> tuple[int, float, PageMap]:
+    """The welcome's unit budget, lease and the source's page map, each checked before use: the regions
+    it registered (addresses, sizes, memory kind), and its own block count (this rank's configuration of
+    the prefill does not say it) against its cache region, so a page-to-page READ addresses the bytes it
+    means and never leaves that region. Raises ValueError naming the value and what is accepted."""
+    where = f"prefill rank {p} welcome"
+    unit = msg.get("max_unit_bytes")
+    if not _int_in(unit, 4096, 1 << 40):
+        raise ValueError(f"{where}: max_unit_bytes={unit!r:.40} (accepted: an integer in [4096, 2**40])")
+    lease = msg.get("lease_s")
+    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
+        raise ValueError(f"{where}: lease_s={lease!r:.40} (accepted: seconds in (0, 86400])")
+    for key in ("cache", "staging"):
+        reg = msg.get(key)
+        ok = isinstance(reg, dict) and _int_in(reg.get("addr"), 0, (1 << 64) - 1)
+        ok = ok and _int_in(reg.get("nbytes"), 0, 1 << 50) and _int_in(reg.get("dev"), 0, 1 << 16)
+        if not ok or reg.get("mem") not in ("DRAM", "VRAM"):
+            raise ValueError(
+                f"{where}: {key}={reg!r:.120} (accepted: {{addr, nbytes, dev: integers, mem: DRAM or VRAM}})"
+            )
+    nb = msg.get("num_blocks")
+    if not _int_in(nb, 1, 1 << 24):
+        raise ValueError(f"{where}: num_blocks={nb!r:.40} (accepted: an integer in [1, 16777216])")
+    want, got = num_layers * nb * layout.page_bytes, msg["cache"]["nbytes"]
     if got != want:
         raise ValueError(
-            f"prefill rank {p} welcome: cache of {got!r} B, but {num_layers} layers x num_blocks={nb} x "
+            f"{where}: cache of {got} B, but {num_layers} layers x num_blocks={nb} x "
             f"page_bytes={layout.page_bytes} make {want} B"
         )
-    return PageMap.flat(num_layers, nb, layout.page_bytes)
+    return unit, float(lease), PageMap.flat(num_layers, nb, layout.page_bytes)
 
 
 def _clock_of(sock: socket.socket, timeout: float) -> M.LeaseClock:
