@@ -66,7 +66,7 @@ def test_lease_clock_maps_deadlines_never_late():
     at the earliest our 35.0 (offset 95.0, the largest the exchange allows)."""
     clock = M.LeaseClock(100.0, 5.0, 5.2)
     assert clock.local(130.0) == 35.0
-    for bad in (None, "1", True):
+    for bad in (None, "1", True, float("nan"), float("inf"), float("-inf")):  # json.loads admits NaN
         with pytest.raises(ValueError, match="peer clock reading"):
             M.LeaseClock(bad, 5.0, 5.2)
         with pytest.raises(ValueError, match="lease deadline"):

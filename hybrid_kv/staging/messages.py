@@ -28,6 +28,7 @@ Every field is checked here, against the receiver's own plan, before it is used 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 
@@ -120,6 +121,11 @@ def clock_by_ping(ping, tries: int = 3) -> LeaseClock:
     return best
 
 
+def _seconds(v) -> bool:
+    """A finite number of seconds (JSON as Python parses it admits NaN and Infinity)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 class LeaseClock:
     """A peer's monotonic clock seen from here, from one exchange: the peer read `peer_now` between our
     `sent` and `received`. `local(t)` maps the peer's time `t` to the earliest local time it can be, so a
@@ -127,11 +133,11 @@ class LeaseClock:
     negligible)."""
 
     def __init__(self, peer_now, sent: float, received: float) -> None:
-        if not isinstance(peer_now, (int, float)) or isinstance(peer_now, bool) or received < sent:
+        if not _seconds(peer_now) or received < sent:
             raise ValueError(f"peer clock reading {peer_now!r:.40} (accepted: the peer's monotonic seconds)")
         self.offset = float(peer_now) - sent  # the largest offset the exchange allows
 
     def local(self, t) -> float:
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
+        if not _seconds(t):
             raise ValueError(f"lease deadline {t!r:.40} (accepted: the peer's monotonic seconds)")
         return float(t) - self.offset
