@@ -413,3 +413,45 @@ def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch)
     with U.tp_rank(0, 1), pytest.raises(ValueError, match="does not support pipeline_parallel_size=2"):
         HybridKVConnector(eng.vc, KVConnectorRole.WORKER, eng.kcc)
     assert created == []
+
+
+@pytest.mark.parametrize("mode", ["packed", "strided", "auto"])
+def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkeypatch, mode):
+    """What vLLM turns on by default for a hybrid model (prefix caching, hence mamba_cache_mode 'align')
+    and async scheduling would give wrong tokens silently (reference run: a prefix-sharing request diverged
+    at its 5th token in every mode): each role of the connector refuses them, naming the setting and the
+    flag, before any NIXL agent exists. An attention-only model is not refused."""
+    from vllm.config import ModelConfig, VllmConfig
+
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
+    path = U.model_dir(tmp_path, "falcon-h1-0.5b")
+    eng = U.build_engine(path, "falcon-h1-0.5b", 1, "e")
+    eng.shutdown()
+    created = []
+    monkeypatch.setattr(
+        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker.NixlWrapper",
+        lambda *a, **k: created.append(a),
+    )
+    kt = eng.vc.kv_transfer_config
+    default = VllmConfig(model_config=ModelConfig(model=str(path), skip_tokenizer_init=True), kv_transfer_config=kt)
+    assert default.cache_config.enable_prefix_caching and default.cache_config.mamba_cache_mode == "align"
+    cases = [(default, r"enable_prefix_caching=True, mamba_cache_mode='align'\): pass --no-enable-prefix-caching")]
+    eng.vc.scheduler_config.async_scheduling = True
+    cases.append((eng.vc, r"async scheduling \(async_scheduling=True\): pass --no-async-scheduling"))
+    for vc, msg in cases:
+        for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+            with U.tp_rank(0, 1), pytest.raises(ValueError, match=msg):
+                HybridKVConnector(vc, role, eng.kcc)
+    assert created == []
+    from hybrid_kv.vllm.config import refuse_unsafe_serving
+
+    attn = tmp_path / "llama"
+    attn.mkdir()
+    (attn / "config.json").write_text(
+        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, '
+        '"num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 512, "vocab_size": 1000, '
+        '"torch_dtype": "bfloat16"}'
+    )
+    llama = VllmConfig(model_config=ModelConfig(model=str(attn), skip_tokenizer_init=True), kv_transfer_config=kt)
+    assert llama.cache_config.enable_prefix_caching
+    refuse_unsafe_serving(llama)  # vLLM's own NIXL path handles attention-only models

@@ -91,7 +91,7 @@ def tp_rank(rank: int, size: int):
 
 
 def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, cache: dict | None = None):
-    from vllm.config import KVTransferConfig, ModelConfig, VllmConfig
+    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
 
     mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096)
     kt = KVTransferConfig(
@@ -102,7 +102,10 @@ def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, 
         engine_id=engine_id,
         kv_connector_extra_config={"hybrid_kv_staging_bytes": 64 << 20, **(extra or {})},
     )
-    vc = VllmConfig(model_config=mc, kv_transfer_config=kt)
+    # as the README serves: prefix caching and async scheduling off (the connector refuses them)
+    cc = CacheConfig(enable_prefix_caching=False)
+    vc = VllmConfig(model_config=mc, kv_transfer_config=kt, cache_config=cc)
+    vc.scheduler_config.async_scheduling = False
     vc.parallel_config.tensor_parallel_size = tp
     block = MODELS.get(path.name, (None, None, None))[2]
     if block:

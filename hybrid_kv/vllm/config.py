@@ -16,6 +16,31 @@ def transfer_mode(environ: dict | None = None) -> str:
     return parse_mode(None, MODES, "the vLLM connector", environ)
 
 
+def refuse_unsafe_serving(vllm_config) -> None:
+    """Serving features whose recurrent state the connector does not move correctly yet: refused at start-up,
+    naming the setting, because they give wrong tokens silently (the handshake cannot see them). Prefix
+    caching puts a request's state in the block of its last computed position (mamba_cache_mode 'align' /
+    'all'), not in the one block both shells move; async scheduling may report a request finished while
+    the step that rewrites its state is in flight."""
+    mc = vllm_config.model_config
+    if mc is None or not (getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False)):
+        return  # attention-only: vLLM's own NIXL path, no recurrent state
+    cc, sc = vllm_config.cache_config, vllm_config.scheduler_config
+    bad = []
+    mode = getattr(cc, "mamba_cache_mode", "none")
+    if cc.enable_prefix_caching or mode not in (None, "none"):
+        bad.append(
+            f"prefix caching (enable_prefix_caching={cc.enable_prefix_caching}, mamba_cache_mode={mode!r}): "
+            "pass --no-enable-prefix-caching"
+        )
+    if getattr(sc, "async_scheduling", False):
+        bad.append("async scheduling (async_scheduling=True): pass --no-async-scheduling")
+    if bad:
+        raise ValueError(
+            "HybridKVConnector does not yet move a hybrid model's state correctly with " + "; nor with ".join(bad)
+        )
+
+
 def side_port(nixl_side_channel_port: int, data_parallel_index: int) -> int:
     """The stock NIXL side-channel port of a DP rank (vLLM's scheduler adds the DP index)."""
     return nixl_side_channel_port + data_parallel_index

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBase
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import NixlPullConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 
-from hybrid_kv.vllm.config import PackedConfig, transfer_mode
+from hybrid_kv.vllm.config import PackedConfig, refuse_unsafe_serving, transfer_mode
 
 
 class HybridKVConnector(NixlPullConnector):
@@ -29,6 +29,7 @@ class HybridKVConnector(NixlPullConnector):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
         self.transfer_mode = transfer_mode()  # an invalid flag fails here, before any agent exists
         PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)  # so do invalid extra keys
+        refuse_unsafe_serving(vllm_config)  # and serving features that would give wrong tokens (any mode)
         # NixlPullConnector.__init__ would build a stock worker (and its NIXL agent) first; skip it.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
