@@ -195,7 +195,6 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         raise ValueError(
             f"this transfer needs {what}, but {avail / 2**30:.1f} GiB are available: use fewer --requests or "
             "--tokens, or a smaller --pool-bytes"
-            + (", or no --verify (it keeps an oracle copy of each decode cache)" if args.verify else "")
         )
     if not args.json:
         print(f"memory: {what}" + ("" if avail is None else f"; {avail / 2**30:.1f} GiB available"), file=sys.stderr)

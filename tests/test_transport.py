@@ -95,3 +95,20 @@ def test_mixed_lengths_in_one_run(tmp_path, model, p, d):
             assert r["failures"] == [] and r["mismatches"] == [], r["failures"][:2] + r["mismatches"][:2]
             assert r["verified"] and r["completed"] == 5
     assert_no_leaks(cl.closed_counts)
+
+
+def test_progress_per_request(tmp_path):
+    """`run_job` tells its progress callback how many requests have ended while a mode runs (the CLI's
+    bar moves per request, not only per phase), in order, ending at every request."""
+    from hybrid_kv.transport.launch import run_job
+
+    cfg = small_config(tmp_path, "falcon-h1-0.5b")
+    calls = []
+    out = run_job(job(cfg, 1, 2, requests=48, tokens=300), ["packed"], lambda i, n, text: calls.append((i, n, text)))
+    assert out["modes"]["packed"]["verified"]
+    steps = [i for i, _, _ in calls]
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == calls[-1][1] == 3
+    ended = [int(t.split(": ")[1].split("/")[0]) for _, _, t in calls if t.startswith("packed: ")]
+    assert any(0 < k < 48 for k in ended), calls  # mid-run updates
+    assert ended == sorted(ended) and ended[-1] == 48
+    assert ("packed: 48/48 requests received") in [t for _, _, t in calls]

@@ -165,9 +165,9 @@ class DecodeEndpoint(Receiver):
     # ---- oracle -----------------------------------------------------------------------------------------
 
     def reset(self, seed: int) -> None:
-        from hybrid_kv.testing.fill import background
+        from hybrid_kv.testing.fill import fill_background
 
-        self.cache.copy_(background(self.geom, seed, 1, self.rank))
+        fill_background(self.cache, self.geom, seed, 1, self.rank)
 
     def mismatches(self, seed: int, requests: list[dict], ok_ids: set[str]) -> list[str]:
         """The cache against the oracle (pages of failed requests are not compared)."""
@@ -264,6 +264,23 @@ def _clock_of(sock: socket.socket, timeout: float) -> M.LeaseClock:
     return M.clock_by_ping(ping)
 
 
+PROGRESS_EVERY_S = 0.05  # how often a decode rank tells the driver how many requests have ended
+
+
+def _progress_sender(ctl, total: int):
+    """`on_finished` for `run`: ("progress", n) to the driver, at most every PROGRESS_EVERY_S and always
+    for the last request (the driver shows it; a pipe send of a few bytes never blocks in practice)."""
+    last = [0.0]
+
+    def send(n: int) -> None:
+        now = time.monotonic()
+        if n == total or now - last[0] >= PROGRESS_EVERY_S:
+            last[0] = now
+            ctl.send(("progress", n))
+
+    return send
+
+
 def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: DecodeOptions, ctl) -> None:
     """Process entry: connect, then run what the driver asks until it says stop."""
     init_rank_process()
@@ -291,7 +308,7 @@ def decode_main(cfg: SideConfig, rank: int, prefill: SideConfig, addrs, opts: De
             elif cmd == "go":
                 t0 = time.monotonic()
                 try:
-                    done = ep.run(mode, requests, concurrency)
+                    done = ep.run(mode, requests, concurrency, _progress_sender(ctl, len(requests)))
                 except Exception as e:
                     ctl.send(("failed", f"run: {type(e).__name__}: {e}"))
                     continue

@@ -10,6 +10,7 @@ import signal
 import statistics
 import time
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_any
 
 import numpy as np
 
@@ -193,14 +194,30 @@ class Cluster:
             for c in self.pconns:
                 c.send(("prefilled", self._reqs))
 
-    def collect(self, skip: set[int] = frozenset()) -> dict:
-        """Results of the run started by `start_run`, from every decode rank not in `skip` (killed)."""
+    def collect(self, skip: set[int] = frozenset(), progress=None) -> dict:
+        """Results of the run started by `start_run`, from every decode rank not in `skip` (killed).
+        `progress(n)` hears how many requests have ended on every rank (the slowest rank's count)."""
         self.results: dict[int, dict] = {}  # decode rank -> its own rows (`summarize` merges them)
-        for r, c in enumerate(self.dconns):
-            if r in skip:
-                continue
-            msg = _recv(c, f"decode rank {r} run", self.job.run_timeout_s, "result", proc=self.dprocs[r])
-            self.results[r] = msg[1]
+        waiting = {r: c for r, c in enumerate(self.dconns) if r not in skip}
+        ended = dict.fromkeys(waiting, 0)
+        deadline = time.monotonic() + self.job.run_timeout_s
+        while waiting:
+            left = deadline - time.monotonic()
+            ready = wait_any(list(waiting.values()), timeout=max(0.0, left))
+            if not ready:
+                raise TimeoutError(f"decode rank {min(waiting)} run: no answer within {self.job.run_timeout_s:.0f} s")
+            for r, c in list(waiting.items()):
+                if c not in ready:
+                    continue
+                msg = _recv(c, f"decode rank {r} run", 1.0, "result", "progress", proc=self.dprocs[r])
+                if msg[0] == "progress":
+                    ended[r] = msg[1]
+                    if progress is not None:
+                        progress(min(ended.values()))
+                    continue
+                ended[r] = len(self._reqs)
+                self.results[r] = msg[1]
+                del waiting[r]
         return summarize(self._mode, self._reqs, list(self.results.values()), self.job.verify)
 
     def counts(self) -> dict[str, dict]:
@@ -279,14 +296,14 @@ def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool
 
 
 def memory_estimate(job: TransferJob) -> dict:
-    """Bytes the rank processes will hold: caches for every request's blocks, staging pools, the decode
-    side's oracle copy when verifying, and a fixed cost per process (Python, torch, UCX)."""
+    """Bytes the rank processes will hold: caches for every request's blocks, staging pools and a fixed cost
+    per process (Python, torch, UCX). Verification holds one request's pages at a time, no cache copy."""
     plan, _, nbp, nbd = plan_requests(job)
     n_layers = len(plan.spec.layers)
     per_process = 400 << 20
     prefill = n_layers * max(job.prefill.num_blocks, nbp) * plan.prefill[0].page_bytes + job.prefill_opts.pool_bytes
     decode = n_layers * max(job.decode.num_blocks, nbd) * plan.decode[0].page_bytes
-    decode = decode * (2 if job.verify else 1) + job.decode_opts.pool_bytes
+    decode = decode + job.decode_opts.pool_bytes
     total = plan.prefill_tp * (prefill + per_process) + plan.decode_tp * (decode + per_process)
     return {
         "total": total,
@@ -318,10 +335,16 @@ def run_job(job: TransferJob, modes: list[str], progress=None) -> dict:
         if progress:
             progress(1, total, f"ranks up in {time.monotonic() - t:.1f} s")
         out = {}
+        n = len(cl.requests)
         for i, m in enumerate(modes):
-            out[m] = cl.run(m)
+
+            def ended(k: int, i: int = i, m: str = m) -> None:  # per request, within this mode's step
+                progress(2 + i + k / max(1, n), total, f"{m}: {k}/{n} requests")
+
+            cl.start_run(m)
+            out[m] = cl.collect(progress=ended if progress else None)
             if progress:
-                progress(2 + i, total, f"{m}: {out[m]['completed']}/{out[m]['requests']} requests")
+                progress(3 + i, total, f"{m}: {out[m]['completed']}/{out[m]['requests']} requests received")
         counts = cl.counts()
     if progress:
         progress(total, total, "ranks stopped")

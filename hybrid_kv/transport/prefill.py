@@ -113,14 +113,14 @@ class PrefillEndpoint(SideChannel):
     # ---- oracle fill (driver's request) ---------------------------------------------------------------
 
     def fill(self, seed: int, requests: list[dict], decode_block: int) -> None:
-        from hybrid_kv.testing.fill import background, write_request
+        from hybrid_kv.testing.fill import fill_background, write_request
 
-        host = background(self.geom, seed, 0, self.rank)
+        fill_background(self.cache, self.geom, seed, 0, self.rank)  # page by page: no second copy
         for r in requests:
             write_request(
-                host,
+                self.cache,
+                self.geom,
                 self.layout,
-                self.cfg.num_blocks,
                 seed,
                 r["id"],
                 blocks_from(r["prefill_blocks"]),
@@ -129,7 +129,6 @@ class PrefillEndpoint(SideChannel):
                 decode_block,
                 "prefill",
             )
-        self.cache.copy_(host)
 
     # ---- event loop -----------------------------------------------------------------------------------
 

@@ -60,7 +60,9 @@ class Receiver:
                     continue
                 break
 
-    def run(self, mode: str, requests: list[dict], concurrency: int) -> list[Request]:
+    def run(self, mode: str, requests: list[dict], concurrency: int, on_finished=None) -> list[Request]:
+        """Move `requests`, at most `concurrency` at once; `on_finished(n)` (if given) hears the number of
+        requests that have ended (received or failed) each time one ends."""
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
         self._concurrency = concurrency
@@ -89,6 +91,8 @@ class Receiver:
                         self._release_request(r)
                     r.end = time.monotonic()
                     finished.append(active.pop(rid))
+                    if on_finished is not None:
+                        on_finished(len(finished))
         # READs of requests that failed while they were in flight: retire them (bounded by the deadline
         # the poll loop applies) so no handle outlives the run.
         while self._reads:
