@@ -4,15 +4,14 @@ a hostile peer that copied the public fingerprint learns no address, a missing o
 either side is refused, naming the variable, and a non-loopback bind without a secret does not start."""
 
 import socket
-from dataclasses import replace
 
 import pytest
-from transport_util import LoopSource, small_config
+from transport_util import LoopSource
+from transport_util import sides as transport_sides
 
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ClientAuth, ServerAuth, _proof, check_bind, load_secret
-from hybrid_kv.transport.common import SideConfig, hello_fields
+from hybrid_kv.transport.common import hello_fields
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
-from hybrid_kv.transport.launch import TransferJob, plan_requests
 from hybrid_kv.transport.wire import recv_msg, send_msg
 
 pytestmark = pytest.mark.timeout(240)
@@ -84,10 +83,7 @@ def test_secret_and_bind_rules():
 
 @pytest.fixture
 def sides(tmp_path):
-    model = small_config(tmp_path, "falcon-h1-0.5b")
-    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=2, tokens=300, seed=SEED)
-    _, reqs, nbp, nbd = plan_requests(job)
-    return replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd), reqs
+    return transport_sides(tmp_path, 1, 2, 2, 300, SEED)
 
 
 def test_transfer_with_a_shared_secret(sides, monkeypatch):

@@ -9,12 +9,10 @@ from dataclasses import replace
 import pytest
 import torch
 from transport_util import LoopSource as Source
-from transport_util import small_config
+from transport_util import sides
 
 import hybrid_kv.transport.prefill as prefill_mod
-from hybrid_kv.transport.common import SideConfig
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
-from hybrid_kv.transport.launch import TransferJob, plan_requests
 from hybrid_kv.transport.wire import send_msg
 
 pytestmark = pytest.mark.timeout(240)
@@ -23,10 +21,7 @@ SEED = 5
 
 @pytest.fixture
 def pair(tmp_path):
-    model = small_config(tmp_path, "falcon-h1-0.5b")
-    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=3, tokens=700, seed=SEED)
-    _, reqs, nbp, nbd = plan_requests(job)
-    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    pcfg, dcfg, reqs = sides(tmp_path, 1, 2, 3, 700, SEED)
     src = Source(pcfg)
     bs_d = dcfg.layouts()[0].block_size
     src.call(lambda: src.ep.fill(SEED, reqs, bs_d))
@@ -166,10 +161,7 @@ def test_lease_race_never_delivers_wrong_bytes(tmp_path):
     from hybrid_kv.staging.template import ALL
     from hybrid_kv.transport.common import blocks_from
 
-    model = small_config(tmp_path, "falcon-h1-0.5b")
-    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=2, tokens=300, seed=SEED)
-    _, reqs, nbp, nbd = plan_requests(job)
-    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    pcfg, dcfg, reqs = sides(tmp_path, 1, 2, 2, 300, SEED)
     src = Source(pcfg, lease_s=0.2)
     try:
         src.call(lambda: src.ep.fill(SEED, reqs, dcfg.layouts()[0].block_size))
@@ -206,11 +198,8 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
     at the handshake, naming the value; nothing of the refused source stays registered."""
     import hybrid_kv.transport.prefill_channel as chan
 
-    model = small_config(tmp_path, "falcon-h1-0.5b")
-    job = TransferJob(SideConfig(model, 1, 1), SideConfig(model, 2, 1), requests=3, tokens=700, seed=SEED)
-    _, reqs, nbp, nbd = plan_requests(job)
-    pcfg, dcfg = replace(job.prefill, num_blocks=nbp + 3), replace(job.decode, num_blocks=nbd)
-    told = replace(pcfg, num_blocks=nbp)  # what the decode rank was configured with
+    told, dcfg, reqs = sides(tmp_path, 1, 2, 3, 700, SEED)  # what the decode rank was configured with
+    pcfg = replace(told, num_blocks=told.num_blocks + 3)
     src = Source(pcfg)
     try:
         src.call(lambda: src.ep.fill(SEED, reqs, dcfg.layouts()[0].block_size))
@@ -225,7 +214,7 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
             dec.close()
         real = chan.send_msg
         lies = [
-            (dict(num_blocks=nbp), rf"num_blocks={nbp} x page_bytes=\d+ make \d+ B"),
+            (dict(num_blocks=told.num_blocks), rf"num_blocks={told.num_blocks} x page_bytes=\d+ make \d+ B"),
             (dict(num_blocks="9"), r"num_blocks='9' \(accepted: an integer"),
             (dict(max_unit_bytes="64M"), r"max_unit_bytes='64M' \(accepted: an integer in \[4096"),
             (dict(lease_s=-1), r"lease_s=-1 \(accepted: seconds"),
@@ -262,10 +251,7 @@ def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
     import hybrid_kv.transport.request as recv_mod
 
     monkeypatch.setattr(recv_mod, "MSG_TIMEOUT_S", 2.0)
-    model = small_config(tmp_path, "falcon-h1-0.5b")
-    job = TransferJob(SideConfig(model, 2, 1), SideConfig(model, 1, 1), requests=5, tokens=700, seed=SEED)
-    _, reqs, nbp, nbd = plan_requests(job)
-    pcfg, dcfg = replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd)
+    pcfg, dcfg, reqs = sides(tmp_path, 2, 1, 5, 700, SEED)
     srcs = [Source(pcfg, rank=r) for r in range(2)]
     try:
         for s in srcs:

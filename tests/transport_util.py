@@ -45,6 +45,20 @@ def small_config(tmp_path: Path, name: str) -> str:
     return str(path)
 
 
+def sides(tmp_path: Path, ptp: int, dtp: int, requests: int, tokens: int, seed: int, model: str = "falcon-h1-0.5b"):
+    """Prefill and decode SideConfigs of a small real model, each sized for `requests` random requests of
+    `tokens` tokens (the Cluster's own plan), and those requests."""
+    from dataclasses import replace
+
+    from hybrid_kv.transport.common import SideConfig
+    from hybrid_kv.transport.launch import TransferJob, plan_requests
+
+    path = small_config(tmp_path, model)
+    job = TransferJob(SideConfig(path, ptp, 1), SideConfig(path, dtp, 1), requests=requests, tokens=tokens, seed=seed)
+    _, reqs, nbp, nbd = plan_requests(job)
+    return replace(job.prefill, num_blocks=nbp), replace(job.decode, num_blocks=nbd), reqs
+
+
 def assert_no_leaks(counts: dict) -> None:
     """Every rank's counts after shutdown: nothing registered, no remote agent, handle or slot held."""
     for who, c in counts.items():
