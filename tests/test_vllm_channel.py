@@ -261,3 +261,46 @@ def test_connection_cap_and_message_deadline(pairs, monkeypatch):
     finally:
         for s in held:
             s.close()
+
+
+def test_link_refuses_a_welcome_it_cannot_use():
+    """A hostile or broken prefill side channel (a raw socket server here) whose welcome names a staging
+    region that is not [addr, nbytes, dev] integers, or lacks a fingerprint: the decode rank's link refuses
+    it at the handshake, naming the value, before anything is READ."""
+    import threading
+
+    from hybrid_kv.layout import RankLayout
+    from hybrid_kv.spec_hf import load_spec
+    from hybrid_kv.vllm.link import PrefillLink
+
+    fp = RankLayout(load_spec("jamba-v0.1"), 1, 0).fingerprint()
+    for welcome, msg in [
+        ({"fingerprint": fp, "staging": [4096, "1 GiB", 0]}, r"staging=\[4096, '1 GiB', 0\] \(accepted"),
+        ({"fingerprint": fp, "staging": [-1, 10, 0]}, r"staging=\[-1, 10, 0\]"),
+        ({"fingerprint": fp, "staging": {"addr": 1}}, r"staging=\{'addr': 1\}"),
+        ({"staging": [4096, 10, 0]}, r"welcome lacks a fingerprint object"),
+    ]:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def serve(srv=srv, welcome=welcome):
+            conn, _ = srv.accept()
+            with conn:
+                recv_msg(conn, 5)
+                send_msg(conn, {"type": "welcome", "tp_size": 1, "tp_rank": 0, "agent": "x", **welcome})
+                try:
+                    while True:  # answer pings until the link closes
+                        recv_msg(conn, 5)
+                        send_msg(conn, {"type": "pong", "now": time.monotonic()})
+                except Exception:
+                    pass
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        link = PrefillLink("127.0.0.1", srv.getsockname()[1], 5.0)
+        try:
+            with pytest.raises(ValueError, match=msg):
+                link.hello(fp, 1, 0)
+        finally:
+            link.close()
+            srv.close()
+            t.join(10)

@@ -62,6 +62,14 @@ def part(v) -> tuple | None:
     raise ValueError(f"mode part={v!r:.80} (accepted: null, ['all', 0], ['small', threshold >= 0])")
 
 
+def region(v, where: str) -> list[int]:
+    """A registered region as a welcome names it: [addr, nbytes, dev], integers in range (never trusted)."""
+    ok = isinstance(v, list) and len(v) == 3 and all(_int(x) for x in v)
+    if not ok or not (0 <= v[0] < 1 << 64 and 0 <= v[1] <= 1 << 50 and 0 <= v[2] < 1 << 16):
+        raise ValueError(f"{where}: staging={v!r:.80} (accepted: [addr, nbytes, dev], non-negative integers)")
+    return v
+
+
 def ready(req: str, units: Sequence[tuple[int, int, int]], until: float, blocks: dict | None = None) -> dict:
     """The `ready` announcement of `units` ((unit, offset, nbytes), offsets into the sender's staging),
     leased until `until` on the sender's monotonic clock (the receiver's fence: `LeaseClock`)."""

@@ -92,9 +92,12 @@ class PrefillLink:
         answer = auth.answer(reply, f"prefill side channel {self.address}")
         if answer is not None:
             reply = self.call(answer, M.WELCOME)
+        if not isinstance(reply.get("fingerprint"), dict):
+            raise ValueError(f"prefill side channel {self.address} welcome lacks a fingerprint object")
+        check_fingerprints(reply["fingerprint"], fingerprint)
+        reply["staging"] = M.region(reply.get("staging"), f"prefill side channel {self.address} welcome")
         self.peer = reply
         self.clock = M.clock_by_ping(lambda: self.call({"type": M.PING}, M.PONG))  # for the lease fence
-        check_fingerprints(self.peer["fingerprint"], fingerprint)
         return self.peer
 
     def close(self) -> None:
