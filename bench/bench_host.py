@@ -278,6 +278,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         player=players,
         layout=dlayers[0],
         pages=dpages,
+        sources={p: types.SimpleNamespace(pages=ppages) for p in sources},  # their welcomes' page maps
     )
     dcopier = _instrument(Copier(dcache, dpages, dstage, "decode", _backend()))
     dpool = StagingPool(STAGING)
