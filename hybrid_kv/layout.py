@@ -59,18 +59,19 @@ def shard_even(units: int, tp: int, rank: int, what: str, *, replicate_single: b
 
 
 def _family(st) -> str:
-    return {LayerKind.MAMBA2: "Mamba2", LayerKind.GDN: "GDN", LayerKind.MAMBA1: "Mamba1"}[st.kind]
+    return {LayerKind.MAMBA2: "Mamba2", LayerKind.GDN: "GDN", LayerKind.KDA: "KDA", LayerKind.MAMBA1: "Mamba1"}[st.kind]
 
 
 def _unit_name(st, sub) -> str:
+    if st.kind is LayerKind.KDA:  # q, k and v all shard by the one head count
+        return "KDA num_heads"
     names = {"B": "n_groups", "C": "n_groups", "q": "num_k_heads", "k": "num_k_heads", "v": "num_v_heads"}
     return f"{_family(st)} " + names.get(sub.name, "num_heads" if st.kind is LayerKind.MAMBA2 else "intermediate_size")
 
 
 def _heads_name(st) -> str:
-    return {LayerKind.MAMBA2: "Mamba2 num_heads", LayerKind.GDN: "GDN num_v_heads"}.get(
-        st.kind, "Mamba1 intermediate_size"
-    )
+    names = {LayerKind.MAMBA2: "Mamba2 num_heads", LayerKind.GDN: "GDN num_v_heads", LayerKind.KDA: "KDA num_heads"}
+    return names.get(st.kind, "Mamba1 intermediate_size")
 
 
 def tp_problem(spec, tp: int) -> str | None:

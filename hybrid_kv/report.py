@@ -61,6 +61,7 @@ def layout_report(layouts: Sequence[RankLayout]) -> dict:
         out["attention"] = {
             "kv_heads_local": lay.kv_heads_local,
             "head_dim": at.head_dim,
+            "latent": at.latent,
             "dtype": at.dtype,
             "replicated": lay.kv_shard.replicated,
             "token_bytes": lay.attn_token_bytes,
@@ -189,7 +190,9 @@ def print_layout(rep: dict) -> None:
             _fmt(at["page_bytes"]),
             "",
             f"{at['kv_heads_local']} heads x {rep['block_size']} tok x "
-            f"K||V {2 * at['head_dim']} {at['dtype']}" + (" (replicated)" if at["replicated"] else ""),
+            + (f"latent {at['head_dim']}" if at.get("latent") else f"K||V {2 * at['head_dim']}")
+            + f" {at['dtype']}"
+            + (" (replicated)" if at["replicated"] else ""),
         )
     con.print(t)
     r = Table(title="shards per rank (global units [start, stop))")

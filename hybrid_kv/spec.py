@@ -44,6 +44,7 @@ def normalize_dtype(name: str) -> str:
 
 class LayerKind(str, Enum):
     GDN = "gdn"
+    KDA = "kda"  # Kimi Delta Attention (Kimi-Linear, BailingMoeV3): GDN's page anatomy, one head count
     MAMBA2 = "mamba2"
     MAMBA1 = "mamba1"
     ATTENTION = "attention"
@@ -55,7 +56,7 @@ class LayerKind(str, Enum):
 
 @dataclass(frozen=True)
 class SubProjection:
-    """One channel block of the conv state: x, B, C (Mamba2), q, k, v (GDN) or x (Mamba1).
+    """One channel block of the conv state: x, B, C (Mamba2), q, k, v (GDN, KDA) or x (Mamba1).
 
     The block is sharded over TP in whole `units` of `unit_channels` channels each (heads for x/v,
     groups for B/C/q/k, single channels for Mamba1's x).
@@ -76,15 +77,15 @@ class StateDims:
     """Global dims of one recurrent-state layer (shared by all state layers of a model).
 
     The SSM state is `heads` units of `head_shape` elements: Mamba2 `(H, hd, N)`, GDN `(nv, dv, dk)`,
-    Mamba1 `(I, N)`. Its head axis is split across TP like the x / v sub-projection.
+    KDA `(H, hd, hd)`, Mamba1 `(I, N)`. Its head axis is split across TP like the x / v sub-projection.
     """
 
     kind: LayerKind
     conv_kernel: int  # K; the conv state keeps K-1 (+ speculative) rows
     heads: int  # H (Mamba2), num_v_heads (GDN), intermediate size I (Mamba1)
     head_shape: tuple[int, ...]  # (hd, N) | (dv, dk) | (N,)
-    groups: int = 0  # n_groups (Mamba2), num_k_heads (GDN), 0 (Mamba1)
-    group_channels: int = 0  # N (Mamba2), dk (GDN)
+    groups: int = 0  # n_groups (Mamba2), num_k_heads (GDN), num_heads (KDA), 0 (Mamba1)
+    group_channels: int = 0  # N (Mamba2), dk (GDN), head_dim (KDA)
     conv_dtype: str = "bfloat16"
     ssm_dtype: str = "bfloat16"
     num_spec: int = 0  # speculative tokens: extra conv rows (not for Mamba1)
@@ -124,7 +125,8 @@ class StateDims:
                 SubProjection("B", self.groups, n, replicate_single_unit=True),
                 SubProjection("C", self.groups, n, replicate_single_unit=True),
             )
-        if self.kind is LayerKind.GDN:
+        if self.kind in (LayerKind.GDN, LayerKind.KDA):
+            # vLLM's KDA conv state is one fused [q | k | v] buffer, each H*hd channels (kda_state_shape)
             dv, dk = self.head_shape
             return (
                 SubProjection("q", self.groups, dk),
@@ -140,21 +142,33 @@ class StateDims:
 
 @dataclass(frozen=True)
 class AttentionDims:
-    """Global dims of a full-attention layer's paged KV (K and V packed per token, vLLM style)."""
+    """Global dims of a full-attention layer's paged KV (K and V packed per token, vLLM style).
+
+    `latent`: multi-head latent attention (MLA: Kimi-Linear, BailingMoeV3). vLLM caches one vector of
+    `kv_lora_rank + qk_rope_head_dim` elements per token, no separate V, as one "head" that every TP
+    rank holds whole (MLAAttentionSpec: num_kv_heads 1, head_size_v 0).
+    """
 
     num_kv_heads: int
     head_dim: int
     dtype: str = "bfloat16"
+    latent: bool = False
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1 or self.head_dim < 1:
             raise ValueError(f"attention num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim} must be >= 1")
+        if self.latent and self.num_kv_heads != 1:
+            raise ValueError(f"latent (MLA) attention caches one head per token, got num_kv_heads={self.num_kv_heads}")
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
 
     @property
+    def token_elems(self) -> int:
+        """Elements of one token of one head: K then V (MLA: the one latent vector)."""
+        return (1 if self.latent else 2) * self.head_dim
+
+    @property
     def token_head_bytes(self) -> int:
-        """Bytes of one token of one head: K then V."""
-        return 2 * self.head_dim * DTYPE_SIZES[self.dtype]
+        return self.token_elems * DTYPE_SIZES[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,7 @@ def _build(
     suffix = {
         LayerKind.ATTENTION: "self_attn",
         LayerKind.GDN: "linear_attn",
+        LayerKind.KDA: "self_attn",
         LayerKind.MAMBA2: "mamba",
         LayerKind.MAMBA1: "mamba",
     }
@@ -380,7 +381,61 @@ def _jamba(cfg: Config, name: str, arch: str) -> ModelSpec:
     return _build(name, arch, mixers, state, _attention(cfg, name, dtype))
 
 
+def _kda_state(cfg: Config, name: str, dtype: str, heads: str, head_dim: str, kernel: str) -> StateDims:
+    """vLLM's kda_state_shape: conv over [q | k | v] (H*hd channels each), recurrent state (H, hd, hd),
+    float32 unless `mamba_ssm_cache_dtype` says otherwise (kda_state_dtype's "auto")."""
+    h, hd = _int(cfg, heads, name), _int(cfg, head_dim, name)
+    return StateDims(
+        kind=LayerKind.KDA,
+        conv_kernel=_int(cfg, kernel, name),
+        heads=h,
+        head_shape=(hd, hd),
+        groups=h,
+        group_channels=hd,
+        conv_dtype=dtype,
+        ssm_dtype=normalize_dtype(cfg.get("mamba_ssm_cache_dtype") or "float32"),
+    )
+
+
+def _mla(cfg: Config, name: str, dtype: str) -> AttentionDims:
+    """vLLM's MLA cache: one latent of kv_lora_rank + qk_rope_head_dim per token, whole on every rank."""
+    width = _int(cfg, "kv_lora_rank", name) + _int(cfg, "qk_rope_head_dim", name, lo=0)
+    return AttentionDims(1, width, dtype, latent=True)
+
+
+def _kimi_linear(config: Config, name: str, arch: str) -> ModelSpec:
+    cfg = config.get("text_config") or config
+    dtype = _model_dtype(cfg, config)
+    n = _int(cfg, "num_hidden_layers", name)
+    lac = _req(cfg, "linear_attn_config", name)
+    if not isinstance(lac, Mapping):
+        raise ValueError(f"config of {name!r}: linear_attn_config must be an object, got {type(lac).__name__}")
+    where = f"{name}' linear_attn_config"
+    sets = {}
+    for key in ("kda_layers", "full_attn_layers"):
+        entries = _layer_list(lac, key, where) if key == "kda_layers" or key in lac else []
+        sets[key] = {_as_int(v, f"{key}[{i}]", name, 1, n) for i, v in enumerate(entries)}  # 1-based, as published
+    both = sorted(sets["kda_layers"] & sets["full_attn_layers"])
+    if both:
+        raise ValueError(f"config of {name!r}: layers {both} are in both kda_layers and full_attn_layers")
+    # vLLM (KimiLinearConfig.is_kda_layer): layer i is KDA iff i + 1 is in kda_layers, else MLA
+    mixers = [[LayerKind.KDA] if i + 1 in sets["kda_layers"] else [LayerKind.ATTENTION] for i in range(n)]
+    state = _kda_state(lac, where, dtype, "num_heads", "head_dim", "short_conv_kernel_size")
+    return _build(name, arch, mixers, state, _mla(cfg, name, dtype))
+
+
+def _bailing_v3(cfg: Config, name: str, arch: str) -> ModelSpec:
+    dtype = _model_dtype(cfg, cfg)
+    n, g = _int(cfg, "num_hidden_layers", name), _int(cfg, "layer_group_size", name)
+    # vLLM's _is_kda_layer: the last layer of each group, and every layer past the last whole group, are MLA
+    mixers = [[LayerKind.ATTENTION] if (i + 1) % g == 0 or i >= n // g * g else [LayerKind.KDA] for i in range(n)]
+    state = _kda_state(cfg, name, dtype, "num_attention_heads", "head_dim", "short_conv_kernel_size")
+    return _build(name, arch, mixers, state, _mla(cfg, name, dtype))
+
+
 _PARSERS: dict[str, Callable[[Config, str, str], ModelSpec]] = {
+    "KimiLinearForCausalLM": _kimi_linear,
+    "BailingMoeV3ForCausalLM": _bailing_v3,
     "Qwen3_5ForConditionalGeneration": _qwen_gdn,
     "Qwen3_5MoeForConditionalGeneration": _qwen_gdn,
     "Qwen3_5ForCausalLM": _qwen_gdn,

@@ -1,8 +1,8 @@
 """The correctness oracle of DESIGN.md, independent of `plan`, `batch` and `ops`.
 
 Draw random *global* tensors per request and layer (conv sub-projections `[channels, rows]`, SSM
-`[heads, *head_shape]`, KV `[kv_heads, tokens, 2*head_dim]`), and shard them into one rank's pages by
-vLLM's sharding rules restated here from the model dims (not from `RankLayout`'s shards). Only the page
+`[heads, *head_shape]`, KV `[kv_heads, tokens, 2*head_dim]`, MLA `[1, tokens, latent]`), and shard them
+into one rank's pages by vLLM's sharding rules restated here from the model dims (not from `RankLayout`'s shards). Only the page
 size and block size are taken from the layout, whose values are tested against vLLM separately.
 """
 
@@ -46,7 +46,7 @@ def random_global_state(spec: ModelSpec, kv_tokens: int, gen: np.random.Generato
     st, at = spec.state, spec.attention
     for layer in spec.layers:
         if layer.kind is LayerKind.ATTENTION:
-            kv[layer.index] = random_tensor((at.num_kv_heads, kv_tokens, 2 * at.head_dim), at.dtype, gen)
+            kv[layer.index] = random_tensor((at.num_kv_heads, kv_tokens, at.token_elems), at.dtype, gen)
         else:
             conv[layer.index] = [
                 random_tensor((s.channels, st.conv_rows), st.conv_dtype, gen) for s in st.subprojections
@@ -169,7 +169,7 @@ def read_shards(
             bs = layouts[0].block_size
             blocks = kv_blocks[layer.index]
             dt = TORCH_DTYPES[at.dtype]
-            g = torch.empty((at.num_kv_heads, len(blocks) * bs, 2 * at.head_dim), dtype=dt)
+            g = torch.empty((at.num_kv_heads, len(blocks) * bs, at.token_elems), dtype=dt)
             seen = torch.zeros((at.num_kv_heads, 1, 1), dtype=torch.bool).expand(-1, g.shape[1], g.shape[2])
             seen = seen.contiguous()
             for lay, pf in zip(layouts, page_of):
@@ -179,9 +179,9 @@ def read_shards(
                 for b in blocks:
                     pg = pf(layer.index, b).view(dt)
                     if lay.kv_layout == "HND":
-                        parts.append(pg[: h * bs * 2 * at.head_dim].view(h, bs, 2 * at.head_dim))
+                        parts.append(pg[: h * bs * at.token_elems].view(h, bs, at.token_elems))
                     else:
-                        parts.append(pg[: bs * h * 2 * at.head_dim].view(bs, h, 2 * at.head_dim).transpose(0, 1))
+                        parts.append(pg[: bs * h * at.token_elems].view(bs, h, at.token_elems).transpose(0, 1))
                 put(g, seen, heads, torch.cat(parts, dim=1), f"layer {layer.index} KV")
             kv[layer.index] = g
             continue
