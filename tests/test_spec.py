@@ -15,6 +15,9 @@ EXPECTED = [
     ("nemotron-3-nano-30b-a3b", "mamba2", 23, 6, "bfloat16", "float32", 2, 128),
     ("falcon-h1-0.5b", "mamba2", 36, 36, "bfloat16", "bfloat16", 2, 64),
     ("jamba-v0.1", "mamba1", 28, 4, "bfloat16", "bfloat16", 8, 128),
+    # MLA: one latent of kv_lora_rank 512 + qk_rope_head_dim 64 a token; KDA state float32 (vLLM's "auto")
+    ("kimi-linear-48b-a3b", "kda", 20, 7, "bfloat16", "float32", 1, 576),
+    ("ling-3.0-tiny", "kda", 18, 6, "bfloat16", "float32", 1, 576),
 ]
 
 

@@ -11,7 +11,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.ssm_conv_transfer_utils import
 from vllm.model_executor.layers.mamba import mamba_utils  # noqa: E402
 from vllm.model_executor.layers.mamba.mamba_utils import MambaStateShapeCalculator as Calc  # noqa: E402
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec  # noqa: E402
 
 from hybrid_kv.layout import RankLayout  # noqa: E402
 from hybrid_kv.spec import LayerKind  # noqa: E402
@@ -22,6 +22,7 @@ MAMBA_TYPE = {
     LayerKind.MAMBA1: MambaAttentionBackendEnum.MAMBA1,
     LayerKind.MAMBA2: MambaAttentionBackendEnum.MAMBA2,
     LayerKind.GDN: MambaAttentionBackendEnum.GDN_ATTN,
+    LayerKind.KDA: MambaAttentionBackendEnum.GDN_ATTN,  # KDA registers as GDN_ATTN with two states
 }
 
 
@@ -33,6 +34,8 @@ def vllm_shapes(spec, tp: int):
     if st.kind is LayerKind.GDN:
         dv, dk = st.head_shape
         return Calc.gated_delta_net_state_shape(tp, st.groups, st.heads, dk, dv, st.conv_kernel, st.num_spec)
+    if st.kind is LayerKind.KDA:
+        return Calc.kda_state_shape(tp, st.heads, st.head_shape[0], conv_kernel_size=st.conv_kernel, num_spec=st.num_spec)
     return Calc.mamba1_state_shape(tp, st.heads, st.head_shape[0], st.conv_kernel)
 
 
@@ -71,7 +74,7 @@ def test_against_vllm(name, tp, conv_layout, monkeypatch):
         page_size_padded=lay.page_bytes,
     )
     assert padded.page_size_bytes == lay.page_bytes
-    fa = FullAttentionSpec(
+    fa = (MLAAttentionSpec if at.latent else FullAttentionSpec)(
         block_size=lay.block_size,
         num_kv_heads=max(1, at.num_kv_heads // tp),
         head_size=at.head_dim,
@@ -86,3 +89,35 @@ def test_against_vllm(name, tp, conv_layout, monkeypatch):
         assert [tuple(x) for x in split.local_conv_offsets] == [
             (r.offset, r.nbytes) for r in (lay.conv_region(p, 0, p.channels) for p in lay.conv_parts)
         ]
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_kimi_linear_against_vllms_model_class(tp, tmp_path, monkeypatch):
+    """vLLM's own KimiLinearForCausalLM (state shapes and dtypes from the config) and its ModelConfig's MLA
+    cache geometry (use_mla, head size, one KV head at every TP) equal hybrid-kv's spec and layout."""
+    import json
+
+    from vllm.config import CacheConfig, ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.models import ModelRegistry
+
+    from hybrid_kv.spec_hf import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(load_config("kimi-linear-48b-a3b")[1]))
+    monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
+    mamba_utils.get_conv_state_layout.cache_clear()
+    mc = ModelConfig(model=str(tmp_path), skip_tokenizer_init=True, max_model_len=4096)
+    vc = VllmConfig(model_config=mc, cache_config=CacheConfig(enable_prefix_caching=False))
+    vc.parallel_config.tensor_parallel_size = tp
+    cls, _ = ModelRegistry.resolve_model_cls(mc.architectures, mc)
+    try:
+        with set_current_vllm_config(vc):
+            shapes = cls.get_mamba_state_shape_from_config(vc)
+            dtypes = cls.get_mamba_state_dtype_from_config(vc)
+    finally:
+        mamba_utils.get_conv_state_layout.cache_clear()
+    spec = load_spec("kimi-linear-48b-a3b")
+    lay = RankLayout(spec, tp, 0, conv_layout="DS")
+    assert [tuple(s) for s in shapes] == [(lay.conv_channels, lay.conv_rows), (lay.ssm_shard.size, 128, 128)]
+    assert dtypes == (TORCH_DTYPES[spec.state.conv_dtype], TORCH_DTYPES[spec.state.ssm_dtype])
+    assert mc.use_mla and mc.get_head_size() == spec.attention.head_dim
+    assert mc.get_num_kv_heads(vc.parallel_config) == lay.kv_heads_local == 1
