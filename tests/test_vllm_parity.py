@@ -35,7 +35,8 @@ def vllm_shapes(spec, tp: int):
         dv, dk = st.head_shape
         return Calc.gated_delta_net_state_shape(tp, st.groups, st.heads, dk, dv, st.conv_kernel, st.num_spec)
     if st.kind is LayerKind.KDA:
-        return Calc.kda_state_shape(tp, st.heads, st.head_shape[0], conv_kernel_size=st.conv_kernel, num_spec=st.num_spec)
+        hd = st.head_shape[0]
+        return Calc.kda_state_shape(tp, st.heads, hd, conv_kernel_size=st.conv_kernel, num_spec=st.num_spec)
     return Calc.mamba1_state_shape(tp, st.heads, st.head_shape[0], st.conv_kernel)
 
 

@@ -2,8 +2,9 @@
 
 Draw random *global* tensors per request and layer (conv sub-projections `[channels, rows]`, SSM
 `[heads, *head_shape]`, KV `[kv_heads, tokens, 2*head_dim]`, MLA `[1, tokens, latent]`), and shard them
-into one rank's pages by vLLM's sharding rules restated here from the model dims (not from `RankLayout`'s shards). Only the page
-size and block size are taken from the layout, whose values are tested against vLLM separately.
+into one rank's pages by vLLM's sharding rules restated here from the model dims (not from `RankLayout`'s
+shards). Only the page size and block size are taken from the layout, whose values are tested against vLLM
+separately.
 """
 
 from __future__ import annotations
