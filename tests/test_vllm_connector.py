@@ -83,6 +83,8 @@ CASES = [
     ("falcon-h1-0.5b", 2, 1),
     ("jamba-v0.1", 1, 2),
     ("jamba-v0.1", 2, 1),
+    ("kimi-linear-48b-a3b", 1, 2),  # KDA state; MLA latent KV whole on every rank (vLLM's own transfer)
+    ("kimi-linear-48b-a3b", 2, 1),
 ]
 
 
@@ -455,3 +457,16 @@ def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkey
     llama = VllmConfig(model_config=ModelConfig(model=str(attn), skip_tokenizer_init=True), kv_transfer_config=kt)
     assert llama.cache_config.enable_prefix_caching
     refuse_unsafe_serving(llama)  # vLLM's own NIXL path handles attention-only models
+
+
+@pytest.mark.parametrize("setting", ["use_replayssm", "use_kda_recoverssm"])
+def test_extra_recurrent_states_refused_at_startup(tmp_path, monkeypatch, setting):
+    """ReplaySSM rings and Kimi's RecoverSSM records are state tensors past conv + SSM that no shell moves
+    (stock NIXL describes shapes[0:2] only: the decode would run on stale records). Refused by each role
+    before any NIXL agent, naming the setting; without it the same Kimi config builds (test_packed_and_strided)."""
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
+    vc = U.vllm_config(U.model_dir(tmp_path, "kimi-linear-48b-a3b"), 1, "e")
+    setattr(vc.cache_config, setting, True)
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        with U.tp_rank(0, 1), pytest.raises(ValueError, match=rf"extra recurrent states \({setting}=True; "):
+            HybridKVConnector(vc, role, None)

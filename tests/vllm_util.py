@@ -35,7 +35,16 @@ MODELS = {
     "nemotron-h-8b": ("Mamba2", lambda c: c.update(num_hidden_layers=8, hybrid_override_pattern="M-M*M-M*"), 1152),
     "falcon-h1-0.5b": ("Mamba2 n_groups=1", lambda c: c.update(num_hidden_layers=3), 1664),
     "jamba-v0.1": ("Mamba1", lambda c: c.update(num_hidden_layers=8, attn_layer_offset=3, attn_layer_period=4), 256),
+    "kimi-linear-48b-a3b": ("KDA + MLA", lambda c: _trim_kimi(c, 4), 1920),
 }
+
+
+def _trim_kimi(cfg: dict, n: int) -> None:
+    """Kimi-Linear's first `n` layers, its 3:1 pattern kept (1-based layer lists, as published)."""
+    cfg["num_hidden_layers"] = n
+    lac = cfg["linear_attn_config"]
+    lac["kda_layers"] = [i for i in lac["kda_layers"] if i <= n]
+    lac["full_attn_layers"] = [i for i in lac["full_attn_layers"] if i <= n]
 
 
 def free_port() -> int:
@@ -124,7 +133,7 @@ def layer_specs(vc, name: str):
     from vllm.model_executor.models import ModelRegistry
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec
 
     cls, _ = ModelRegistry.resolve_model_cls(vc.model_config.architectures, vc.model_config)
     with set_current_vllm_config(vc):
@@ -141,6 +150,7 @@ def layer_specs(vc, name: str):
     )
     mtype = {
         LayerKind.GDN: MambaAttentionBackendEnum.GDN_ATTN,
+        LayerKind.KDA: MambaAttentionBackendEnum.GDN_ATTN,
         LayerKind.MAMBA2: MambaAttentionBackendEnum.MAMBA2,
         LayerKind.MAMBA1: MambaAttentionBackendEnum.MAMBA1,
     }[spec.state.kind]
@@ -149,7 +159,9 @@ def layer_specs(vc, name: str):
     out = {}
     for layer in spec.layers:
         if layer.kind is LayerKind.ATTENTION:
-            out[f"model.layers.{layer.decoder_layer}.self_attn.attn"] = FullAttentionSpec(
+            out[f"model.layers.{layer.decoder_layer}.self_attn.attn"] = (
+                MLAAttentionSpec if at.latent else FullAttentionSpec
+            )(
                 block_size=cc.block_size,
                 num_kv_heads=max(1, at.num_kv_heads // tp),
                 head_size=at.head_dim,

@@ -21,7 +21,7 @@ def refuse_unsafe_serving(vllm_config) -> None:
     naming the setting, because they give wrong tokens silently (the handshake cannot see them). Prefix
     caching puts a request's state in the block of its last computed position (mamba_cache_mode 'align' /
     'all'), not in the one block both shells move; async scheduling may report a request finished while
-    the step that rewrites its state is in flight."""
+    the step that rewrites its state is in flight; ReplaySSM / RecoverSSM keep states no shell moves."""
     mc = vllm_config.model_config
     if mc is None or not (getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False)):
         return  # attention-only: vLLM's own NIXL path, no recurrent state
@@ -35,6 +35,14 @@ def refuse_unsafe_serving(vllm_config) -> None:
         )
     if getattr(sc, "async_scheduling", False):
         bad.append("async scheduling (async_scheduling=True): pass --no-async-scheduling")
+    # states past conv + SSM (ReplaySSM rings, KDA RecoverSSM records): stock NIXL skips them silently
+    extra = [k for k in ("use_replayssm", "use_kda_recoverssm") if getattr(cc, k, False)]
+    if extra:
+        bad.append(
+            f"extra recurrent states ({', '.join(f'{k}=True' for k in extra)}; hybrid-kv moves the conv and "
+            "SSM states only): turn ReplaySSM off (use_replayssm=False) and serve Kimi models without RecoverSSM "
+            "speculative decoding"
+        )
     if bad:
         raise ValueError(
             "HybridKVConnector does not yet move a hybrid model's state correctly with " + "; nor with ".join(bad)
