@@ -16,6 +16,7 @@ CASES = [
     ("falcon-h1-0.5b", 2, "DS", "HND"),  # a single Mamba2 group, replicated on every rank
     ("jamba-v0.1", 2, "DS", "HND"),  # Mamba1
     ("qwen3.5-0.8b", 4, "DS", "HND"),  # 2 KV heads at TP 4: heads replicated
+    ("kimi-linear-48b-a3b", 2, "SD", "NHD"),  # KDA q|k|v; MLA latent on every rank
 ]
 
 

@@ -19,6 +19,8 @@ CASES = [
     pytest.param("falcon-h1-0.5b", 1, 2, "DS", id="mamba2-ng1-P1-D2"),
     pytest.param("falcon-h1-0.5b", 2, 1, "SD", id="mamba2-ng1-P2-D1-SD"),
     pytest.param("jamba-v0.1", 2, 1, "DS", id="mamba1-P2-D1"),
+    pytest.param("kimi-linear-48b-a3b", 2, 4, "DS", id="kda-mla-P2-D4"),  # MLA latent whole on every rank
+    pytest.param("kimi-linear-48b-a3b", 4, 1, "SD", id="kda-mla-P4-D1-SD"),
     pytest.param("granite-236", 2, 3, "DS", id="mamba2-ng1-P2-D3"),
     pytest.param("granite-236", 3, 2, "SD", id="mamba2-ng1-P3-D2-SD"),
 ]

@@ -39,6 +39,9 @@ def small_config(tmp_path: Path, name: str) -> str:
             cfg["num_hidden_layers"] = 2
         elif name.startswith("jamba"):
             cfg["num_hidden_layers"] = 6  # attention at layer 4
+        elif name.startswith("kimi"):  # 3 KDA then MLA (1-based layer lists, as published)
+            cfg["num_hidden_layers"] = 4
+            cfg["linear_attn_config"].update(kda_layers=[1, 2, 3], full_attn_layers=[4])
     path = tmp_path / name
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
