@@ -23,12 +23,15 @@ from hybrid_kv.testing.oracle import read_shards, write_shards
 DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 
 
-def model_spec(model_dir: str, dtypes: dict[str, str]) -> ModelSpec:
+def model_spec(model_dir: str, rec: dict) -> ModelSpec:
+    """The model's spec with the dtypes and the conv rows (speculative tokens) the engine allocated."""
     with open(os.path.join(model_dir, "config.json")) as f:
         spec = spec_from_config(json.load(f), name=os.path.basename(model_dir))
-    return spec.with_dtypes(
+    dtypes = rec["dtypes"]
+    spec = spec.with_dtypes(
         conv_dtype=DTYPES[dtypes["conv"]], ssm_dtype=DTYPES[dtypes["ssm"]], kv_dtype=DTYPES[dtypes["kv"]]
     )
+    return spec.with_num_spec(rec["conv_rows"] - spec.state.conv_rows)
 
 
 def _index(spec: ModelSpec, name: str, kind: str) -> int:
@@ -76,7 +79,11 @@ def check_request(model_dir: str, probe_dir: str, request_id: str, whole_rank: b
     if not d_recs or len(d_recs) != d_recs[0]["tp_size"]:
         raise AssertionError(f"{request_id}: decode probe records of {len(d_recs)} rank(s) in {probe_dir}")
     problems = []
-    spec = model_spec(model_dir, p_recs[0]["dtypes"])
+    spec = model_spec(model_dir, p_recs[0])
+    if any(r["conv_rows"] != spec.state.conv_rows for r in p_recs + d_recs):
+        raise AssertionError(
+            f"{request_id}: conv rows differ between ranks: {[r['conv_rows'] for r in p_recs + d_recs]}"
+        )
     conv = p_recs[0]["conv_layout"]
 
     def layout(rec: dict) -> RankLayout:

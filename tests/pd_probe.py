@@ -102,6 +102,7 @@ def _meta(w) -> dict:
         "num_blocks": int(w.kv_cache_config.num_blocks),
         "dtypes": {"conv": str(mamba.dtypes[0]), "ssm": str(mamba.dtypes[1]), "kv": str(attn.dtype)},
         "conv_layout": "DS" if mamba_utils.is_conv_state_dim_first() else "SD",
+        "conv_rows": min(mamba.shapes[0]),  # K - 1 + speculative tokens, in either conv layout
     }
 
 

@@ -470,3 +470,26 @@ def test_extra_recurrent_states_refused_at_startup(tmp_path, monkeypatch, settin
     for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
         with U.tp_rank(0, 1), pytest.raises(ValueError, match=rf"extra recurrent states \({setting}=True; "):
             HybridKVConnector(vc, role, None)
+
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+@pytest.mark.parametrize(("name", "ptp", "dtp"), [("qwen3-next-80b-a3b", 1, 2), ("nemotron-h-8b", 2, 1)])
+def test_speculative_decoding_extra_conv_rows(pairs, name, ptp, dtp):
+    """With speculative decoding on (n-gram, 2 draft tokens) vLLM's model class allocates K-1+2 conv rows
+    (the MambaSpec here is its own). Both modes move every row byte-exact; the packed worker's page anatomy
+    is the one with those rows (a spec without them puts the SSM 2 rows early and the oracle check fails)."""
+    for mode in ("strided", "packed"):
+        pair = pairs(name, ptp, dtp, mode, spec=NGRAM)
+        mamba = next(s for s in pair.d.specs.values() if hasattr(s, "shapes"))
+        k = pair.d.spec.state.conv_kernel
+        assert min(mamba.shapes[0]) == k - 1 + 2 == pair.d.spec.state.conv_rows
+        _, failed, _ = pair.run()
+        assert not any(failed)
+        assert_exact(pair)
+        if mode == "packed":
+            for c in pair.d.conns:
+                assert c.connector_worker._hkv_geom.layout.conv_rows == k - 1 + 2
+            pair.wait_no_leaks()
+        pair.close()

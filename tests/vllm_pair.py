@@ -14,11 +14,25 @@ class Pair:
     """A prefill and a decode engine with `n` requests filled on P (and their expected D bytes)."""
 
     def __init__(
-        self, tmp, monkeypatch, name, ptp, dtp, mode, *, n=2, p_extra=None, d_extra=None, d_edit=None, d_cache=None
+        self,
+        tmp,
+        monkeypatch,
+        name,
+        ptp,
+        dtp,
+        mode,
+        *,
+        n=2,
+        p_extra=None,
+        d_extra=None,
+        d_edit=None,
+        d_cache=None,
+        spec=None,
     ):
         monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
         self.engines = []
         path = U.model_dir(tmp, name)
+        self.spec = spec  # a speculative_config for both engines
         self.p = self._engine(path, name, ptp, "prefill", p_extra, None)
         d_path = U.model_dir(tmp / "decode", name, d_edit) if d_edit else path
         self.d = self._engine(d_path, name, dtp, "decode", d_extra, d_cache)
@@ -34,7 +48,7 @@ class Pair:
             self.d.storage(r).copy_(buf)
 
     def _engine(self, path, name, tp, eid, extra, cache):
-        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache)
+        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache, spec=self.spec)
         self.engines.append(eng)
         return eng
 

@@ -99,8 +99,11 @@ def tp_rank(rank: int, size: int):
         yield
 
 
-def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, cache: dict | None = None):
-    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, VllmConfig
+def vllm_config(
+    path: Path, tp: int, engine_id: str, extra: dict | None = None, cache: dict | None = None, spec: dict | None = None
+):
+    """`spec`: a speculative_config (e.g. n-gram), as `--speculative-config` gives it."""
+    from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SpeculativeConfig, VllmConfig
 
     mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096)
     kt = KVTransferConfig(
@@ -123,6 +126,10 @@ def vllm_config(path: Path, tp: int, engine_id: str, extra: dict | None = None, 
     for k, v in (cache or {}).items():  # e.g. --mamba-ssm-cache-dtype
         setattr(vc.cache_config, k, v)
     vc.cache_config.kv_cache_layout = "LBHNC"  # what NixlConnector requires (get_required_kvcache_layout)
+    if spec:
+        vc.speculative_config = SpeculativeConfig(
+            **spec, target_model_config=vc.model_config, target_parallel_config=vc.parallel_config
+        )
     return vc
 
 
@@ -148,6 +155,8 @@ def layer_specs(vc, name: str):
     spec = spec.with_dtypes(
         conv_dtype=names[dtypes[0]], ssm_dtype=names[dtypes[1]], kv_dtype=names[vc.model_config.dtype]
     )
+    sc = vc.speculative_config  # vLLM's extra conv rows: the oracle fills them like any other
+    spec = spec.with_num_spec(sc.num_speculative_tokens if sc is not None else 0)
     mtype = {
         LayerKind.GDN: MambaAttentionBackendEnum.GDN_ATTN,
         LayerKind.KDA: MambaAttentionBackendEnum.GDN_ATTN,
@@ -216,7 +225,9 @@ class Engine:
             self.scheduler.shutdown()
 
 
-def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None, cache=None) -> Engine:
+def build_engine(
+    path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None, cache=None, spec=None
+) -> Engine:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
     from vllm.v1.worker.utils import allocate_kv_cache
@@ -225,7 +236,7 @@ def build_engine(path: Path, name: str, tp: int, engine_id: str, blocks: int = 6
 
     # side channels: the stock listener at `base`, hybrid-kv's of rank r at base + 1 + r
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_ports(tp + 1))
-    vc = vllm_config(path, tp, engine_id, {"hybrid_kv_port_offset": 1, **(extra or {})}, cache)
+    vc = vllm_config(path, tp, engine_id, {"hybrid_kv_port_offset": 1, **(extra or {})}, cache, spec)
     spec, specs = layer_specs(vc, name)
     page = max(s.page_size_bytes for s in specs.values())
     kcc = get_kv_cache_configs(vc, [specs], [blocks * page * len(specs)])[0]
