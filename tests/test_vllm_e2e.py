@@ -107,3 +107,37 @@ def test_late_decode_request_fails_naming_the_expired_lease(model, tmp_path):
     assert late["tokens"] == [], f"a request whose prefill state was released produced tokens: {late}"
     want = "its KV lease expired (kv_lease_duration=2 s in the prefill engine's kv_connector_extra_config)"
     assert any(want in ln for ln in late["log"]), late["log"]
+
+
+def test_speculative_decoding_state_both_modes(model, tmp_path):
+    """Every engine serves with n-gram speculative decoding (2 draft tokens): vLLM allocates K-1+2 conv rows,
+    and after each receive the decode pages equal the oracle's, rows included, in both modes. On a GPU the
+    greedy tokens must also equal one engine's with the same speculative decoding and split, with drafts
+    accepted. On CPU vLLM itself fails both (the reference's step after a chunked prefill, and the decode's
+    first draft verification, stock path included: e2e_pd.SPEC), so there the prompts draft nothing and the
+    tokens are compared between the modes, whose states were checked byte for byte."""
+    import torch
+
+    res, _ = run(model, tmp_path, "spec-ngram", "packed,strided")
+    n = len(res["prompt_tokens"])
+    check_requests(res, n_alone=n, n_concurrent=n - 1)
+    rows = {torch.load(p, weights_only=False)["conv_rows"] for p in tmp_path.glob("D0-*.pt")}
+    assert rows == {3 + 2}, rows  # linear_conv_kernel_dim 4: K-1 rows + 2 speculative
+    got = {mode: m["got"] for mode, m in res["modes"].items()}
+    assert got["packed"] == got["strided"], got
+    if res["want"] is not None:  # a GPU: drafts verified, tokens equal to one engine's
+        assert all(m["drafts"].get("num_accepted_tokens", 0) > 0 for m in res["modes"].values()), res["modes"]
+        assert got["packed"] == res["want"]
+
+
+@pytest.mark.cuda
+def test_mtp_speculative_decoding_matches_one_engine(model, tmp_path):
+    """Qwen3-Next MTP (1 draft token, vLLM's seeded dummy weights in every engine): bytes and tokens against
+    one engine with the same MTP and split. GPU only: MTP drafts every step, and vLLM's CPU P/D decode fails
+    verifying drafts (test_speculative_decoding_state_both_modes)."""
+    res, _ = run(model, tmp_path, "spec-mtp", "packed,strided")
+    n = len(res["prompt_tokens"])
+    check_requests(res, n_alone=n, n_concurrent=n - 1)
+    for m in res["modes"].values():
+        assert m["drafts"].get("num_draft_tokens", 0) > 0, m["drafts"]
+        assert m["got"] == res["want"]
