@@ -44,6 +44,15 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def int_in(v, lo: int, hi: int) -> bool:
+    """Whether a peer's value is an integer (not a bool) in [lo, hi]."""
+    return _int(v) and lo <= v <= hi
+
+
+def _region_ok(addr, nbytes, dev) -> bool:
+    return int_in(addr, 0, (1 << 64) - 1) and int_in(nbytes, 0, 1 << 50) and int_in(dev, 0, (1 << 16) - 1)
+
+
 def request_id(v) -> str:
     """A request id as sent: a non-empty string of at most MAX_REQUEST_ID characters."""
     if not isinstance(v, str) or not 0 < len(v) <= MAX_REQUEST_ID:
@@ -63,10 +72,17 @@ def part(v) -> tuple | None:
 
 
 def region(v, where: str) -> list[int]:
-    """A registered region as a welcome names it: [addr, nbytes, dev], integers in range (never trusted)."""
-    ok = isinstance(v, list) and len(v) == 3 and all(_int(x) for x in v)
-    if not ok or not (0 <= v[0] < 1 << 64 and 0 <= v[1] <= 1 << 50 and 0 <= v[2] < 1 << 16):
+    """A registered region as the connector's welcome names it: [addr, nbytes, dev], integers in range."""
+    if not (isinstance(v, list) and len(v) == 3 and _region_ok(*v)):
         raise ValueError(f"{where}: staging={v!r:.80} (accepted: [addr, nbytes, dev], non-negative integers)")
+    return v
+
+
+def region_record(v, where: str, key: str) -> dict:
+    """A registered region as the CLI's welcome names it: {addr, nbytes, dev, mem} (never trusted)."""
+    ok = isinstance(v, dict) and _region_ok(v.get("addr"), v.get("nbytes"), v.get("dev"))
+    if not ok or v.get("mem") not in ("DRAM", "VRAM"):
+        raise ValueError(f"{where}: {key}={v!r:.120} (accepted: {{addr, nbytes, dev: integers, mem: DRAM or VRAM}})")
     return v
 
 

@@ -218,10 +218,6 @@ class DecodeEndpoint(Receiver):
         self.agent.close()
 
 
-def _int_in(v, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
 def _welcome_values(msg: dict, p: int, layout, num_layers: int) -> tuple[int, float, PageMap]:
     """The welcome's unit budget, lease and the source's page map, each checked before use: the regions
     it registered (addresses, sizes, memory kind), and its own block count (this rank's configuration of
@@ -229,21 +225,15 @@ def _welcome_values(msg: dict, p: int, layout, num_layers: int) -> tuple[int, fl
     means and never leaves that region. Raises ValueError naming the value and what is accepted."""
     where = f"prefill rank {p} welcome"
     unit = msg.get("max_unit_bytes")
-    if not _int_in(unit, 4096, 1 << 40):
+    if not M.int_in(unit, 4096, 1 << 40):
         raise ValueError(f"{where}: max_unit_bytes={unit!r:.40} (accepted: an integer in [4096, 2**40])")
     lease = msg.get("lease_s")
     if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
         raise ValueError(f"{where}: lease_s={lease!r:.40} (accepted: seconds in (0, 86400])")
     for key in ("cache", "staging"):
-        reg = msg.get(key)
-        ok = isinstance(reg, dict) and _int_in(reg.get("addr"), 0, (1 << 64) - 1)
-        ok = ok and _int_in(reg.get("nbytes"), 0, 1 << 50) and _int_in(reg.get("dev"), 0, 1 << 16)
-        if not ok or reg.get("mem") not in ("DRAM", "VRAM"):
-            raise ValueError(
-                f"{where}: {key}={reg!r:.120} (accepted: {{addr, nbytes, dev: integers, mem: DRAM or VRAM}})"
-            )
+        M.region_record(msg.get(key), where, key)
     nb = msg.get("num_blocks")
-    if not _int_in(nb, 1, 1 << 24):
+    if not M.int_in(nb, 1, 1 << 24):
         raise ValueError(f"{where}: num_blocks={nb!r:.40} (accepted: an integer in [1, 16777216])")
     want, got = num_layers * nb * layout.page_bytes, msg["cache"]["nbytes"]
     if got != want:

@@ -46,19 +46,21 @@ class Receiver:
             if not src.alive:
                 continue
             send_msg(src.sock, {"type": M.MODE, "part": None if part is None else list(part)})
-            deadline = time.monotonic() + self.opts.handshake_timeout_s
-            while True:  # announcements of an earlier run may still be queued ahead of the reply
-                msgs = [m for m, _ in src.reader.wait(deadline, f"prefill rank {p}: mode")]
-                for i, m in enumerate(msgs):
-                    if m["type"] == M.ERROR and m.get("req") is None:
-                        raise RuntimeError(f"prefill rank {p} refused mode {mode}: {m.get('message')}")
-                    if m["type"] == M.MODE_OK:
-                        for later in msgs[i + 1 :]:  # this run's: kept until their requests start
-                            self._on_message(src, later, {})
-                        break
-                else:
-                    continue
-                break
+            self._await_mode_ok(p, src, mode)
+
+    def _await_mode_ok(self, p: int, src, mode: str) -> None:
+        """Wait for source `p`'s reply to `mode`. Announcements of an earlier run may still be queued ahead
+        of it (skipped); what comes after it in the same read is this run's, kept until its request starts."""
+        deadline = time.monotonic() + self.opts.handshake_timeout_s
+        while True:
+            msgs = [m for m, _ in src.reader.wait(deadline, f"prefill rank {p}: mode")]
+            for i, m in enumerate(msgs):
+                if m["type"] == M.ERROR and m.get("req") is None:
+                    raise RuntimeError(f"prefill rank {p} refused mode {mode}: {m.get('message')}")
+                if m["type"] == M.MODE_OK:
+                    for later in msgs[i + 1 :]:
+                        self._on_message(src, later, {})
+                    return
 
     def run(self, mode: str, requests: list[dict], concurrency: int, on_finished=None) -> list[Request]:
         """Move `requests`, at most `concurrency` at once; `on_finished(n)` (if given) hears the number of
