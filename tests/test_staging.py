@@ -156,6 +156,31 @@ def test_bad_block_ids_and_staging_ranges_are_refused_before_any_write():
     assert not torch.equal(staging, before)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pack_on_another_thread_waits_for_the_step_that_wrote_the_pages(backend):
+    """The model step writes the pages on the engine's stream (here: after a 0.2 s device sleep); a pack on
+    another thread, whose current stream is not that one, must see the final bytes when given the step's
+    event (without it, the copy reads the pages before the step wrote them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, pair, pages, cache, staging, lay = _one_copier()
+    cache, staging = cache.cuda(), staging.cuda()
+    copier = Copier(cache, pages, staging, "prefill", backend)
+    chunk = flat_chunk(Shapes(), pair, pages, "prefill", 10, 1, [2], (lay.block_size, lay.block_size))
+    engine = torch.cuda.Stream()
+    with torch.cuda.stream(engine):
+        torch.cuda._sleep(200_000_000)
+        cache.fill_(7)
+        step = torch.cuda.Event()
+        step.record(engine)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: copier.run([(chunk, [0])], after=[step]).wait()).result()
+    torch.cuda.synchronize()
+    staged = staging[: int(chunk.unit_bytes[0])]
+    assert bool((staged == 7).all()), "the pack read the pages before the step that wrote them"
+
+
 def test_page_map_checks_the_buffer_once():
     with pytest.raises(ValueError, match=r"layer 1's last page ends at byte 4096 of a 4000-byte buffer"):
         PageMap.of_views([(0, 1024), (1024, 1024)], 1024, 3, 4000)

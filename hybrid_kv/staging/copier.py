@@ -128,17 +128,22 @@ class Copier:
             return parts[0]
         return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
 
-    def run(self, jobs: Sequence[Job]) -> Done:
-        """Copy every slot of `jobs` in one launch; nothing is written unless every job is valid."""
+    def run(self, jobs: Sequence[Job], after: Sequence = ()) -> Done:
+        """Copy every slot of `jobs` in one launch; nothing is written unless every job is valid. `after`:
+        CUDA events the copy is ordered behind (the model step that wrote the pages, recorded on the engine
+        thread's stream: from any other thread, the current stream is not the one the model ran on)."""
         with self._lock:
-            return self._run(jobs)
+            return self._run(jobs, [e for e in after if e is not None])
 
-    def _run(self, jobs: Sequence[Job]) -> Done:
+    def _run(self, jobs: Sequence[Job], after: list) -> Done:
         rows = self.rows(jobs)
         if not len(rows):
             return Done()
         self.launches += 1
         if self._table is None:
+            if after and self.storage.is_cuda:
+                for ev in after:
+                    torch.cuda.current_stream(self.storage.device).wait_event(ev)
             self._run_torch(jobs, rows)
             return Done()
         from hybrid_kv.kernels.slot_copy import element_size, launch
@@ -159,6 +164,8 @@ class Copier:
                    pack=self.pack, elem=elem, align=align)  # fmt: skip
             return Done()
         self._stream.wait_stream(torch.cuda.current_stream(self.storage.device))  # pages written by the model
+        for ev in after:
+            self._stream.wait_event(ev)
         with torch.cuda.stream(self._stream):
             dev_rows = torch.from_numpy(rows).pin_memory().to(self.storage.device, non_blocking=True)
             launch(self.storage, self.staging, self._table, dev_rows, max_tiles, pack=self.pack, elem=elem, align=align)

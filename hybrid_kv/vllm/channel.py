@@ -87,6 +87,7 @@ class PrefillServer:
         # connections that said hello: cid -> (socket, send lock, decode layout); pushes go to them
         self._peers: dict[int, tuple[socket.socket, threading.Lock, RankLayout]] = {}
         self._staged: dict[tuple, tuple] = {}  # (cid, request, decode rank) -> (blocks, offsets, sizes)
+        self._fences: dict[str, object] = {}  # request -> CUDA event after the step that wrote its state
         self._no_push: set[int] = set()  # connections whose decode rank reads the state the stock way
         self._prepacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-prepack")
         self.received: dict[str, int] = {}  # messages received, by type (tests count round trips)
@@ -300,7 +301,8 @@ class PrefillServer:
             self._free_where(lambda k: k[:3] == (cid, req, dec.tp_rank))  # staged for other block ids
             offsets = self._alloc(keys, sizes, req)
             try:
-                self.copier.run([(chunk, offsets)]).wait()  # on this connection's thread: the READ must see it
+                # on this connection's thread, behind the step that wrote the state: the READ must see it
+                self.copier.run([(chunk, offsets)], after=[self._fences.get(req)]).wait()
             except BaseException:
                 self._free_where(lambda k: k in keys)
                 raise
@@ -354,7 +356,8 @@ class PrefillServer:
         if not jobs:
             return
         try:
-            self.copier.run(jobs).wait()  # one launch for every request and decode rank of this step
+            # one launch for every request and decode rank of this step
+            self.copier.run(jobs, after=[self._fences.get(r) for r in requests]).wait()
         except Exception as e:  # never fatal: the decode ranks fall back to asking
             log.warning("hybrid-kv: packing %d request(s) at finish failed: %s", len(requests), e)
             for *_, keys, _, _, _ in pushes:
@@ -372,9 +375,19 @@ class PrefillServer:
             except OSError as e:
                 log.warning("hybrid-kv: push of %s to decode connection %d failed: %s", req, cid, e)
 
+    def fence(self, reqs, event) -> None:
+        """Order every pack of `reqs` behind `event` (None on CPU), recorded on the engine thread's stream."""
+        with self._cv:
+            self._fences.update(dict.fromkeys(reqs, event))
+
+    def fenced(self, req: str) -> bool:
+        return req in self._fences
+
     def forget(self, req: str) -> None:
         """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""
         self._free_where(lambda k: k[1] == req)
+        with self._cv:
+            self._fences.pop(req, None)
 
     def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
         """All of a request's slots or none: wait (bounded) while the pool is full."""

@@ -305,6 +305,8 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
     def start_load_kv(self, metadata) -> None:
         self._hkv_progress()
         super().start_load_kv(metadata)
+        if self._hkv_server is not None:
+            self._hkv_fence()
         finished = getattr(metadata, "push_finished_blocks", None)
         if self._hkv_server is not None and finished and self._hkv_geom is not None:
             groups = self._hkv_geom.groups
@@ -315,6 +317,19 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
                     todo[req_id] = blocks
             if todo:
                 self._hkv_server.prepack(todo)
+
+    def _hkv_fence(self) -> None:
+        """On the engine thread: one event on its stream for the requests that became sendable since the
+        last step, so that packs on other threads run after the step that wrote their state (with async
+        scheduling the engine thread runs ahead of the device; a pack thread's current stream is not the
+        model's)."""
+        new = [r for r in self._reqs_to_send if not self._hkv_server.fenced(r)]
+        if new:
+            event = None
+            if self._hkv_geom.storage.is_cuda:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self._hkv_geom.storage.device))
+            self._hkv_server.fence(new, event)
 
     def get_transfer_results(self):
         self._hkv_progress()
