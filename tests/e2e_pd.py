@@ -146,7 +146,6 @@ def main() -> None:
     ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "lease", *SPEC), default="tp1")
     ap.add_argument("--out", required=True, help="probe records and logs")
     ap.add_argument("--modes", default="packed,strided")
-    ap.add_argument("--async-scheduling", action="store_true", help="every engine, the reference too")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -173,7 +172,7 @@ def main() -> None:
         max_model_len=2048,
         enforce_eager=True,
         enable_prefix_caching=False,
-        async_scheduling=a.async_scheduling,
+        async_scheduling=False,
         seed=0,
         max_num_seqs=8,
         num_gpu_blocks_override=64,
