@@ -376,12 +376,9 @@ class PrefillServer:
                 log.warning("hybrid-kv: push of %s to decode connection %d failed: %s", req, cid, e)
 
     def fence(self, reqs, event) -> None:
-        """Order every pack of `reqs` behind `event` (None on CPU), recorded on the engine thread's stream."""
+        """Order every pack of `reqs` behind `event`, a CUDA event recorded on the engine thread's stream."""
         with self._cv:
             self._fences.update(dict.fromkeys(reqs, event))
-
-    def fenced(self, req: str) -> bool:
-        return req in self._fences
 
     def forget(self, req: str) -> None:
         """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""

@@ -304,9 +304,9 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
 
     def start_load_kv(self, metadata) -> None:
         self._hkv_progress()
+        if self._hkv_server is not None:  # before the stock worker holds them: no pack can run unfenced
+            self._hkv_fence(getattr(metadata, "reqs_to_send", None) or {})
         super().start_load_kv(metadata)
-        if self._hkv_server is not None:
-            self._hkv_fence()
         finished = getattr(metadata, "push_finished_blocks", None)
         if self._hkv_server is not None and finished and self._hkv_geom is not None:
             groups = self._hkv_geom.groups
@@ -318,18 +318,15 @@ class HybridKVWorker(PackedReceive, NixlPullConnectorWorker):
             if todo:
                 self._hkv_server.prepack(todo)
 
-    def _hkv_fence(self) -> None:
-        """On the engine thread: one event on its stream for the requests that became sendable since the
-        last step, so that packs on other threads run after the step that wrote their state (with async
-        scheduling the engine thread runs ahead of the device; a pack thread's current stream is not the
-        model's)."""
-        new = [r for r in self._reqs_to_send if not self._hkv_server.fenced(r)]
-        if new:
-            event = None
-            if self._hkv_geom.storage.is_cuda:
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self._hkv_geom.storage.device))
-            self._hkv_server.fence(new, event)
+    def _hkv_fence(self, reqs) -> None:
+        """On the engine thread: one event on its stream for the requests that became sendable this step, so
+        that packs on other threads run after the step that wrote their state (with async scheduling the
+        engine thread runs ahead of the device; a pack thread's current stream is not the model's). On CPU
+        every step has completed when the next one starts: nothing to record."""
+        if reqs and self._hkv_geom.storage.is_cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self._hkv_geom.storage.device))
+            self._hkv_server.fence(reqs, event)
 
     def get_transfer_results(self):
         self._hkv_progress()
