@@ -24,6 +24,14 @@ GRANITE_236 = {
 }
 
 
+def trim_kimi(cfg: dict, n: int) -> None:
+    """Kimi-Linear's first `n` layers, its 3:1 pattern kept (1-based layer lists, as published)."""
+    cfg["num_hidden_layers"] = n
+    lac = cfg["linear_attn_config"]
+    lac["kda_layers"] = [i for i in lac["kda_layers"] if i <= n]
+    lac["full_attn_layers"] = [i for i in lac["full_attn_layers"] if i <= n]
+
+
 def small_config(tmp_path: Path, name: str) -> str:
     if name == "granite-236":
         cfg = dict(GRANITE_236)
@@ -39,9 +47,8 @@ def small_config(tmp_path: Path, name: str) -> str:
             cfg["num_hidden_layers"] = 2
         elif name.startswith("jamba"):
             cfg["num_hidden_layers"] = 6  # attention at layer 4
-        elif name.startswith("kimi"):  # 3 KDA then MLA (1-based layer lists, as published)
-            cfg["num_hidden_layers"] = 4
-            cfg["linear_attn_config"].update(kda_layers=[1, 2, 3], full_attn_layers=[4])
+        elif name.startswith("kimi"):
+            trim_kimi(cfg, 4)  # 3 KDA then MLA
     path = tmp_path / name
     path.mkdir(exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))

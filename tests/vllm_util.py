@@ -19,6 +19,7 @@ from unittest import mock
 
 import numpy as np
 import torch
+from transport_util import trim_kimi
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
 from hybrid_kv.dtypes import TORCH_DTYPES
@@ -35,16 +36,8 @@ MODELS = {
     "nemotron-h-8b": ("Mamba2", lambda c: c.update(num_hidden_layers=8, hybrid_override_pattern="M-M*M-M*"), 1152),
     "falcon-h1-0.5b": ("Mamba2 n_groups=1", lambda c: c.update(num_hidden_layers=3), 1664),
     "jamba-v0.1": ("Mamba1", lambda c: c.update(num_hidden_layers=8, attn_layer_offset=3, attn_layer_period=4), 256),
-    "kimi-linear-48b-a3b": ("KDA + MLA", lambda c: _trim_kimi(c, 4), 1920),
+    "kimi-linear-48b-a3b": ("KDA + MLA", lambda c: trim_kimi(c, 4), 1920),
 }
-
-
-def _trim_kimi(cfg: dict, n: int) -> None:
-    """Kimi-Linear's first `n` layers, its 3:1 pattern kept (1-based layer lists, as published)."""
-    cfg["num_hidden_layers"] = n
-    lac = cfg["linear_attn_config"]
-    lac["kda_layers"] = [i for i in lac["kda_layers"] if i <= n]
-    lac["full_attn_layers"] = [i for i in lac["full_attn_layers"] if i <= n]
 
 
 def free_port() -> int:

@@ -64,7 +64,7 @@ def part(v) -> tuple | None:
     """A `mode` message's part: null, ["all", 0] or ["small", threshold] (checked, never trusted)."""
     if v is None:
         return None
-    if isinstance(v, list) and len(v) == 2 and v[0] in ("all", "small") and _int(v[1]) and 0 <= v[1] <= MAX_THRESHOLD:
+    if isinstance(v, list) and len(v) == 2 and v[0] in ("all", "small") and int_in(v[1], 0, MAX_THRESHOLD):
         if v[0] == "all" and v[1] != 0:
             raise ValueError(f"mode part={v!r:.80} (['all', 0] takes no threshold)")
         return (v[0], v[1])
