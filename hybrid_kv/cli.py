@@ -179,6 +179,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         requests=args.requests,
         tokens=args.tokens,
         concurrency=args.concurrency,
+        in_flight=args.in_flight or args.concurrency,
         seed=args.seed,
         verify=args.verify,
         prefill_opts=PrefillOptions(host=args.host, pool_bytes=args.pool_bytes, max_unit_bytes=args.max_unit_bytes),
@@ -193,8 +194,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     )
     if avail is not None and est["total"] > 0.9 * avail:
         raise ValueError(
-            f"this transfer needs {what}, but {avail / 2**30:.1f} GiB are available: use fewer --requests or "
-            "--tokens, or a smaller --pool-bytes"
+            f"this transfer needs {what}, but {avail / 2**30:.1f} GiB are available: use a smaller --in-flight "
+            "or --tokens, or a smaller --pool-bytes"
         )
     if not args.json:
         print(f"memory: {what}" + ("" if avail is None else f"; {avail / 2**30:.1f} GiB available"), file=sys.stderr)
@@ -261,6 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=_int_arg(1, 100_000), default=8, help="requests to move (default 8)")
     p.add_argument(
         "--concurrency", type=_int_arg(1, 4096), default=4, help="requests in flight per decode rank (default 4)"
+    )
+    p.add_argument(
+        "--in-flight",
+        type=_int_arg(1, 100_000),
+        default=None,
+        help="requests whose blocks each rank's cache holds at once (default: --concurrency); the run goes in "
+        "waves of that many requests reusing the same blocks, so memory does not grow with --requests",
     )
     p.add_argument(
         "--mode",

@@ -312,6 +312,7 @@ def transfer_report(out: dict, args) -> dict:
                 "p99_ms",
                 "gbps",
                 "wall_s",
+                "waves",
                 "nixl_post_us",
                 "nixl_xfer_us",
                 "nixl_descs",
@@ -334,6 +335,7 @@ def transfer_report(out: dict, args) -> dict:
         "tokens": plan.tokens,
         "requests": args.requests,
         "concurrency": args.concurrency,
+        "in_flight": min(args.requests, args.in_flight or args.concurrency),
         "device": args.device,
         "planned_descriptors_per_request": {"strided": plan.strided_descriptors(), "packed": plan.packed_descriptors()},
         "modes": modes,
@@ -367,6 +369,7 @@ def print_transfer(rep: dict) -> None:
     t = Table(
         title=f"{rep['model']}: prefill TP {rep['prefill_tp']} -> decode TP {rep['decode_tp']}, "
         f"{_n(rep['requests'], 'request')} x {rep['tokens']} tokens, concurrency {rep['concurrency']}, "
+        f"caches for {_n(rep['in_flight'], 'request')} in flight, "
         f"{rep['device']} memory over NIXL/UCX"
     )
     for col in ("mode", "ok", "MB moved", "descriptors/req", "p50 ms", "p99 ms", "GB/s", "NIXL post+xfer ms"):

@@ -175,7 +175,7 @@ def test_transfer_that_cannot_fit_in_memory_is_refused_before_any_process_starts
     argv = ["transfer", "--model", "qwen3.5-27b", *P, "--requests", "2000", "--tokens", "65536"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "this transfer needs about" in err and "GiB are available: use fewer --requests or --tokens" in err
+    assert "this transfer needs about" in err and "GiB are available: use a smaller --in-flight or --tokens" in err
     assert time.monotonic() - t0 < 60
 
 

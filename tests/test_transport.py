@@ -114,3 +114,70 @@ def test_progress_per_request(tmp_path):
     assert any(0 < k < 48 for k in ended), calls  # mid-run updates
     assert ended == sorted(ended) and ended[-1] == 48
     assert ("packed: 48/48 requests received") in [t for _, _, t in calls]
+
+
+def test_waves_reuse_each_lanes_blocks():
+    """`in_flight` L < requests: the caches hold L requests' blocks (the longest of each lane's requests),
+    request i takes lane i % L's blocks, and no two requests of one wave share a block."""
+    from hybrid_kv.layout import cdiv
+    from hybrid_kv.transport.launch import plan_requests
+
+    lengths = (2049, 700, 33, 5000, 1, 1500, 64)
+    j = job("falcon-h1-0.5b", 2, 1, requests=7, lengths=lengths, in_flight=3)
+    plan, reqs, nbp, nbd = plan_requests(j)
+    bs_p, bs_d = plan.prefill[0].block_size, plan.decode[0].block_size
+    lanes = [max(lengths[i] for i in range(7) if i % 3 == lane) for lane in range(3)]  # 2049, 5000, 1500
+    assert (nbp, nbd) == (sum(cdiv(t, bs_p) for t in lanes) + 2, sum(cdiv(t, bs_d) for t in lanes) + 2)
+    assert [r["wave"] for r in reqs] == [0, 0, 0, 1, 1, 1, 2]
+    for side, bs in (("prefill_blocks", bs_p), ("decode_blocks", bs_d)):
+        for r, t in zip(reqs, lengths):
+            assert len(r[side][1]) == cdiv(t, bs)
+        for w in range(3):
+            wave = [r[side] for r in reqs if r["wave"] == w]
+            kv = [b for state, blocks in wave for b in blocks]
+            assert len(set(kv)) == len(kv) and len({state for state, _ in wave}) == len(wave)
+        for i in range(3, 7):  # the lane's earlier request's blocks, as many as this one needs
+            a, b = reqs[i - 3][side], reqs[i][side]
+            n = min(len(a[1]), len(b[1]))
+            assert a[0] == b[0] and a[1][:n] == b[1][:n]
+    big = job("falcon-h1-0.5b", 2, 1, requests=3000, in_flight=4)
+    from hybrid_kv.transport.launch import memory_estimate
+
+    assert memory_estimate(big) == memory_estimate(job("falcon-h1-0.5b", 2, 1, requests=4))
+
+
+@pytest.mark.parametrize("model,p,d", [("qwen3.5-0.8b", 1, 2), ("nemotron-h-8b", 2, 1)])
+def test_waves_byte_exact_every_mode(tmp_path, model, p, d):
+    """Five requests through caches for two, in three waves: lane 0 runs 2049 then 33 then 1 tokens
+    (later requests leave earlier ones' blocks unused), lane 1 700 then 5000. Each wave's pages are
+    rewritten on the prefill and verified on the decode (its cache reset first), so a wave that read the
+    previous wave's bytes, or a decode page left from it, fails the oracle check."""
+    cfg = small_config(tmp_path, model)
+    lengths = (2049, 700, 33, 5000, 1)
+    with Cluster(job(cfg, p, d, requests=5, lengths=lengths, in_flight=2, concurrency=2)) as cl:
+        assert cl.dcfg.num_blocks < sum(len(r["decode_blocks"][1]) for r in cl.requests)
+        with pytest.raises(ValueError, match="3 waves"):
+            cl.start_run("packed")
+        for mode in ("packed", "strided", "auto"):
+            seen = []
+            r = cl.run(mode, progress=seen.append)
+            assert r["failures"] == [] and r["mismatches"] == [], r["failures"][:2] + r["mismatches"][:2]
+            assert r["verified"] and r["completed"] == 5 and r["waves"] == 3
+            assert r["bytes"] == sum(cl.plan.for_tokens(t).bytes_moved() for t in lengths)
+            assert seen == sorted(seen) and seen[-1] == 5 and 2 in seen  # counted across waves
+    assert_no_leaks(cl.closed_counts)
+
+
+def test_transfer_cli_in_flight(tmp_path, capsys):
+    """`transfer --in-flight 2` on 3 requests: two waves, both reported, verified."""
+    import json
+
+    from hybrid_kv.cli import main
+
+    cfg = small_config(tmp_path, "falcon-h1-0.5b")
+    argv = ["transfer", "--model", cfg, "--prefill-tp", "1", "--decode-tp", "2", "--tokens", "300"]
+    argv += ["--requests", "3", "--in-flight", "2", "--mode", "packed", "--verify", "--json"]
+    assert main(argv) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["in_flight"] == 2 and rep["verified"] and rep["packed"]["waves"] == 2
+    assert rep["packed"]["completed"] == 3 and rep["leaks"] == {}

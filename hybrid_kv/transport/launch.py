@@ -29,6 +29,7 @@ class TransferJob:
     tokens: int = 1024
     lengths: tuple[int, ...] = ()  # if given, request i has lengths[i % len(lengths)] tokens (else `tokens`)
     concurrency: int = 4
+    in_flight: int | None = None  # requests whose blocks the caches hold at once (None: all of them)
     seed: int = 0
     verify: bool = True
     prefill_opts: PrefillOptions = field(default_factory=PrefillOptions)
@@ -69,25 +70,46 @@ def _recv(conn, what: str, timeout: float, *tags: str, proc=None):
     return msg
 
 
+def lanes_of(job: TransferJob) -> int:
+    """How many requests' blocks each rank's cache holds: `in_flight` (at most `requests`), else all."""
+    if job.in_flight is None:
+        return job.requests
+    if job.in_flight < 1:
+        raise ValueError(f"in_flight={job.in_flight} (accepted: an integer >= 1, or None for every request)")
+    return min(job.in_flight, job.requests)
+
+
 def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]:
-    """The template plan, the request list (random interleaved block ids) and each side's block count."""
+    """The template plan, the request list (random interleaved block ids) and each side's block count.
+
+    With `in_flight` = L < requests the run goes in waves of L requests ("wave" in each request): request i
+    takes lane i % L's blocks (as many as it needs), so the caches are sized for L requests, whatever the
+    number of requests; the requests of one wave never share a block."""
+    from hybrid_kv.batch import RequestBlocks
     from hybrid_kv.testing.harness import random_batch
 
     spec = job.prefill.spec()
     plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)
     tokens = [job.lengths[i % len(job.lengths)] if job.lengths else job.tokens for i in range(job.requests)]
-    batch = random_batch(plan, tokens, np.random.default_rng(job.seed), spare_blocks=2)
-    pb, db = batch.prefill_blocks, batch.decode_blocks
+    lanes = lanes_of(job)
+    longest = [max(tokens[lane::lanes]) for lane in range(lanes)]  # a lane's blocks fit its longest request
+    batch = random_batch(plan, longest, np.random.default_rng(job.seed), spare_blocks=2)
     nbp, nbd = batch.prefill_geom.num_blocks, batch.decode_geom.num_blocks
-    reqs = [
-        {
-            "id": f"req-{i}",
-            "tokens": t,
-            "prefill_blocks": [b.state, list(b.kv)],
-            "decode_blocks": [d.state, list(d.kv)],
-        }
-        for i, (t, b, d) in enumerate(zip(tokens, pb, db))
-    ]
+    reqs = []
+    for i, t in enumerate(tokens):
+        per = plan.for_tokens(t)
+        b, d = batch.prefill_blocks[i % lanes], batch.decode_blocks[i % lanes]
+        b = RequestBlocks(b.state, b.kv[: per.num_kv_blocks("prefill")])
+        d = RequestBlocks(d.state, d.kv[: per.num_kv_blocks("decode")])
+        reqs.append(
+            {
+                "id": f"req-{i}",
+                "tokens": t,
+                "wave": i // lanes,
+                "prefill_blocks": [b.state, list(b.kv)],
+                "decode_blocks": [d.state, list(d.kv)],
+            }
+        )
     return plan, reqs, nbp, nbd
 
 
@@ -104,6 +126,7 @@ class Cluster:
         self.ctx = mp.get_context("spawn")
         self.pprocs, self.pconns, self.dprocs, self.dconns = [], [], [], []
         self.closed_counts: dict[str, dict] = {}
+        self._filled = -1  # the wave whose requests the prefill caches hold
         self._failed: set[int] = set()  # ids of pipes whose rank reported failure (and exited)
         self.ready_info: list[dict] = []  # per decode rank: sources, unit budget, cost model
 
@@ -137,17 +160,29 @@ class Cluster:
             ports.append(msg[1])
         host = self.job.prefill_opts.host
         self.addrs = [(host, port) for port in ports]
-        bs_d = self.plan.decode[0].block_size
-        for c in self.pconns:
-            c.send(("fill", self.job.seed, self.requests, bs_d))
-        for r, c in enumerate(self.pconns):
-            _recv(c, f"prefill rank {r} fill", t, "filled", proc=self.pprocs[r])
+        self.fill(0)
         for r in range(self.dcfg.tp_size):
             p, a = self._spawn_decode(r)
             self.dprocs.append(p)
             self.dconns.append(a)
         for r in range(self.dcfg.tp_size):
             self.ready_info.append(self._handshake(r))
+
+    def waves(self) -> list[list[dict]]:
+        """The requests by wave: a wave's requests are in the caches together (`TransferJob.in_flight`)."""
+        by: dict[int, list[dict]] = {}
+        for r in self.requests:
+            by.setdefault(r["wave"], []).append(r)
+        return [by[w] for w in sorted(by)]
+
+    def fill(self, wave: int) -> None:
+        """Write wave `wave`'s requests into every prefill cache (their "prefill"), over what was there."""
+        reqs, bs_d = self.waves()[wave], self.plan.decode[0].block_size
+        for c in self.pconns:
+            c.send(("fill", self.job.seed, reqs, bs_d))
+        for r, c in enumerate(self.pconns):
+            _recv(c, f"prefill rank {r} fill", self.job.start_timeout_s, "filled", proc=self.pprocs[r])
+        self._filled = wave
 
     def _spawn_decode(self, r: int):
         a, b = self.ctx.Pipe()
@@ -175,13 +210,30 @@ class Cluster:
         self.dprocs[rank], self.dconns[rank] = self._spawn_decode(rank)
         self.ready_info[rank] = self._handshake(rank)
 
-    def run(self, mode: str | None = None, requests: list[dict] | None = None) -> dict:
-        """Move `requests` (default: all) in `mode` on every decode rank; returns the per-mode report."""
-        self.start_run(mode, requests)
-        return self.collect()
+    def run(self, mode: str | None = None, requests: list[dict] | None = None, progress=None) -> dict:
+        """Move `requests` (default: all, wave by wave) in `mode` on every decode rank; returns the mode's
+        report. `progress(n)` hears how many requests have ended (see `collect`).
+
+        A wave starts once every decode rank has ended the one before (its READs retired, its pages
+        verified): only then are the prefill pages rewritten, and each decode rank's cache reset, for the
+        next requests in the same blocks, as a serving engine reuses the blocks a finished request freed."""
+        if requests is not None:
+            self.start_run(mode, requests)
+            return self.collect(progress=progress)
+        parts, ended = [], 0
+        for w, reqs in enumerate(self.waves()):
+            if self._filled != w:
+                self.fill(w)
+            self.start_run(mode, reqs)
+            self._gather(progress=None if progress is None else (lambda k, e=ended: progress(e + k)))
+            parts.append(list(self.results.values()))
+            ended += len(reqs)
+        return summarize(self._mode, self.requests, parts, self.job.verify)
 
     def start_run(self, mode: str | None = None, requests: list[dict] | None = None) -> None:
         """Arm every decode rank (cache reset to the oracle background), then start them together."""
+        if requests is None and len(self.waves()) > 1:
+            raise ValueError(f"{len(self.waves())} waves (in_flight={self.job.in_flight}): use run(), or pass one wave")
         self._mode = mode if mode == "contiguous" else resolve_mode(mode)  # contiguous: benchmark reference
         self._reqs = self.requests if requests is None else requests
         for c in self.dconns:
@@ -197,6 +249,10 @@ class Cluster:
     def collect(self, skip: set[int] = frozenset(), progress=None) -> dict:
         """Results of the run started by `start_run`, from every decode rank not in `skip` (killed).
         `progress(n)` hears how many requests have ended on every rank (the slowest rank's count)."""
+        self._gather(skip, progress)
+        return summarize(self._mode, self._reqs, [list(self.results.values())], self.job.verify)
+
+    def _gather(self, skip: set[int] = frozenset(), progress=None) -> None:
         self.results: dict[int, dict] = {}  # decode rank -> its own rows (`summarize` merges them)
         waiting = {r: c for r, c in enumerate(self.dconns) if r not in skip}
         ended = dict.fromkeys(waiting, 0)
@@ -218,7 +274,6 @@ class Cluster:
                 ended[r] = len(self._reqs)
                 self.results[r] = msg[1]
                 del waiting[r]
-        return summarize(self._mode, self._reqs, list(self.results.values()), self.job.verify)
 
     def counts(self) -> dict[str, dict]:
         out = {}
@@ -252,8 +307,10 @@ class Cluster:
                     p.join(5)
 
 
-def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool) -> dict:
-    """One mode's report: per-request latency spans all decode ranks (monotonic clock, one machine)."""
+def summarize(mode: str, requests: list[dict], waves: list[list[dict]], verify: bool) -> dict:
+    """One mode's report from each wave's per-decode-rank results: per-request latency spans all decode
+    ranks (monotonic clock, one machine); the wall time is the waves' own, not the refills between them."""
+    results = [res for wave in waves for res in wave]
     by_req: dict[str, list[dict]] = {}
     for res in results:
         for row in res["rows"]:
@@ -265,7 +322,7 @@ def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool
             failures.append({"id": rid, "errors": errs})
         else:
             lat.append(max(r["end"] for r in rows) - min(r["start"] for r in rows))
-    t0, t1 = min(r["t0"] for r in results), max(r["t1"] for r in results)
+    wall = sum(max(r["t1"] for r in wave) - min(r["t0"] for r in wave) for wave in waves if wave)
     nbytes = sum(row["bytes"] for res in results for row in res["rows"] if row["ok"])
     desc = sum(row["descriptors"] for res in results for row in res["rows"])
     mism = [m for res in results for m in res["mismatches"]]
@@ -280,8 +337,9 @@ def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool
         "bytes": nbytes,
         "p50_ms": 1e3 * statistics.median(lat) if lat else None,
         "p99_ms": 1e3 * float(np.percentile(lat, 99)) if lat else None,
-        "wall_s": t1 - t0,
-        "gbps": nbytes / (t1 - t0) / 1e9 if t1 > t0 else 0.0,
+        "wall_s": wall,
+        "waves": len(waves),
+        "gbps": nbytes / wall / 1e9 if wall > 0 else 0.0,
         "nixl_post_us": sum(row["post_us"] for res in results for row in res["rows"]),
         "nixl_xfer_us": sum(row["xfer_us"] for res in results for row in res["rows"]),
         "nixl_descs": sum(row["nixl_descs"] for res in results for row in res["rows"]),
@@ -291,13 +349,14 @@ def summarize(mode: str, requests: list[dict], results: list[dict], verify: bool
         },
         "verified": (not mism and not failures) if verify else False,
         "mismatches": mism,
-        "decode_counts": [res["counts"] for res in results],
+        "decode_counts": [res["counts"] for res in waves[-1]] if waves else [],
     }
 
 
 def memory_estimate(job: TransferJob) -> dict:
-    """Bytes the rank processes will hold: caches for every request's blocks, staging pools and a fixed cost
-    per process (Python, torch, UCX). Verification holds one request's pages at a time, no cache copy."""
+    """Bytes the rank processes will hold: caches for the blocks of the requests in flight (`in_flight`,
+    else all of them), staging pools and a fixed cost per process (Python, torch, UCX). Verification holds
+    one request's pages at a time, no cache copy."""
     plan, _, nbp, nbd = plan_requests(job)
     n_layers = len(plan.spec.layers)
     per_process = 400 << 20
@@ -341,8 +400,7 @@ def run_job(job: TransferJob, modes: list[str], progress=None) -> dict:
             def ended(k: int, i: int = i, m: str = m) -> None:  # per request, within this mode's step
                 progress(2 + i + k / max(1, n), total, f"{m}: {k}/{n} requests")
 
-            cl.start_run(m)
-            out[m] = cl.collect(progress=ended if progress else None)
+            out[m] = cl.run(m, progress=ended if progress else None)
             if progress:
                 progress(3 + i, total, f"{m}: {out[m]['completed']}/{out[m]['requests']} requests received")
         counts = cl.counts()
