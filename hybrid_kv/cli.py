@@ -208,7 +208,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         with Progress(*cols, transient=True) as bar:
             task = bar.add_task("transfer", total=2 + len(modes))
             out = run_job(job, modes, lambda i, n, text: bar.update(task, completed=i, description=text))
-    from hybrid_kv.report import transfer_report
+    out["memory_estimate"] = est
+    from hybrid_kv.report_transfer import transfer_report
 
     report = transfer_report(out, args)
     _emit(report, args.json, "transfer")
@@ -221,8 +222,9 @@ def _emit(report: dict, as_json: bool, kind: str) -> None:
         sys.stdout.write("\n")
         return
     from hybrid_kv import report as rep
+    from hybrid_kv import report_transfer
 
-    getattr(rep, f"print_{kind}")(report)
+    getattr(report_transfer if kind == "transfer" else rep, f"print_{kind}")(report)
 
 
 def build_parser() -> argparse.ArgumentParser:

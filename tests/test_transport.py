@@ -181,3 +181,24 @@ def test_transfer_cli_in_flight(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["in_flight"] == 2 and rep["verified"] and rep["packed"]["waves"] == 2
     assert rep["packed"]["completed"] == 3 and rep["leaks"] == {}
+    # each rank's own peak resident set comes back beside the estimate the run was admitted with
+    assert set(rep["peak_rss"]) == {"prefill-0", "decode-0", "decode-1"}
+    assert all(v > 50 << 20 for v in rep["peak_rss"].values()), rep["peak_rss"]
+    assert rep["memory_estimate"]["processes"] == 3
+    assert main([a for a in argv if a != "--json"]) == 0  # the table a person reads
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
+    assert "3 requests x 300 tokens, concurrency 4, caches for 2 requests in flight" in out, out
+    assert "every decode byte matches the oracle" in out and "memory: peak resident" in out, out
+
+
+def test_memory_line_reads_each_sides_largest_rank():
+    from hybrid_kv.report_transfer import memory_line
+
+    rep = {
+        "peak_rss": {"prefill-0": 3 << 29, "prefill-1": 1 << 30, "decode-0": 1 << 29},
+        "memory_estimate": {"prefill_rank": 2 << 30, "decode_rank": 1 << 30},
+    }
+    assert memory_line(rep) == (
+        "memory: peak resident 1.50 GiB a prefill rank (estimated 2.00), 0.50 GiB a decode rank (estimated 1.00)"
+    )
+    assert memory_line({"peak_rss": {}, "memory_estimate": None}) is None

@@ -4,6 +4,7 @@ checks and registered memory. The oracle fill / verification the driver can ask 
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import asdict, dataclass
 
@@ -80,6 +81,12 @@ def blocks_from(obj) -> RequestBlocks:
 
 def monotonic() -> float:
     return time.monotonic()
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, bytes (Linux reports KiB): each rank's counts carry it, so a
+    run shows its real memory beside the driver's estimate."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def init_rank_process() -> None:

@@ -34,6 +34,7 @@ from hybrid_kv.transport.common import (
     check_peer,
     hello_fields,
     init_rank_process,
+    peak_rss,
 )
 from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.receive import Receiver
@@ -199,6 +200,7 @@ class DecodeEndpoint(Receiver):
             "staging_in_use": self.pool.in_use,
             "in_flight_reads": len(getattr(self, "_reads", {})),
             "quarantined_slots": len(self._stuck) if hasattr(self, "_stuck") else 0,
+            "peak_rss": peak_rss(),
         }
 
     def close(self) -> None:

@@ -353,16 +353,23 @@ def summarize(mode: str, requests: list[dict], waves: list[list[dict]], verify: 
     }
 
 
+ORACLE_WORKING_SET = 1.5  # times one request's bytes: its whole state, this rank's pages and temporaries
+
+
 def memory_estimate(job: TransferJob) -> dict:
     """Bytes the rank processes will hold: caches for the blocks of the requests in flight (`in_flight`,
-    else all of them), staging pools and a fixed cost per process (Python, torch, UCX). Verification holds
-    one request's pages at a time, no cache copy."""
-    plan, _, nbp, nbd = plan_requests(job)
+    else all of them), staging pools, a fixed cost per process (Python, torch, UCX) and the oracle's
+    working set (it writes, and verifies, one request at a time: that request's unsharded state and this
+    rank's pages of it; measured at about 1.5x the request's bytes, the factor used here). Each run reports
+    its ranks' peak resident sets beside this estimate."""
+    plan, reqs, nbp, nbd = plan_requests(job)
     n_layers = len(plan.spec.layers)
     per_process = 400 << 20
+    oracle = int(ORACLE_WORKING_SET * max(plan.for_tokens(t).bytes_moved() for t in {r["tokens"] for r in reqs}))
     prefill = n_layers * max(job.prefill.num_blocks, nbp) * plan.prefill[0].page_bytes + job.prefill_opts.pool_bytes
     decode = n_layers * max(job.decode.num_blocks, nbd) * plan.decode[0].page_bytes
     decode = decode + job.decode_opts.pool_bytes
+    prefill, decode = prefill + oracle, decode + (oracle if job.verify else 0)
     total = plan.prefill_tp * (prefill + per_process) + plan.decode_tp * (decode + per_process)
     return {
         "total": total,

@@ -39,6 +39,7 @@ from hybrid_kv.transport.common import (
     SideConfig,
     blocks_from,
     init_rank_process,
+    peak_rss,
 )
 from hybrid_kv.transport.prefill_channel import Peer, SideChannel
 from hybrid_kv.transport.wire import send_msg
@@ -275,6 +276,7 @@ class PrefillEndpoint(SideChannel):
             "waiting": len(self.waiting),
             "last_disconnect": self.last_disconnect,
             "messages": dict(self.messages),
+            "peak_rss": peak_rss(),
             **self.stats,
         }
 
