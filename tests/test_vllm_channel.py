@@ -13,6 +13,7 @@ import torch
 pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 
+import vllm_steps as S
 import vllm_util as U
 from vllm_pair import _hello, _server, assert_exact, assert_untouched
 
@@ -74,7 +75,7 @@ def test_staged_slots_freed_on_disconnect_and_lease(pairs):
     _, srv = _server(pair)
     q = pair.reqs[0]
     for c in pair.p.conns:
-        U.step(c, U.send_meta(pair.reqs))
+        S.step(c, S.send_meta(pair.reqs))
     g = [i for i, (_, _, kind) in enumerate(pair.p.groups()) if kind == "mamba"]
     msg = {"type": "pack", "req": "p" + q.req_id, "blocks": [[i, q.p_blocks[i]] for i in g]}
 
@@ -178,17 +179,17 @@ def test_push_near_its_lease_end_is_not_used(pairs):
     pair = pairs("nemotron-h-8b", 1, 1, "packed", n=2, p_extra=p_extra)
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
-    U.submit(pair.p, pair.d, warm)
-    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.submit(pair.p, pair.d, warm)
+    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     srv = pair.p.conns[0].connector_worker._hkv_server
     for c in pair.p.conns:
-        U.step(c, U.send_meta(rest))
+        S.step(c, S.send_meta(rest))
     srv._prepacker.submit(lambda: None).result(timeout=30)
     assert len(srv._staged) == 1  # pushed, but with 120 s of lease, under the decode's 2 x 60 s
     for c in pair.d.conns:
-        U.step(c, U.recv_meta(rest, pair.p))
+        S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     assert not any(failed)
     assert pair.d.conns[0].connector_worker.hkv_round_trips[rest[0].req_id] == 1
     assert_exact(pair)

@@ -14,11 +14,12 @@ import torch
 pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 
+import vllm_steps as S
 import vllm_util as U
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 from vllm.model_executor.layers.mamba import mamba_utils
-from vllm_pair import Pair, assert_exact, assert_untouched
+from vllm_pair import Pair, assert_exact
 
 from hybrid_kv.vllm import HybridKVConnector
 from hybrid_kv.vllm.worker import HybridKVWorker
@@ -187,13 +188,13 @@ def test_no_round_trip_after_warm_up(pairs):
     pair = pairs("nemotron-h-8b", 2, 1, "packed", n=3)
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
-    U.submit(pair.p, pair.d, warm)
-    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.submit(pair.p, pair.d, warm)
+    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     servers = [c.connector_worker._hkv_server for c in pair.p.conns]
     asked = sum(s.received.get("pack", 0) for s in servers)
     assert asked == 2  # warm-up: one per source rank
     for c in pair.p.conns:  # the prefills of the other requests finish
-        U.step(c, U.send_meta(rest))
+        S.step(c, S.send_meta(rest))
     links = [link for c in pair.d.conns for link in c.connector_worker._hkv_links.values()]
     deadline = time.monotonic() + 30
     while not all(all("p" + q.req_id in link._staged for q in rest) for link in links):
@@ -201,9 +202,9 @@ def test_no_round_trip_after_warm_up(pairs):
         assert time.monotonic() < deadline, [len(s._staged) for s in servers]
         time.sleep(0.01)
     for c in pair.d.conns:
-        U.step(c, U.recv_meta(rest, pair.p))
+        S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     assert not any(failed)
     assert sum(s.received.get("pack", 0) for s in servers) == asked  # no request asked
     w = pair.d.conns[0].connector_worker
@@ -229,8 +230,8 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     pair = pairs(name, ptp, dtp, "auto", n=3, d_extra=extra)
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
-    U.submit(pair.p, pair.d, warm)
-    U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.submit(pair.p, pair.d, warm)
+    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     choices = [c.connector_worker.hkv_auto for c in pair.d.conns]
     assert all(list(ch) == [pair.p.engine_id] for ch in choices), choices
     got = {ch[pair.p.engine_id]["reads"] for ch in choices}
@@ -243,15 +244,15 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     links = sum(len(c.connector_worker._hkv_links) for c in pair.d.conns)
     assert sum(s.received.get("mode", 0) for s in servers) == (links if reads == "stock" else 0)
     for c in pair.p.conns:  # the prefills of the other requests finish
-        U.step(c, U.send_meta(rest))
+        S.step(c, S.send_meta(rest))
     for s in servers:  # the prepacker has run
         s._prepacker.submit(lambda: None).result(timeout=30)
     staged = sum(len(s._staged) for s in servers)
     assert staged == (0 if reads == "stock" else links * len(rest))
     for c in pair.d.conns:
-        U.step(c, U.recv_meta(rest, pair.p))
+        S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = U.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
     assert not any(failed)
     assert_exact(pair)
     pair.wait_no_leaks()
@@ -302,12 +303,12 @@ def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
             return late[-1]
 
         monkeypatch.setattr(cop, "run", run)
-    U.submit(pair.p, pair.d, pair.reqs)
+    S.submit(pair.p, pair.d, pair.reqs)
     want, reported = pair.expected(), set()
     deadline = time.monotonic() + 60
     while len(reported) < pair.d.tp and time.monotonic() < deadline:
         for c in (*pair.d.conns, *pair.p.conns):
-            U.step(c, U.NixlConnectorMetadata())
+            S.step(c, U.NixlConnectorMetadata())
         for r, c in enumerate(pair.d.conns):
             res = c.connector_worker.get_transfer_results()
             assert not res.failed_recving
@@ -331,145 +332,6 @@ def state_spans(pair: Pair, r: int) -> list[tuple[int, int]]:
         t = pair.d.caches[r][names[i]]
         out.append((t.data_ptr() - base, t.data_ptr() - base + t.shape[0] * t.stride(0)))
     return out
-
-
-def test_mismatched_ssm_dtype_refused_at_handshake(pairs, caplog):
-    """vLLM's compatibility hash omits the Mamba dtypes (reference §4); hybrid-kv's hello names the field."""
-    pair = pairs("nemotron-h-8b", 2, 2, "packed", d_cache={"mamba_ssm_cache_dtype": "float16"})
-    failed = pair.run_failing()
-    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
-    assert "state.ssm_dtype: prefill 'float32' vs decode 'float16'" in caplog.text
-    assert_untouched(pair)
-    pair.wait_no_leaks()
-
-
-def test_mismatched_model_refused_at_handshake(pairs, caplog):
-    """Even with vLLM's compatibility hash switched off, different state dims are refused by name."""
-    off = {"enforce_handshake_compat": False}
-    pair = pairs(
-        "nemotron-h-8b", 1, 1, "packed", p_extra=off, d_extra=off, d_edit=lambda c: c.update(ssm_state_size=64)
-    )
-    failed = pair.run_failing()
-    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
-    assert "state.head_shape" in caplog.text
-    assert_untouched(pair)
-
-
-def test_stock_and_packed_peers_refuse_each_other(tmp_path, monkeypatch, caplog):
-    pair = Pair(tmp_path, monkeypatch, "jamba-v0.1", 1, 1, "strided")
-    try:
-        monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
-        d = U.build_engine(U.model_dir(tmp_path / "d2", "jamba-v0.1"), "jamba-v0.1", 1, "decode2")
-        pair.engines.append(d)
-        for r, buf in enumerate(pair.background[:1]):
-            d.storage(r).copy_(buf)
-        pair.d = d
-        failed = pair.run_failing()
-        assert failed[0] == {q.req_id for q in pair.reqs}
-        assert sum(d.conns[0].connector_worker.xfer_stats.data["num_failed_handshakes"]) >= 1
-        assert_untouched(pair)
-    finally:
-        pair.close()
-
-
-@pytest.mark.parametrize("side", ["prefill", "decode"])
-def test_staging_too_small_fails_the_request_cleanly(pairs, caplog, side):
-    """A staging pool (prefill) or receive pool (decode) that can never hold the request's unit: a clear
-    error, the request fails through vLLM's failure path, the decode pages stay untouched, nothing leaks."""
-    small = {"hybrid_kv_staging_bytes": 1 << 20}
-    pair = pairs("nemotron-h-8b", 1, 1, "packed", **{f"{side[0]}_extra": small})
-    failed = pair.run_failing()
-    assert failed[0] == {q.req_id for q in pair.reqs}
-    assert "can never fit the 1048576-byte staging pool" in caplog.text
-    assert_untouched(pair)
-    pair.wait_no_leaks()
-
-
-def test_dead_prefill_fails_requests(pairs, caplog):
-    """The prefill engine is gone before the decode side reads: the requests fail (bounded), pages untouched."""
-    pair = pairs("jamba-v0.1", 1, 1, "packed")
-    pair.p.shutdown()
-    pair.engines.remove(pair.p)
-    ids = {q.req_id for q in pair.reqs}
-    for c in pair.d.conns:
-        U.step(c, U.recv_meta(pair.reqs, pair.p))
-    _, failed, _ = U.run_until([], pair.d.conns, ids, set(), timeout=60)
-    assert failed[0] == ids
-    assert_untouched(pair)
-    pair.wait_no_leaks()
-
-
-# ---- the prefill side channel ---------------------------------------------------------------------------
-
-
-def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
-    eng = U.build_engine(U.model_dir(tmp_path, "jamba-v0.1"), "jamba-v0.1", 1, "e")
-    eng.shutdown()
-    eng.vc.parallel_config.pipeline_parallel_size = 2
-    created = []
-    monkeypatch.setattr(
-        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker.NixlWrapper",
-        lambda *a, **k: created.append(a),
-    )
-    with U.tp_rank(0, 1), pytest.raises(ValueError, match="does not support pipeline_parallel_size=2"):
-        HybridKVConnector(eng.vc, KVConnectorRole.WORKER, eng.kcc)
-    assert created == []
-
-
-@pytest.mark.parametrize("mode", ["packed", "strided", "auto"])
-def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkeypatch, mode):
-    """What vLLM turns on by default for a hybrid model (prefix caching, hence mamba_cache_mode 'align')
-    and async scheduling would give wrong tokens silently (reference run: a prefix-sharing request diverged
-    at its 5th token in every mode): each role of the connector refuses them, naming the setting and the
-    flag, before any NIXL agent exists. An attention-only model is not refused."""
-    from vllm.config import ModelConfig, VllmConfig
-
-    monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
-    path = U.model_dir(tmp_path, "falcon-h1-0.5b")
-    eng = U.build_engine(path, "falcon-h1-0.5b", 1, "e")
-    eng.shutdown()
-    created = []
-    monkeypatch.setattr(
-        "vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker.NixlWrapper",
-        lambda *a, **k: created.append(a),
-    )
-    kt = eng.vc.kv_transfer_config
-    default = VllmConfig(model_config=ModelConfig(model=str(path), skip_tokenizer_init=True), kv_transfer_config=kt)
-    assert default.cache_config.enable_prefix_caching and default.cache_config.mamba_cache_mode == "align"
-    cases = [(default, r"enable_prefix_caching=True, mamba_cache_mode='align'\): pass --no-enable-prefix-caching")]
-    eng.vc.scheduler_config.async_scheduling = True
-    cases.append((eng.vc, r"async scheduling \(async_scheduling=True\): pass --no-async-scheduling"))
-    for vc, msg in cases:
-        for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
-            with U.tp_rank(0, 1), pytest.raises(ValueError, match=msg):
-                HybridKVConnector(vc, role, eng.kcc)
-    assert created == []
-    from hybrid_kv.vllm.config import refuse_unsafe_serving
-
-    attn = tmp_path / "llama"
-    attn.mkdir()
-    (attn / "config.json").write_text(
-        '{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, '
-        '"num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 512, "vocab_size": 1000, '
-        '"torch_dtype": "bfloat16"}'
-    )
-    llama = VllmConfig(model_config=ModelConfig(model=str(attn), skip_tokenizer_init=True), kv_transfer_config=kt)
-    assert llama.cache_config.enable_prefix_caching
-    refuse_unsafe_serving(llama)  # vLLM's own NIXL path handles attention-only models
-
-
-@pytest.mark.parametrize("setting", ["use_replayssm", "use_kda_recoverssm"])
-def test_extra_recurrent_states_refused_at_startup(tmp_path, monkeypatch, setting):
-    """ReplaySSM rings and Kimi's RecoverSSM records are state tensors past conv + SSM that no shell moves
-    (stock NIXL describes shapes[0:2] only: the decode would run on stale records). Refused by each role
-    before any NIXL agent, naming the setting; without it the same Kimi config builds (test_packed_and_strided)."""
-    monkeypatch.setenv("HYBRID_KV_TRANSFER", "packed")
-    vc = U.vllm_config(U.model_dir(tmp_path, "kimi-linear-48b-a3b"), 1, "e")
-    setattr(vc.cache_config, setting, True)
-    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
-        with U.tp_rank(0, 1), pytest.raises(ValueError, match=rf"extra recurrent states \({setting}=True; "):
-            HybridKVConnector(vc, role, None)
 
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1, "prompt_lookup_max": 3}

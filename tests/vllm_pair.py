@@ -7,6 +7,7 @@ import random
 import time
 
 import torch
+import vllm_steps as S
 import vllm_util as U
 
 
@@ -40,10 +41,10 @@ class Pair:
         random.Random(1).shuffle(p_free)
         random.Random(2).shuffle(d_free)
         # interleaved block ids, different lengths
-        self.reqs = [U.make_request(f"req{i}", self.p, self.d, 90 + 700 * i, p_free, d_free, i) for i in range(n)]
-        for r, buf in enumerate(U.fill(self.p, self.reqs, "prefill", 11)):
+        self.reqs = [S.make_request(f"req{i}", self.p, self.d, 90 + 700 * i, p_free, d_free, i) for i in range(n)]
+        for r, buf in enumerate(S.fill(self.p, self.reqs, "prefill", 11)):
             self.p.storage(r).copy_(buf)
-        self.background = U.fill(self.d, [], "decode", 12)
+        self.background = S.fill(self.d, [], "decode", 12)
         for r, buf in enumerate(self.background):
             self.d.storage(r).copy_(buf)
 
@@ -53,18 +54,18 @@ class Pair:
         return eng
 
     def expected(self):
-        return U.fill(self.d, self.reqs, "decode", 12)
+        return S.fill(self.d, self.reqs, "decode", 12)
 
     def run(self, timeout=60.0):
         ids = {q.req_id for q in self.reqs}
-        U.submit(self.p, self.d, self.reqs)
-        return U.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
+        S.submit(self.p, self.d, self.reqs)
+        return S.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
 
     def run_failing(self, timeout=30.0):
         """Requests expected to fail on every decode rank: returns each rank's failed set."""
         ids = {q.req_id for q in self.reqs}
-        U.submit(self.p, self.d, self.reqs)
-        _, failed, _ = U.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
+        S.submit(self.p, self.d, self.reqs)
+        _, failed, _ = S.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
         return failed
 
     def telemetry_descriptors(self) -> list[int]:

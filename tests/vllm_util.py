@@ -11,22 +11,18 @@ import json
 import os
 import random
 import socket
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 from transport_util import trim_kimi
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 
 from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_config, spec_from_config
-from hybrid_kv.testing.oracle import random_bytes, random_global_state, write_shards
 
 # preset -> (family, config edits that trim it to a few layers of the real dims, --block-size). The block
 # size is what vLLM's alignment picks at TP 1 (the largest of any TP): given as --block-size, both
@@ -289,128 +285,3 @@ def page_fn(eng: Engine, rank: int, buf: torch.Tensor):
 def layouts(eng: Engine, rank: int) -> RankLayout:
     conv = os.environ.get("VLLM_SSM_CONV_STATE_LAYOUT", "DS")
     return RankLayout(eng.spec, eng.tp, rank, conv, "HND", eng.vc.cache_config.block_size)
-
-
-@dataclass
-class Request:
-    """One request: its global state and its block ids per transfer group on both sides."""
-
-    req_id: str
-    tokens: int
-    state: object
-    p_blocks: list[list[int]]
-    d_blocks: list[list[int]]
-
-
-def make_request(
-    req_id: str, p: Engine, d: Engine, tokens: int, p_free: list[int], d_free: list[int], seed: int
-) -> Request:
-    gen = np.random.default_rng(seed)
-    bs = p.vc.cache_config.block_size
-    assert bs == d.vc.cache_config.block_size, "tests pair engines with one block size"
-    n_kv = -(-tokens // bs)
-    p_blocks, d_blocks = [], []
-    for _, _, kind in p.groups():
-        n = n_kv if kind == "attn" else 1
-        p_blocks.append([p_free.pop() for _ in range(n)])
-        d_blocks.append([d_free.pop() for _ in range(n)])
-    state = random_global_state(p.spec, n_kv * bs, gen)
-    return Request(req_id, tokens, state, p_blocks, d_blocks)
-
-
-def _layer_blocks(eng: Engine, blocks: list[list[int]]):
-    """(state block per state layer, kv blocks per attention layer) from per-group block lists."""
-    names = layer_names(eng)
-    group_of = {n: g for g, ns, _ in eng.groups() for n in ns}
-    state, kv = {}, {}
-    for layer in eng.spec.layers:
-        ids = blocks[group_of[names[layer.index]]]
-        if layer.kind is LayerKind.ATTENTION:
-            kv[layer.index] = ids
-        else:
-            state[layer.index] = ids[-1]
-    return state, kv
-
-
-def fill(eng: Engine, reqs: list[Request], side: str, seed: int) -> list[torch.Tensor]:
-    """Random background on every rank's storage, then each request's shards at its blocks. Returns the
-    filled bytes per rank (on the prefill side: what is in the caches; on decode: what must end up there)."""
-    out = []
-    for r in range(eng.tp):
-        st = eng.storage(r)
-        buf = random_bytes(st.numel(), np.random.default_rng([seed, r]))
-        page_of = page_fn(eng, r, buf)
-        lay = layouts(eng, r)
-        for q in reqs:
-            state, kv = _layer_blocks(eng, q.p_blocks if side == "prefill" else q.d_blocks)
-            n_tok = len(next(iter(kv.values()))) * lay.block_size if kv else 0
-            write_shards(buf, lay, 0, q.state, state, kv, n_tok, page_of=page_of)
-        out.append(buf)
-    return out
-
-
-def step(conn, meta) -> None:
-    conn.bind_connector_metadata(meta)
-    conn.start_load_kv(None)
-    conn.clear_connector_metadata()
-
-
-def send_meta(reqs: list[Request], lease_s: float = 60.0, prefilled: bool = True):
-    """The prefill scheduler's metadata once `reqs` finished prefill (blocks held for the decode side);
-    `prefilled` adds their block ids as hybrid-kv's scheduler does (`push_finished_blocks`), so the
-    packed prefill workers pack them at once."""
-    m = NixlConnectorMetadata()
-    for q in reqs:
-        m.reqs_in_batch.add("p" + q.req_id)
-        m.reqs_to_send["p" + q.req_id] = time.perf_counter() + lease_s
-        if prefilled:
-            m.push_finished_blocks["p" + q.req_id] = [list(g) for g in q.p_blocks]
-    return m
-
-
-def recv_meta(reqs: list[Request], p: Engine):
-    """The decode scheduler's metadata for `reqs` (kv_transfer_params as the prefill side returns them)."""
-    m = NixlConnectorMetadata()
-    port = int(p.scheduler.connector_scheduler.side_channel_port)
-    for q in reqs:
-        params = {
-            "remote_block_ids": q.p_blocks,
-            "remote_engine_id": p.engine_id,
-            "remote_request_id": "p" + q.req_id,
-            "remote_host": "127.0.0.1",
-            "remote_port": port,
-            "tp_size": p.tp,
-        }
-        m.add_new_req_to_recv(q.req_id, q.d_blocks, params, awaiting_kvs=True)
-    return m
-
-
-def submit(p: Engine, d: Engine, reqs: list[Request]) -> None:
-    """One step's metadata on both sides: P holds `reqs` for the decode side, D starts loading them."""
-    for c in p.conns:
-        step(c, send_meta(reqs))
-    for c in d.conns:
-        step(c, recv_meta(reqs, p))
-
-
-def run_until(conns_p, conns_d, want_recv: set[str], want_sent: set[str], timeout: float = 60.0):
-    """Drive the workers' completion polling (what vLLM's model runner does each step) until every decode
-    rank reports `want_recv` done and every prefill rank `want_sent`; bounded by `timeout`."""
-    recv = [set() for _ in conns_d]
-    failed = [set() for _ in conns_d]
-    sent = [set() for _ in conns_p]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for c in (*conns_d, *conns_p):  # a model-runner step: start_load_kv with this step's (empty) metadata
-            step(c, NixlConnectorMetadata())
-        for i, c in enumerate(conns_d):
-            res = c.connector_worker.get_transfer_results()
-            recv[i] |= res.finished_recving
-            failed[i] |= res.failed_recving
-        for i, c in enumerate(conns_p):
-            res = c.connector_worker.get_transfer_results()
-            sent[i] |= res.finished_sending
-        if all(want_recv <= s for s in recv) and all(want_sent <= s for s in sent):
-            return recv, failed, sent
-        time.sleep(0.002)
-    raise TimeoutError(f"not finished in {timeout}s: recv {recv}, failed {failed}, sent {sent}")
