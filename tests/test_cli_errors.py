@@ -30,6 +30,7 @@ P = ["--prefill-tp", "2", "--decode-tp", "4"]
         (["plan", "--model", "qwen3.5-27b", *P, "--max-unit-bytes", "16"], "--max-unit-bytes: 16 is not >= 4096"),
         (["transfer", "--model", "qwen3.5-27b", *P, "--requests", "0"], "--requests: 0 is not in [1, 100000]"),
         (["transfer", "--model", "qwen3.5-27b", *P, "--timeout", "0"], "--timeout: 0 must be > 0 seconds"),
+        (["transfer", "--model", "qwen3.5-27b", *P, "--in-flight", "0"], "--in-flight: 0 is not in [1, 100000]"),
     ],
 )
 def test_argument_refusals(argv, msg, capsys):
