@@ -144,6 +144,8 @@ def test_waves_reuse_each_lanes_blocks():
     from hybrid_kv.transport.launch import memory_estimate
 
     assert memory_estimate(big) == memory_estimate(job("falcon-h1-0.5b", 2, 1, requests=4))
+    with pytest.raises(ValueError, match=r"in_flight=0 \(accepted: an integer >= 1"):
+        plan_requests(job("falcon-h1-0.5b", 2, 1, in_flight=0))
 
 
 @pytest.mark.parametrize("model,p,d", [("qwen3.5-0.8b", 1, 2), ("nemotron-h-8b", 2, 1)])
