@@ -79,8 +79,8 @@ def memory_estimate(job: TransferJob) -> dict:
     """Bytes the rank processes will hold: caches for the blocks of the requests in flight (`in_flight`,
     else all of them), staging pools, a fixed cost per process (Python, torch, UCX) and the oracle's
     working set (it writes, and verifies, one request at a time: that request's unsharded state and this
-    rank's pages of it; measured at about 1.5x the request's bytes, the factor used here). Each run reports
-    its ranks' peak resident sets beside this estimate."""
+    rank's pages of it; measured at about 1.5x the request's bytes, the factor used here). Per rank: its
+    peak; in total: what is held at once. Each run reports its ranks' peak resident sets beside this."""
     plan, reqs, nbp, nbd = plan_requests(job)
     n_layers = len(plan.spec.layers)
     per_process = 400 << 20
@@ -88,12 +88,15 @@ def memory_estimate(job: TransferJob) -> dict:
     prefill = n_layers * max(job.prefill.num_blocks, nbp) * plan.prefill[0].page_bytes + job.prefill_opts.pool_bytes
     decode = n_layers * max(job.decode.num_blocks, nbd) * plan.decode[0].page_bytes
     decode = decode + job.decode_opts.pool_bytes
-    prefill, decode = prefill + oracle, decode + (oracle if job.verify else 0)
+    o_p, o_d = oracle, (oracle if job.verify else 0)
     total = plan.prefill_tp * (prefill + per_process) + plan.decode_tp * (decode + per_process)
+    # The prefill ranks fill before a wave runs and the decode ranks verify after it (the driver waits for
+    # every decode rank before the next fill): the two sides' working sets are never held at once.
+    total += max(plan.prefill_tp * o_p, plan.decode_tp * o_d)
     return {
         "total": total,
-        "prefill_rank": prefill + per_process,
-        "decode_rank": decode + per_process,
+        "prefill_rank": prefill + o_p + per_process,
+        "decode_rank": decode + o_d + per_process,
         "processes": plan.prefill_tp + plan.decode_tp,
     }
 
