@@ -17,6 +17,7 @@ pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 import vllm_steps as S
 import vllm_util as U
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 from vllm.model_executor.layers.mamba import mamba_utils
 from vllm_pair import Pair, assert_exact
@@ -308,7 +309,7 @@ def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
     deadline = time.monotonic() + 60
     while len(reported) < pair.d.tp and time.monotonic() < deadline:
         for c in (*pair.d.conns, *pair.p.conns):
-            S.step(c, U.NixlConnectorMetadata())
+            S.step(c, NixlConnectorMetadata())
         for r, c in enumerate(pair.d.conns):
             res = c.connector_worker.get_transfer_results()
             assert not res.failed_recving
