@@ -154,7 +154,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from hybrid_kv.transport import MODES, resolve_mode
     from hybrid_kv.transport.common import SideConfig
     from hybrid_kv.transport.decode import DecodeOptions
-    from hybrid_kv.transport.launch import TransferJob, available_memory, memory_estimate, run_job
+    from hybrid_kv.transport.launch import TransferJob, available_memory, lanes_of, memory_estimate, run_job
     from hybrid_kv.transport.prefill import PrefillOptions
 
     if args.mode == "both":
@@ -208,7 +208,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         with Progress(*cols, transient=True) as bar:
             task = bar.add_task("transfer", total=2 + len(modes))
             out = run_job(job, modes, lambda i, n, text: bar.update(task, completed=i, description=text))
-    out["memory_estimate"] = est
+    out["memory_estimate"], out["in_flight"] = est, lanes_of(job)
     from hybrid_kv.report_transfer import transfer_report
 
     report = transfer_report(out, args)

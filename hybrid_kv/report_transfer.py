@@ -45,7 +45,7 @@ def transfer_report(out: dict, args) -> dict:
         "tokens": plan.tokens,
         "requests": args.requests,
         "concurrency": args.concurrency,
-        "in_flight": min(args.requests, args.in_flight or args.concurrency),
+        "in_flight": out["in_flight"],
         "device": args.device,
         "planned_descriptors_per_request": {"strided": plan.strided_descriptors(), "packed": plan.packed_descriptors()},
         "modes": modes,

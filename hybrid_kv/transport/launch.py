@@ -5,6 +5,7 @@ Every wait is bounded: a rank that does not answer within its deadline is an err
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import signal
 import statistics
@@ -125,8 +126,10 @@ class Cluster:
         for r in range(self.dcfg.tp_size):
             self.ready_info.append(self._handshake(r))
 
+    @functools.cached_property
     def waves(self) -> list[list[dict]]:
-        """The requests by wave: a wave's requests are in the caches together (`TransferJob.in_flight`)."""
+        """The requests by wave: a wave's requests are in the caches together (`TransferJob.in_flight`).
+        Grouped once: `fill` and `run` look a wave up for each of possibly thousands of waves."""
         by: dict[int, list[dict]] = {}
         for r in self.requests:
             by.setdefault(r["wave"], []).append(r)
@@ -134,7 +137,7 @@ class Cluster:
 
     def fill(self, wave: int) -> None:
         """Write wave `wave`'s requests into every prefill cache (their "prefill"), over what was there."""
-        reqs, bs_d = self.waves()[wave], self.plan.decode[0].block_size
+        reqs, bs_d = self.waves[wave], self.plan.decode[0].block_size
         for c in self.pconns:
             c.send(("fill", self.job.seed, reqs, bs_d))
         for r, c in enumerate(self.pconns):
@@ -178,7 +181,7 @@ class Cluster:
             self.start_run(mode, requests)
             return self.collect(progress=progress)
         parts, ended = [], 0
-        for w, reqs in enumerate(self.waves()):
+        for w, reqs in enumerate(self.waves):
             if self._filled != w:
                 self.fill(w)
             self.start_run(mode, reqs)
@@ -189,8 +192,8 @@ class Cluster:
 
     def start_run(self, mode: str | None = None, requests: list[dict] | None = None) -> None:
         """Arm every decode rank (cache reset to the oracle background), then start them together."""
-        if requests is None and len(self.waves()) > 1:
-            raise ValueError(f"{len(self.waves())} waves (in_flight={self.job.in_flight}): use run(), or pass one wave")
+        if requests is None and len(self.waves) > 1:
+            raise ValueError(f"{len(self.waves)} waves (in_flight={self.job.in_flight}): use run(), or pass one wave")
         self._mode = mode if mode == "contiguous" else resolve_mode(mode)  # contiguous: benchmark reference
         self._reqs = self.requests if requests is None else requests
         for c in self.dconns:
