@@ -11,7 +11,7 @@ import json
 import os
 import random
 import socket
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
@@ -103,7 +103,8 @@ def vllm_config(
         engine_id=engine_id,
         kv_connector_extra_config={"hybrid_kv_staging_bytes": 64 << 20, **(extra or {})},
     )
-    # as the README serves: prefix caching and async scheduling off (the connector refuses them)
+    # prefix caching off unless `cache` turns it on (then vLLM's 'align' mode, as `vllm serve` picks it);
+    # async scheduling off (the connector refuses it)
     cc = CacheConfig(enable_prefix_caching=False)
     vc = VllmConfig(model_config=mc, kv_transfer_config=kt, cache_config=cc)
     vc.scheduler_config.async_scheduling = False
@@ -172,6 +173,7 @@ def layer_specs(vc, name: str):
                 dtypes=dtypes,
                 page_size_padded=cc.mamba_page_size_padded,
                 mamba_type=mtype,
+                mamba_cache_mode=cc.mamba_cache_mode,  # 'align' with prefix caching
             )
     return spec, out
 
@@ -232,7 +234,14 @@ def build_engine(
     eng = Engine(name, tp, vc, kcc, spec, specs)
     layout = vc.cache_config.get_resolved_kv_cache_layout()
     affinity = os.sched_getaffinity(0)
+    # MLA: vLLM's NIXL worker sizes its kernel blocks by the attention backend the platform selects. On a CPU
+    # without AMX that is the reference CPU_MLA (16-token kernel blocks only), with which vLLM's runner would
+    # split the MLA cache into kernel blocks (this harness allocates whole blocks; vLLM's NIXL worker then
+    # refuses to register them). The harness builds what a backend taking a hybrid block whole selects
+    # (AMX_MLA on CPU, FlashAttn MLA's multiples of 16 on GPU); no kernel runs, so the ISA is not needed.
+    amx = mock.patch("torch.cpu._is_amx_tile_supported", return_value=True) if spec.attention.latent else nullcontext()
     try:
+        amx.__enter__()
         for r in range(tp):
             caches = allocate_kv_cache(kcc, torch.device("cpu"), layout)
             with tp_rank(r, tp):
@@ -248,6 +257,7 @@ def build_engine(
         eng.shutdown()
         raise
     finally:
+        amx.__exit__(None, None, None)
         os.sched_setaffinity(0, affinity)  # vLLM's CPU worker pins itself to one core per NUMA node
     return eng
 
