@@ -6,6 +6,7 @@ import queue
 import select
 import socket
 import threading
+import time
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
@@ -21,9 +22,11 @@ def check_fingerprints(prefill: dict, decode: dict) -> None:
 class PrefillLink:
     """A decode rank's connection to one prefill rank's server: one call at a time; a reader thread takes
     every message, hands replies to the waiting call and keeps `ready` pushes (bounded, the last per
-    request) for `take_staged`."""
+    request) for `take_staged`. A push nobody takes (a request the decode side never READs: a full local
+    prefix hit, an abort) goes once its lease ended, when no READ of it could count anyway."""
 
     MAX_STAGED = 4096  # pushes kept for requests this rank has not reached yet
+    PURGE_EVERY_S = 1.0
 
     def __init__(self, host: str, port: int, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -39,6 +42,7 @@ class PrefillLink:
         self._replies: queue.Queue = queue.Queue()
         self._staged: dict[str, dict] = {}
         self._staged_lock = threading.Lock()
+        self._next_purge = 0.0
         self._reader = threading.Thread(target=self._read, name="hybrid-kv-link-reader", daemon=True)
         self._reader.start()
 
@@ -51,12 +55,34 @@ class PrefillLink:
                 self._replies.put(e)  # wakes a waiting call; later calls fail at once
                 return
             if head.get("type") == M.READY:
+                now = time.monotonic()
                 with self._staged_lock:
                     self._staged[str(head.get("req"))] = head
+                    if now >= self._next_purge:
+                        self._next_purge = now + self.PURGE_EVERY_S
+                        self._drop_expired(now)
                     while len(self._staged) > self.MAX_STAGED:
                         self._staged.pop(next(iter(self._staged)))
             else:
                 self._replies.put(head)
+
+    def _drop_expired(self, now: float) -> None:
+        """(under the lock) forget pushes whose lease has ended here (unreadable ones too: refused anyway)."""
+        if self.clock is None:
+            return
+        for req, push in list(self._staged.items()):
+            try:
+                gone = self.clock.local(push.get("until")) <= now
+            except ValueError:
+                gone = True
+            if gone:
+                del self._staged[req]
+
+    @property
+    def staged(self) -> int:
+        """Pushes held for requests this rank has not taken."""
+        with self._staged_lock:
+            return len(self._staged)
 
     def take_staged(self, request_id: str) -> dict | None:
         """The prefill rank's push for `request_id`, if it came (removed: used once)."""

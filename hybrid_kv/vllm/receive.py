@@ -42,11 +42,14 @@ class PackedReceive:
     """Receive path of `HybridKVWorker` (needs vLLM's `NixlPullConnectorWorker` after it in the MRO)."""
 
     def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
+        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last).
+        vLLM sends no groups at all (`()`) when the decode side's prefix cache holds every block."""
         assert self._hkv_geom is not None
         local, remote = {}, {}
+        have, sent = meta.local_block_ids, meta.remote.block_ids
         for g in self._hkv_geom.groups:
-            lo, re = list(meta.local_block_ids[g]), list(meta.remote.block_ids[g])
+            lo = list(have[g]) if g < len(have) else []
+            re = list(sent[g]) if g < len(sent) else []
             n = min(len(lo), len(re))
             if n:
                 local[g], remote[g] = lo[len(lo) - n :], re[len(re) - n :]
@@ -63,7 +66,8 @@ class PackedReceive:
         if self.hkv_auto.get(engine_id, {}).get("reads") == "stock":  # auto chose vLLM's own descriptors
             return super()._read_blocks_for_req(req_id, meta)
         local, remote = self._mamba_blocks(meta)
-        if not local:  # nothing of the state to move (e.g. a full local hit): the stock path notifies
+        if not local:  # nothing of the state to move (a full local prefix hit): the stock path notifies
+            self._drop_staged(engine_id, meta.remote.request_id)
             return super()._read_blocks_for_req(req_id, meta)
         try:
             self._hkv_geom.check_blocks(local, "decode")
@@ -102,6 +106,13 @@ class PackedReceive:
             return
         fut = self._hkv_client.submit(self._request_pack, req_id, recv, staged)
         fut.add_done_callback(lambda f, r=req_id: self._hkv_ready.put((r, f)))
+
+    def _drop_staged(self, engine_id: str, remote_req: str) -> None:
+        """Forget the prefill ranks' pushes of a request this rank will not READ (its slots there are freed
+        by the stock notification, as for a read request)."""
+        for (eid, _), link in list(self._hkv_links.items()):
+            if eid == engine_id:
+                link.take_staged(remote_req)
 
     def _alloc_recv(self, req_id: str, recv: RecvState) -> None:
         """All of a request's receive slots or none."""
