@@ -2,7 +2,7 @@
 small Qwen3-Next-style GDN model with random weights saved as a real checkpoint (every engine loads the
 same weights). Prints one JSON line (the last line starting with `{"scenario"`).
 
-    python tests/e2e_pd.py MODEL_DIR --scenario tp1|1-2|2-1|lease|spec-ngram|spec-mtp --out DIR
+    python tests/e2e_pd.py MODEL_DIR --scenario tp1|1-2|2-1|lease|prefix|spec-ngram|spec-mtp --out DIR
 
 What makes it deterministic:
 - every engine's OpenMP threads are pinned the same way (`VLLM_CPU_OMP_THREADS_BIND`): vLLM reserves
@@ -18,6 +18,7 @@ the decode pages against the prefill pages resharded by the oracle (`pd_check`),
 decoding: n-gram (2 draft tokens) or Qwen3-Next MTP (1 draft token; the checkpoint has no MTP weights,
 so every engine loads vLLM's seeded dummy weights instead). vLLM then allocates K-1+num_spec conv rows,
 which both shells must move. On CPU two vLLM kernel failures limit this (see SPEC and the reference).
+`prefix` serves every engine with prefix caching on (`e2e_prefix.py`).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _draft_counts(llm) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "lease", *SPEC), default="tp1")
+    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "lease", "prefix", *SPEC), default="tp1")
     ap.add_argument("--out", required=True, help="probe records and logs")
     ap.add_argument("--modes", default="packed,strided")
     a = ap.parse_args()
@@ -165,13 +166,13 @@ def main() -> None:
     spec = SPEC.get(a.scenario)
     if a.scenario == "spec-ngram" and not torch_has_cuda():
         spec = SPEC["spec-ngram-cpu"]
-    one = a.scenario in ("tp1", "lease") or spec is not None
+    one = a.scenario in ("tp1", "lease", "prefix") or spec is not None
     p_tp, d_tp = (1, 1) if one else tuple(int(x) for x in a.scenario.split("-"))
     common = dict(
         skip_tokenizer_init=True,
         max_model_len=2048,
         enforce_eager=True,
-        enable_prefix_caching=False,
+        enable_prefix_caching=a.scenario == "prefix",  # vLLM then picks mamba_cache_mode 'align'
         async_scheduling=False,
         seed=0,
         max_num_seqs=8,
@@ -287,6 +288,13 @@ def main() -> None:
             }
         finally:
             shutdown(*engines)
+        print(json.dumps(result), flush=True)
+        return
+    if a.scenario == "prefix":
+        import e2e_prefix
+
+        result.update(e2e_prefix.run(a, make, shutdown, greedy, tokens, run_pd, n_new))
+        result["seconds"] = round(time.time() - t0, 1)
         print(json.dumps(result), flush=True)
         return
     if a.scenario == "tp1":

@@ -49,10 +49,11 @@ def _blocks(spec: ModelSpec, rec: dict, ids: list[list[int]]) -> tuple[dict[int,
     for name, g in rec["group"].items():
         kind = rec["kind"][name]
         i = _index(spec, name, kind)
+        got = list(ids[g]) if g < len(ids) else []  # none: a decode-side prefix hit holds them all
         if kind == "attn":
-            kv[i] = list(ids[g])
-        else:
-            state[i] = ids[g][-1]
+            kv[i] = got
+        elif got:
+            state[i] = got[-1]
     return state, kv
 
 
@@ -71,8 +72,11 @@ def load(probe_dir: str, request_id: str) -> tuple[list[dict], list[dict]]:
     return recs("P"), recs("D")
 
 
-def check_request(model_dir: str, probe_dir: str, request_id: str, whole_rank: bool) -> list[str]:
-    """Problems found for one request (empty: byte-exact). Raises when a record is missing."""
+def check_request(
+    model_dir: str, probe_dir: str, request_id: str, whole_rank: bool, prefix_hits: bool = False
+) -> list[str]:
+    """Problems found for one request (empty: byte-exact). Raises when a record is missing. `prefix_hits`:
+    the decode engine may hold the request's first KV blocks already (prefix caching), so it receives fewer."""
     p_recs, d_recs = load(probe_dir, request_id)
     if not p_recs or len(p_recs) != p_recs[0]["tp_size"]:
         raise AssertionError(f"{request_id}: prefill page dumps of {len(p_recs)} rank(s) in {probe_dir}")
@@ -102,10 +106,16 @@ def check_request(model_dir: str, probe_dir: str, request_id: str, whole_rank: b
             problems.append(f"decode rank {d['tp_rank']}: the load failed")
             continue
         d_state, d_kv = _blocks(spec, d, d["local_block_ids"])
-        for i, ids in d_kv.items():
-            if len(ids) != len(p_kv[i]):
-                problems.append(f"layer {i}: {len(ids)} decode KV blocks for {len(p_kv[i])} prefill blocks")
         want = {k: v.clone() for k, v in _pages(spec, d, d["before"]).items()}
+        for i, ids in d_kv.items():
+            held = len(p_kv[i]) - len(ids)  # blocks a decode-side prefix-cache hit already holds
+            if held < 0 or (held and not prefix_hits):
+                problems.append(f"layer {i}: {len(ids)} decode KV blocks for {len(p_kv[i])} prefill blocks")
+            elif held:
+                # they pair with the prefill's first blocks (vLLM trims the prefill list's front): the oracle
+                # writes those into scratch pages, so that only the blocks the receive moved are compared
+                d_kv[i] = [-1 - k for k in range(held)] + ids
+        page = max(want.values(), key=lambda t: t.numel(), default=torch.empty(0, dtype=torch.uint8))
         lay = layout(d)
         write_shards(
             torch.empty(0, dtype=torch.uint8),
@@ -115,7 +125,7 @@ def check_request(model_dir: str, probe_dir: str, request_id: str, whole_rank: b
             d_state,
             d_kv,
             len(next(iter(p_kv.values()), [])) * lay.block_size,
-            page_of=lambda i, b, w=want: w[(i, b)],
+            page_of=lambda i, b, w=want, pg=page: w[(i, b)] if b >= 0 else torch.empty_like(pg),
         )
         got = _pages(spec, d, d["after"])
         for key in sorted(want):

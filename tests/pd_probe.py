@@ -67,7 +67,8 @@ def write_set(w, block_ids) -> list[tuple[str, int]]:
     group, kind = _layers(w)
     out = []
     for n in sorted(group):
-        ids = list(block_ids[group[n]])
+        # no groups at all: the decode side holds every block already (a prefix-cache hit), nothing to load
+        ids = list(block_ids[group[n]]) if group[n] < len(block_ids) else []
         if not ids:
             continue
         out += [(n, b) for b in ids] if kind[n] == "attn" else [(n, ids[-1])]

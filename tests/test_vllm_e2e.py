@@ -109,6 +109,29 @@ def test_late_decode_request_fails_naming_the_expired_lease(model, tmp_path):
     assert any(want in ln for ln in late["log"]), late["log"]
 
 
+def test_prefix_caching_both_modes_match_reference_and_oracle(model, tmp_path):
+    """Prefix caching on in every engine (vLLM's default for hybrid models, mamba_cache_mode 'align';
+    e2e_prefix.py): the decode engine's own cache holds a shared prefix (it receives only the blocks after
+    it, plus the state), or a whole block-aligned prompt (it loads nothing). Tokens equal one engine's with
+    the same caching, requests and batches, in both modes; every receive byte-exact, and for the requests
+    received alone no other page changed (nothing written into a block another request shares)."""
+    res, _ = run(model, tmp_path, "prefix", "packed,strided")
+    for mode, m in res["modes"].items():
+        reqs = m["requests"]
+        failed = [(q["prompt_tokens"], q["tag"], q["error"]) for q in reqs if "error" in q]
+        assert not failed, f"{mode}: requests failed (prompt tokens, tag, log): {failed}"
+        bad = {(q["tag"], q["prompt_tokens"]): q["problems"] for q in reqs if q["problems"]}
+        assert not bad, f"{mode}: decode pages differ from the oracle: {bad}"
+        assert m["got"] == res["want"], f"{mode}: tokens differ from one engine with prefix caching"
+        assert m["got_batch"] == res["want_batch"], f"{mode}: batched tokens differ"
+        # the second 641-token prompt: a full hit; the first one loaded (nothing cached yet)
+        nothing = [i for i, q in enumerate(reqs) if not q["loaded"]]
+        assert nothing == [5], f"{mode}: requests that loaded nothing: {nothing}"
+        assert reqs[4]["held_kv_blocks"] == 0, reqs[4]
+        held = [q["held_kv_blocks"] for q in reqs if q["loaded"] and q["prompt_tokens"] > 1100]
+        assert max(held) >= 1, f"{mode}: no prefix-sharing request hit the decode cache: {held}"
+
+
 def test_speculative_decoding_state_both_modes(model, tmp_path):
     """Every engine serves with n-gram speculative decoding (2 draft tokens): vLLM allocates K-1+2 conv rows,
     and after each receive the decode pages equal the oracle's, rows included, in both modes. On a GPU the

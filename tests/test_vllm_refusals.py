@@ -105,12 +105,15 @@ def test_unsupported_parallelism_refused_before_any_agent(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["packed", "strided", "auto"])
-def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkeypatch, mode):
-    """What vLLM turns on by default for a hybrid model (prefix caching, hence mamba_cache_mode 'align')
-    and async scheduling would give wrong tokens silently (reference run: a prefix-sharing request diverged
-    at its 5th token in every mode): each role of the connector refuses them, naming the setting and the
-    flag, before any NIXL agent exists. An attention-only model is not refused."""
-    from vllm.config import ModelConfig, VllmConfig
+def test_unsafe_serving_settings_refused_at_startup(tmp_path, monkeypatch, mode):
+    """What is not served yet would give wrong tokens silently: async scheduling (vLLM's CPU platform cannot
+    run it, so no engine here has shown it right), and prefix caching together with speculative decoding
+    (untested). Each role refuses them, naming the setting and the flag, before any NIXL agent exists.
+    Prefix caching alone ('align', what vLLM turns on by default for a hybrid model) is served
+    (test_vllm_prefix, test_vllm_e2e), and an attention-only model is never refused."""
+    from vllm.config import ModelConfig, SpeculativeConfig, VllmConfig
+
+    from hybrid_kv.vllm.config import refuse_unsafe_serving
 
     monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
     path = U.model_dir(tmp_path, "falcon-h1-0.5b")
@@ -122,9 +125,29 @@ def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkey
         lambda *a, **k: created.append(a),
     )
     kt = eng.vc.kv_transfer_config
-    default = VllmConfig(model_config=ModelConfig(model=str(path), skip_tokenizer_init=True), kv_transfer_config=kt)
-    assert default.cache_config.enable_prefix_caching and default.cache_config.mamba_cache_mode == "align"
-    cases = [(default, r"enable_prefix_caching=True, mamba_cache_mode='align'\): pass --no-enable-prefix-caching")]
+
+    def default():
+        return VllmConfig(model_config=ModelConfig(model=str(path), skip_tokenizer_init=True), kv_transfer_config=kt)
+
+    served = default()
+    assert served.cache_config.enable_prefix_caching and served.cache_config.mamba_cache_mode == "align"
+    refuse_unsafe_serving(served)
+    with_spec = default()
+    with_spec.speculative_config = SpeculativeConfig(
+        method="ngram",
+        num_speculative_tokens=2,
+        prompt_lookup_max=3,
+        prompt_lookup_min=1,
+        target_model_config=with_spec.model_config,
+        target_parallel_config=with_spec.parallel_config,
+    )
+    cases = [
+        (
+            with_spec,
+            r"prefix caching \(mamba_cache_mode='align'\) together with speculative decoding "
+            r"\(method='ngram'\): pass --no-enable-prefix-caching",
+        ),
+    ]
     eng.vc.scheduler_config.async_scheduling = True
     cases.append((eng.vc, r"async scheduling \(async_scheduling=True\): pass --no-async-scheduling"))
     for vc, msg in cases:
@@ -132,7 +155,6 @@ def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkey
             with U.tp_rank(0, 1), pytest.raises(ValueError, match=msg):
                 HybridKVConnector(vc, role, eng.kcc)
     assert created == []
-    from hybrid_kv.vllm.config import refuse_unsafe_serving
 
     attn = tmp_path / "llama"
     attn.mkdir()
@@ -142,7 +164,7 @@ def test_prefix_caching_and_async_scheduling_refused_at_startup(tmp_path, monkey
         '"torch_dtype": "bfloat16"}'
     )
     llama = VllmConfig(model_config=ModelConfig(model=str(attn), skip_tokenizer_init=True), kv_transfer_config=kt)
-    assert llama.cache_config.enable_prefix_caching
+    llama.scheduler_config.async_scheduling = True
     refuse_unsafe_serving(llama)  # vLLM's own NIXL path handles attention-only models
 
 

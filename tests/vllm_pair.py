@@ -28,13 +28,14 @@ class Pair:
         d_extra=None,
         d_edit=None,
         d_cache=None,
+        p_cache=None,
         spec=None,
     ):
         monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
         self.engines = []
         path = U.model_dir(tmp, name)
         self.spec = spec  # a speculative_config for both engines
-        self.p = self._engine(path, name, ptp, "prefill", p_extra, None)
+        self.p = self._engine(path, name, ptp, "prefill", p_extra, p_cache)
         d_path = U.model_dir(tmp / "decode", name, d_edit) if d_edit else path
         self.d = self._engine(d_path, name, dtp, "decode", d_extra, d_cache)
         p_free, d_free = list(range(self.p.kcc.num_blocks)), list(range(self.d.kcc.num_blocks))

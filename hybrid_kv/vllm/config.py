@@ -18,20 +18,25 @@ def transfer_mode(environ: dict | None = None) -> str:
 
 def refuse_unsafe_serving(vllm_config) -> None:
     """Serving features whose recurrent state the connector does not move correctly yet: refused at start-up,
-    naming the setting, because they give wrong tokens silently (the handshake cannot see them). Prefix
-    caching puts a request's state in the block of its last computed position (mamba_cache_mode 'align' /
-    'all'), not in the one block both shells move; async scheduling may report a request finished while
-    the step that rewrites its state is in flight; ReplaySSM / RecoverSSM keep states no shell moves."""
+    naming the setting, because they would give wrong tokens silently (the handshake cannot see them).
+    Async scheduling may report a request finished while the step that rewrites its state is in flight;
+    ReplaySSM / RecoverSSM keep states no shell moves. Prefix caching (mamba_cache_mode 'align') is served:
+    vLLM's scheduler hands both sides the block of the running state and the decode side only the blocks
+    its own cache lacks (tested end to end); with speculative decoding as well it is not tested, so refused."""
     mc = vllm_config.model_config
     if mc is None or not (getattr(mc, "is_hybrid", False) or getattr(mc, "is_attention_free", False)):
         return  # attention-only: vLLM's own NIXL path, no recurrent state
     cc, sc = vllm_config.cache_config, vllm_config.scheduler_config
     bad = []
     mode = getattr(cc, "mamba_cache_mode", "none")
-    if cc.enable_prefix_caching or mode not in (None, "none"):
+    if mode not in (None, "none", "align"):
+        bad.append(f"mamba_cache_mode={mode!r} (served: 'none', 'align')")
+    spec = getattr(vllm_config, "speculative_config", None)
+    if (cc.enable_prefix_caching or mode == "align") and spec is not None:
         bad.append(
-            f"prefix caching (enable_prefix_caching={cc.enable_prefix_caching}, mamba_cache_mode={mode!r}): "
-            "pass --no-enable-prefix-caching"
+            f"prefix caching (mamba_cache_mode={mode!r}) together with speculative decoding "
+            f"(method={getattr(spec, 'method', None)!r}): pass --no-enable-prefix-caching or serve without "
+            "speculative decoding"
         )
     if getattr(sc, "async_scheduling", False):
         bad.append("async scheduling (async_scheduling=True): pass --no-async-scheduling")

@@ -1,0 +1,84 @@
+"""The `prefix` scenario of `e2e_pd.py`: every engine serves with prefix caching on, as `vllm serve` does by
+default (vLLM's mamba_cache_mode 'align'), and requests share prefixes, so both the prefill and the decode
+engine hit their own caches:
+
+- a 1100-token prompt, then three that extend it (1300, 1500, 1800 tokens) — the decode engine already
+  holds the shared blocks (a partial hit): it receives only the blocks after them, plus the state;
+- a block-aligned prompt twice (641 tokens: 640 moved, one block): the second time the decode engine holds
+  every block, a full hit, and loads nothing (the prefill side is only told to free them);
+- a second 1100-token prompt, then three that extend it sent as one batch.
+
+The reference is one plain engine with prefix caching on, given the same requests in the same order and
+batches. Checked per request: tokens, and the pages each receive wrote against the prefill pages resharded
+by the oracle (for requests received alone: no other page of the decode rank changed, so nothing was
+written into a block another request shares); which requests loaded nothing; how many KV blocks each
+decode already held."""
+
+from __future__ import annotations
+
+import os
+import random
+
+
+def prompts(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts sent one at a time, in order; prompts sent as one batch after them)."""
+    rng = random.Random(seed)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(1, 1000) for _ in range(n)]
+
+    base, aligned, other = toks(1100), toks(641), toks(1100)
+    alone = [base] + [base + toks(n - 1100) for n in (1300, 1500, 1800)] + [aligned, aligned, other]
+    return alone, [other + toks(n - 1100) for n in (1300, 1500, 1800)]
+
+
+def _held_kv_blocks(p_rec: dict, d_rec: dict) -> int:
+    """KV blocks of the request that the decode engine's cache already held (not received)."""
+    name = next(n for n, k in d_rec["kind"].items() if k == "attn")
+    g, got = d_rec["group"][name], d_rec["local_block_ids"]
+    return len(p_rec["block_ids"][g]) - (len(got[g]) if g < len(got) else 0)
+
+
+def run(a, make, shutdown, greedy, tokens, run_pd, n_new: int) -> dict:
+    from pd_check import check_request, load
+
+    alone, batch = prompts()
+    ref = make(None, 1)
+    try:
+        want = [tokens(ref.generate([{"prompt_token_ids": p}], greedy(n_new), use_tqdm=False))[0] for p in alone]
+        want_batch = tokens(ref.generate([{"prompt_token_ids": p} for p in batch], greedy(n_new), use_tqdm=False))
+    finally:
+        shutdown(ref)
+    result = {"want": want, "want_batch": want_batch, "modes": {}}
+    for mode in a.modes.split(","):
+        os.environ["HYBRID_KV_TRANSFER"] = mode
+        engines = [make("kv_consumer", 1), make("kv_producer", 1)]
+        decode, prefill = engines
+        res: dict = {"requests": [], "got": []}
+        try:
+            for p in alone:
+                toks, info = run_pd(prefill, decode, [p], n_new, "alone")
+                res["got"] += toks
+                res["requests"] += info
+            res["got_batch"], info = run_pd(prefill, decode, batch, n_new, "concurrent")
+            res["requests"] += info
+        finally:
+            shutdown(*engines)
+        for rec in res["requests"]:
+            if "error" in rec:
+                continue
+            p_recs, d_recs = load(a.out, rec["remote_request_id"])
+            # a full local hit: vLLM's scheduler keeps the request running and binds no receive to report
+            rec["loaded"] = bool(d_recs) and any(d_recs[0]["local_block_ids"])
+            rec["problems"] = []
+            if not d_recs:
+                continue
+            try:
+                rec["held_kv_blocks"] = _held_kv_blocks(p_recs[0], d_recs[0])
+                rec["problems"] = check_request(
+                    a.model, a.out, rec["remote_request_id"], rec["tag"] == "alone", prefix_hits=True
+                )
+            except (AssertionError, IndexError) as e:
+                rec["problems"] = [f"{type(e).__name__}: {e}"]
+        result["modes"][mode] = res
+    return result
