@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import random
 
+from pd_check import check_request, group_ids, load
+
 
 def prompts(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
     """(prompts sent one at a time, in order; prompts sent as one batch after them)."""
@@ -35,13 +37,11 @@ def prompts(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
 def _held_kv_blocks(p_rec: dict, d_rec: dict) -> int:
     """KV blocks of the request that the decode engine's cache already held (not received)."""
     name = next(n for n, k in d_rec["kind"].items() if k == "attn")
-    g, got = d_rec["group"][name], d_rec["local_block_ids"]
-    return len(p_rec["block_ids"][g]) - (len(got[g]) if g < len(got) else 0)
+    g = d_rec["group"][name]
+    return len(p_rec["block_ids"][g]) - len(group_ids(d_rec["local_block_ids"], g))
 
 
 def run(a, make, shutdown, greedy, tokens, run_pd, n_new: int) -> dict:
-    from pd_check import check_request, load
-
     alone, batch = prompts()
     ref = make(None, 1)
     try:

@@ -44,12 +44,18 @@ def _index(spec: ModelSpec, name: str, kind: str) -> int:
     raise KeyError(f"{name}: no {kind} layer {n} in {spec.name}")
 
 
+def group_ids(ids, g: int) -> list[int]:
+    """Group `g`'s block ids from a load's per-group lists; vLLM binds a load with no groups at all (`()`)
+    when the decode side's prefix cache holds every block."""
+    return list(ids[g]) if g < len(ids) else []
+
+
 def _blocks(spec: ModelSpec, rec: dict, ids: list[list[int]]) -> tuple[dict[int, int], dict[int, list[int]]]:
     state, kv = {}, {}
     for name, g in rec["group"].items():
         kind = rec["kind"][name]
         i = _index(spec, name, kind)
-        got = list(ids[g]) if g < len(ids) else []  # none: a decode-side prefix hit holds them all
+        got = group_ids(ids, g)
         if kind == "attn":
             kv[i] = got
         elif got:

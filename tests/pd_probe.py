@@ -18,6 +18,7 @@ import logging
 import os
 
 import torch
+from pd_check import group_ids
 from vllm.v1.kv_cache_interface import MambaSpec
 
 from hybrid_kv.vllm import HybridKVConnector
@@ -67,8 +68,7 @@ def write_set(w, block_ids) -> list[tuple[str, int]]:
     group, kind = _layers(w)
     out = []
     for n in sorted(group):
-        # no groups at all: the decode side holds every block already (a prefix-cache hit), nothing to load
-        ids = list(block_ids[group[n]]) if group[n] < len(block_ids) else []
+        ids = group_ids(block_ids, group[n])
         if not ids:
             continue
         out += [(n, b) for b in ids] if kind[n] == "attn" else [(n, ids[-1])]

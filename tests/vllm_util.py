@@ -240,25 +240,24 @@ def build_engine(
     # refuses to register them). The harness builds what a backend taking a hybrid block whole selects
     # (AMX_MLA on CPU, FlashAttn MLA's multiples of 16 on GPU); no kernel runs, so the ISA is not needed.
     amx = mock.patch("torch.cpu._is_amx_tile_supported", return_value=True) if spec.attention.latent else nullcontext()
-    try:
-        amx.__enter__()
-        for r in range(tp):
-            caches = allocate_kv_cache(kcc, torch.device("cpu"), layout)
-            with tp_rank(r, tp):
-                conn = HybridKVConnector(vc, KVConnectorRole.WORKER, kcc)
-            conn.register_kv_caches(caches)
-            eng.caches.append(caches)
-            eng.conns.append(conn)
-        eng.scheduler = HybridKVConnector(vc, KVConnectorRole.SCHEDULER, kcc)
-        eng.scheduler.set_xfer_handshake_metadata_pp_aware(
-            {(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)}
-        )
-    except BaseException:
-        eng.shutdown()
-        raise
-    finally:
-        amx.__exit__(None, None, None)
-        os.sched_setaffinity(0, affinity)  # vLLM's CPU worker pins itself to one core per NUMA node
+    with amx:
+        try:
+            for r in range(tp):
+                caches = allocate_kv_cache(kcc, torch.device("cpu"), layout)
+                with tp_rank(r, tp):
+                    conn = HybridKVConnector(vc, KVConnectorRole.WORKER, kcc)
+                conn.register_kv_caches(caches)
+                eng.caches.append(caches)
+                eng.conns.append(conn)
+            eng.scheduler = HybridKVConnector(vc, KVConnectorRole.SCHEDULER, kcc)
+            eng.scheduler.set_xfer_handshake_metadata_pp_aware(
+                {(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)}
+            )
+        except BaseException:
+            eng.shutdown()
+            raise
+        finally:
+            os.sched_setaffinity(0, affinity)  # vLLM's CPU worker pins itself to one core per NUMA node
     return eng
 
 
