@@ -1,6 +1,8 @@
-"""The decode side of the packed worker: a request's state chunks -> staged units (pushed when the prefill
-finished, else asked for) -> one READ per unit -> one scatter launch per step -> reported received once
-that scatter has completed. A mixin of `HybridKVWorker`, whose set-up provides the `_hkv_*` objects."""
+"""The decode side of the packed pull worker: a request's state chunks -> staged units (pushed when the
+prefill finished, else asked for) -> one READ per unit -> one scatter launch per step -> reported received
+once that scatter has completed. `StateReceive` (receive slots, the batched scatter, failure and retirement)
+is shared with the push worker (`hybrid_kv.vllm.push_recv`); the set-up (`hybrid_kv.vllm.base`) provides
+the `_hkv_*` objects."""
 
 from __future__ import annotations
 
@@ -36,9 +38,89 @@ class RecvState:
     read_by: dict[int, float] = field(default_factory=dict)  # source -> its staging lease's end, here
     posted: bool = False
     descriptors: int = 0
+    push: object = None  # push mode: the grant's progress (`push_recv.Granted`)
 
 
-class PackedReceive:
+class StateReceive:
+    """Receive slots, the batched scatter, failure and retirement of a request's state (both modes)."""
+
+    def _alloc_recv(self, req_id: str, recv: RecvState) -> None:
+        """All of a request's receive slots or none."""
+        assert self._hkv_pool is not None
+        try:
+            for p, units in recv.units.items():
+                got = self._hkv_pool.alloc_all([(req_id, p, u) for u in range(len(units))], units)
+                if got is None:
+                    raise RuntimeError(
+                        f"hybrid-kv receive staging full: request {req_id} needs {sum(units)} B more from "
+                        f"prefill rank {p}, {self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                recv.slots[p] = got
+        except BaseException:
+            self._free_recv(req_id, recv)
+            raise
+
+    def _free_recv(self, req_id: str, recv: RecvState) -> None:
+        assert self._hkv_pool is not None
+        for slots in recv.slots.values():
+            for slot in slots:
+                self._hkv_pool.free(slot.key)
+        recv.slots.clear()
+
+    def _send_done(self, recv: RecvState, ranks: list[int]) -> None:
+        for p in ranks:
+            try:
+                self._hkv_links[(recv.engine_id, p)].send({"type": M.RELEASE, "req": recv.meta.remote.request_id})
+            except Exception as e:  # the prefill lease frees the slots anyway
+                log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
+
+    def _hkv_fail(self, req_id: str, err: BaseException) -> None:
+        log.error("hybrid-kv: state transfer of request %s failed: %s", req_id, err)
+        recv = self._hkv_recv.pop(req_id, None)
+        if recv is not None:
+            self._free_recv(req_id, recv)
+        self._handle_failed_transfer(req_id, None, self._recv_failures)
+
+    def _hkv_scatter(self, reqs: list[str], failed: set[str]) -> None:
+        """One launch for every request whose state landed this step, on the copier's own stream."""
+        assert self._hkv_copier is not None
+        jobs = {r: [(c, [s.offset for s in self._hkv_recv[r].slots[p]]) for p, c in self._hkv_recv[r].chunks.items()]
+                for r in reqs}  # fmt: skip
+        try:
+            fin = self._hkv_copier.run([j for r in reqs for j in jobs[r]])
+            self._hkv_scattering.append((fin, reqs))
+            return
+        except Exception as e:  # validated before any byte is written: find the bad request(s)
+            log.warning("hybrid-kv: batched scatter of %d request(s) refused (%s); retrying one by one", len(reqs), e)
+        for r in reqs:
+            try:
+                self._hkv_scattering.append((self._hkv_copier.run(jobs[r]), [r]))
+            except Exception as e:
+                log.error("hybrid-kv: scatter of %s failed: %s", r, e)
+                self._hkv_retire(r)
+                failed.add(r)
+
+    def _hkv_scattered(self, done: set[str]) -> None:
+        """Requests whose scatter has completed: retired and added to `done` (reported received now)."""
+        still = []
+        for fin, reqs in self._hkv_scattering:
+            if not fin.ready():
+                still.append((fin, reqs))
+                continue
+            for req_id in reqs:
+                self._hkv_retire(req_id)
+                if req_id in self._recving_metadata:  # (not if vLLM failed it meanwhile: reported already)
+                    done.add(req_id)
+        self._hkv_scattering = still
+
+    def _hkv_retire(self, req_id: str) -> None:
+        recv = self._hkv_recv.pop(req_id)
+        self._free_recv(req_id, recv)
+        self._hkv_client.submit(self._send_done, recv, list(recv.units))
+
+
+class PackedReceive(StateReceive):
     """Receive path of `HybridKVWorker` (needs vLLM's `NixlPullConnectorWorker` after it in the MRO)."""
 
     def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
@@ -114,30 +196,6 @@ class PackedReceive:
             if eid == engine_id:
                 link.take_staged(remote_req)
 
-    def _alloc_recv(self, req_id: str, recv: RecvState) -> None:
-        """All of a request's receive slots or none."""
-        assert self._hkv_pool is not None
-        try:
-            for p, units in recv.units.items():
-                got = self._hkv_pool.alloc_all([(req_id, p, u) for u in range(len(units))], units)
-                if got is None:
-                    raise RuntimeError(
-                        f"hybrid-kv receive staging full: request {req_id} needs {sum(units)} B more from "
-                        f"prefill rank {p}, {self._hkv_pool.in_use} of {self._hkv_pool.capacity} B in use "
-                        "(raise hybrid_kv_staging_bytes)"
-                    )
-                recv.slots[p] = got
-        except BaseException:
-            self._free_recv(req_id, recv)
-            raise
-
-    def _free_recv(self, req_id: str, recv: RecvState) -> None:
-        assert self._hkv_pool is not None
-        for slots in recv.slots.values():
-            for slot in slots:
-                self._hkv_pool.free(slot.key)
-        recv.slots.clear()
-
     @staticmethod
     def _same_blocks(push: dict, remote: dict[int, list[int]]) -> bool:
         try:
@@ -192,20 +250,6 @@ class PackedReceive:
             self._send_done(recv, list(out))
             raise
         return out
-
-    def _send_done(self, recv: RecvState, ranks: list[int]) -> None:
-        for p in ranks:
-            try:
-                self._hkv_links[(recv.engine_id, p)].send({"type": M.RELEASE, "req": recv.meta.remote.request_id})
-            except Exception as e:  # the prefill lease frees the slots anyway
-                log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
-
-    def _hkv_fail(self, req_id: str, err: BaseException) -> None:
-        log.error("hybrid-kv: state transfer of request %s failed: %s", req_id, err)
-        recv = self._hkv_recv.pop(req_id, None)
-        if recv is not None:
-            self._free_recv(req_id, recv)
-        self._handle_failed_transfer(req_id, None, self._recv_failures)
 
     def _hkv_progress(self) -> None:
         """(engine thread) post the READs of requests whose prefill ranks have packed."""
@@ -283,37 +327,5 @@ class PackedReceive:
             failed.add(req_id)
         if landed:
             self._hkv_scatter(landed, failed)
-        still = []
-        for fin, reqs in self._hkv_scattering:
-            if not fin.ready():
-                still.append((fin, reqs))
-                continue
-            for req_id in reqs:
-                self._hkv_retire(req_id)
-                done.add(req_id)
-        self._hkv_scattering = still
+        self._hkv_scattered(done)
         return done, failed
-
-    def _hkv_scatter(self, reqs: list[str], failed: set[str]) -> None:
-        """One launch for every request whose READs completed this step, on the copier's own stream."""
-        assert self._hkv_copier is not None
-        jobs = {r: [(c, [s.offset for s in self._hkv_recv[r].slots[p]]) for p, c in self._hkv_recv[r].chunks.items()]
-                for r in reqs}  # fmt: skip
-        try:
-            fin = self._hkv_copier.run([j for r in reqs for j in jobs[r]])
-            self._hkv_scattering.append((fin, reqs))
-            return
-        except Exception as e:  # validated before any byte is written: find the bad request(s)
-            log.warning("hybrid-kv: batched scatter of %d request(s) refused (%s); retrying one by one", len(reqs), e)
-        for r in reqs:
-            try:
-                self._hkv_scattering.append((self._hkv_copier.run(jobs[r]), [r]))
-            except Exception as e:
-                log.error("hybrid-kv: scatter of %s failed: %s", r, e)
-                self._hkv_retire(r)
-                failed.add(r)
-
-    def _hkv_retire(self, req_id: str) -> None:
-        recv = self._hkv_recv.pop(req_id)
-        self._free_recv(req_id, recv)
-        self._hkv_client.submit(self._send_done, recv, list(recv.units))
