@@ -12,6 +12,12 @@ Decode rank -> prefill rank:
 * ``pack``    {req, blocks} (the connector, only when nothing was pushed for the request) -> ``ready``,
   then ``ok`` (or ``error``).
 * ``release`` {req}: the decode rank is done with the request's staged units (read, failed or given up).
+* ``grant``   {req, units: [[unit, offset, nbytes], ...], until, blocks} (the connector's push mode): receive
+  slots at `offset` of the decode rank's registered staging (named in its hello), one per transfer unit of
+  the request's chunk from this prefill rank, usable until `until` on the *prefill* rank's clock. The
+  prefill rank WRITEs each unit with one descriptor and a notification, and starts no WRITE for the request
+  (state or attention) later than `until - PUSH_MARGIN_S`. No reply: a grant it will not use is answered
+  with ``push-end``.
 * ``ping`` -> ``pong`` (the auto cost model's round trip); ``bye``.
 
 Prefill rank -> decode rank, unasked:
@@ -21,6 +27,9 @@ Prefill rank -> decode rank, unasked:
   decode rank READs each with one descriptor, and uses the bytes only if the READ completed before that
   lease could have ended on its own clock (`LeaseClock`).
 * ``error``   {message, req?}: a refused request (or message), named.
+* ``push-end`` {req, why} (push mode): this prefill rank has nothing in flight to the decode rank for the
+  request and will WRITE nothing more for it (a refused or expired grant, a failed WRITE): the decode rank
+  fails the request and reuses its slots.
 
 Every field is checked here, against the receiver's own plan, before it is used (`ready_units`, `part`,
 `request_id`): a value that does not fit fails the request (or the message) with its name and value.
@@ -35,6 +44,8 @@ from collections.abc import Sequence
 HELLO, WELCOME, MODE, MODE_OK, PACK, OK = "hello", "welcome", "mode", "mode-ok", "pack", "ok"
 CHALLENGE, AUTH = "challenge", "auth"  # with a shared secret, between hello and welcome (staging/auth.py)
 READY, RELEASE, PING, PONG, BYE, ERROR = "ready", "release", "ping", "pong", "bye", "error"
+GRANT, PUSH_END = "grant", "push-end"  # the connector's push mode
+PUSH_MARGIN_S = 5.0  # a grant's WRITEs start this long before it ends (the decode rank's fence)
 
 MAX_REQUEST_ID = 512  # characters
 MAX_THRESHOLD = 1 << 40
@@ -122,6 +133,39 @@ def ready_units(msg: dict, sizes: Sequence[int], staging_bytes: int, source: str
     return out
 
 
+def grant(req: str, units: Sequence[tuple[int, int, int]], until: float, blocks: dict) -> dict:
+    """The decode rank's `grant` of receive slots ((unit, offset, nbytes), offsets into its staging) for the
+    request's units from one prefill rank, usable until `until` on that rank's clock."""
+    msg = ready(req, units, until, blocks)
+    msg["type"] = GRANT
+    return msg
+
+
+def push_end(req: str, why: str) -> dict:
+    return {"type": PUSH_END, "req": req, "why": str(why)[:2000]}
+
+
+# The NIXL notification a push's state WRITE carries (NIXL sends it once the WRITE's data has landed).
+STATE_NOTIF = b"HKV1:"
+
+
+def state_notif(prefill_rank: int, req: str) -> bytes:
+    return STATE_NOTIF + f"{int(prefill_rank)}:{req}".encode()
+
+
+def parse_state_notif(msg: bytes) -> tuple[int, str] | None:
+    """(prefill rank, request) of a state notification; None for any other notification (vLLM's own)."""
+    if not msg.startswith(STATE_NOTIF):
+        return None
+    try:
+        rank, req = msg[len(STATE_NOTIF) :].decode().split(":", 1)
+        if not rank.isdigit():
+            raise ValueError(rank)
+        return int(rank), request_id(req)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"state notification {msg[:80]!r} (accepted: HKV1:<prefill rank>:<request id>)") from e
+
+
 def blocks_of(v) -> dict[int, list[int]]:
     """[[group, [block ids]], ...] as sent -> {group: ids} (ints only; ranges are the receiver's check)."""
     if not isinstance(v, list) or not all(
@@ -153,13 +197,18 @@ def _seconds(v) -> bool:
 class LeaseClock:
     """A peer's monotonic clock seen from here, from one exchange: the peer read `peer_now` between our
     `sent` and `received`. `local(t)` maps the peer's time `t` to the earliest local time it can be, so a
-    deadline mapped with it is never late (the exchange's round trip is the margin; drift over a lease is
-    negligible)."""
+    deadline mapped with it is never late; `remote(t)` maps a local deadline to the earliest peer time it
+    can be, so a deadline handed to the peer is never late on this side either (the exchange's round trip
+    is the margin; drift over a lease is negligible)."""
 
     def __init__(self, peer_now, sent: float, received: float) -> None:
         if not _seconds(peer_now) or received < sent:
             raise ValueError(f"peer clock reading {peer_now!r:.40} (accepted: the peer's monotonic seconds)")
         self.offset = float(peer_now) - sent  # the largest offset the exchange allows
+        self.rtt = received - sent
+
+    def remote(self, t: float) -> float:
+        return float(t) + self.offset - self.rtt  # the smallest offset the exchange allows
 
     def local(self, t) -> float:
         if not _seconds(t):

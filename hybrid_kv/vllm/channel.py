@@ -13,6 +13,7 @@ serves a small TCP side channel (hybrid-kv's framed wire format, every read boun
   and the slot lease free them too.
 - ``mode``   D -> P (auto only): ``part`` null: D reads this engine's state with vLLM's stock descriptors,
   so P stops staging for it (``"all"``: packed again); answered ``mode-ok``.
+- ``grant``  D -> P (push mode): receive slots for a request's units, which P WRITEs (`grants.GrantDesk`).
 
 Packing runs on the connection's thread, not the engine loop, so an idle prefill engine still answers.
 """
@@ -37,6 +38,7 @@ from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
+from hybrid_kv.vllm.grants import GrantDesk
 from hybrid_kv.vllm.link import check_fingerprints
 from hybrid_kv.vllm.prepack import PackAtFinish, units
 from hybrid_kv.vllm.state import StateGeometry, state_chunk
@@ -49,7 +51,7 @@ MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete with
 MAX_CONNECTIONS = 256  # decode-rank connections served at once (one thread each); more are refused
 
 
-class PrefillServer(PackAtFinish):
+class PrefillServer(PackAtFinish, GrantDesk):
     """Serves hello/pack/done for one prefill rank; owns its staging pool's slots."""
 
     def __init__(
@@ -87,6 +89,7 @@ class PrefillServer(PackAtFinish):
         self._no_push: set[int] = set()  # connections whose decode rank reads the state the stock way
         self._prepacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-prepack")
         self.received: dict[str, int] = {}  # messages received, by type (tests count round trips)
+        self._init_grants()
         self._sock = socket.create_server((host, port), reuse_port=False)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
@@ -174,14 +177,15 @@ class PrefillServer(PackAtFinish):
                     break
                 except Exception as e:  # refused: tell the decode rank why, keep serving
                     reply = {"type": M.ERROR, "message": f"{type(e).__name__}: {e}"}
-                    if head["type"] == M.RELEASE:  # no reply expected: say it in the log only
-                        log.warning("hybrid-kv: bad release from decode connection %d: %s", cid, e)
+                    if head["type"] in (M.RELEASE, M.GRANT):  # no reply expected: say it in the log only
+                        log.warning("hybrid-kv: bad %s from decode connection %d: %s", head["type"], cid, e)
                         reply = None
                 if reply is not None and not self._reply(conn, reply, cid):
                     break
         self._peers.pop(cid, None)
         self._auth.pop(cid, None)
         self._no_push.discard(cid)
+        self._forget_push_peer(cid)
         self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
 
     def _reply(self, conn: socket.socket, msg: dict, cid: int | None = None) -> bool:
@@ -233,14 +237,19 @@ class PrefillServer(PackAtFinish):
             return {"type": M.MODE_OK}
         if kind == M.PING:  # the decode rank's view of this rank's clock, for the lease fence
             return {"type": M.PONG, "now": time.monotonic()}
-        if kind == M.RELEASE:  # no reply: the READs are done (or abandoned)
+        if kind == M.RELEASE:  # no reply: the READs are done (or abandoned; push: the grant is withdrawn)
             req = M.request_id(head.get("req"))
             self._free_where(lambda k: k[0] == cid and k[1] == req)
+            self._withdraw(cid, req)
             return None
-        raise ProtocolError(f"unexpected message {kind!r:.40} (expected hello, mode, pack or release)")
+        if kind == M.GRANT:  # no reply (a refused grant is answered with push-end)
+            self._grant(head, cid)
+            return None
+        raise ProtocolError(f"unexpected message {kind!r:.40} (expected hello, mode, pack, release or grant)")
 
     def _welcome(self, hello: dict, cid: int, conn: socket.socket) -> dict:
         reply = self._hello(hello)
+        self._push_hello(hello, cid)
         self._peers[cid] = (conn, threading.Lock(), self._decode_layout(hello))
         return reply
 
@@ -324,13 +333,16 @@ class PrefillServer(PackAtFinish):
         with self._cv:
             self._fences.pop(req, None)
 
-    def _alloc(self, keys: list[tuple], sizes: list[int], req: str) -> list[int]:
-        """All of a request's slots or none: wait (bounded) while the pool is full."""
-        wait_s = self.timeout_s / 2  # answer before the decode rank's reply deadline
+    def _alloc(
+        self, keys: list[tuple], sizes: list[int], req: str, wait_s: float | None = None, leased: bool = True
+    ) -> list[int]:
+        """All of a request's slots or none: wait (bounded) while the pool is full. Unleased slots (a push's,
+        freed when its WRITEs end) never expire."""
+        wait_s = self.timeout_s / 2 if wait_s is None else wait_s  # default: answer before the decode rank's deadline
         deadline = time.monotonic() + wait_s
         with self._cv:
             while True:
-                got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s)
+                got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s if leased else None)
                 if got is not None:
                     return [s.offset for s in got]
                 left = deadline - time.monotonic()

@@ -9,10 +9,14 @@ from hybrid_kv.staging.mode import FLAG as FLAG  # re-exported: hybrid_kv.vllm.F
 from hybrid_kv.staging.mode import parse_mode
 
 MODES = ("packed", "strided", "auto")
+# auto's cost model times READs from the source's staging; a push decode rank has no READ path to time
+PUSH_MODES = ("packed", "strided")
 
 
-def transfer_mode(environ: dict | None = None) -> str:
+def transfer_mode(environ: dict | None = None, push: bool = False) -> str:
     """The hybrid-state backend selected by `HYBRID_KV_TRANSFER` (unset or empty: packed)."""
+    if push:
+        return parse_mode(None, PUSH_MODES, "the vLLM push connector, HybridKVPushConnector", environ)
     return parse_mode(None, MODES, "the vLLM connector", environ)
 
 

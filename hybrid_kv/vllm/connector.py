@@ -1,35 +1,51 @@
-"""`HybridKVConnector`: vLLM's NIXL (pull) connector with hybrid-kv's packed recurrent-state backend.
+"""`HybridKVConnector` (pull) and `HybridKVPushConnector` (push): vLLM's NIXL connectors with hybrid-kv's
+packed recurrent-state backend.
 
-Select it with (one line)::
+Select one with (one line)::
 
     --kv-transfer-config '{"kv_connector":"HybridKVConnector",
-                           "kv_connector_module_path":"hybrid_kv.vllm","kv_role":"kv_both"}'
+                           "kv_connector_module_path":"hybrid_kv.vllm","kv_role":"kv_producer"}'
 
+(`HybridKVPushConnector` where vLLM would take `NixlPushConnector`: the prefill WRITEs). In both,
 `HYBRID_KV_TRANSFER=packed` (default) moves the Mamba/GDN state through hybrid-kv's gather -> one
-descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs vLLM's stock worker unchanged;
-`auto` runs the packed worker and lets each decode rank choose, per prefill engine at handshake, between
-packing and vLLM's stock descriptors with the cost model (`hybrid_kv.vllm.auto`; packed wherever the
-stock path would move wrong bytes). The scheduler is vLLM's own (packed and auto: plus the finished
-requests' block ids for the prefill-side packers). Being a `NixlPullConnector`, it keeps `SupportsHMA`.
+descriptor per unit -> scatter (`hybrid_kv.vllm.worker`, `hybrid_kv.vllm.push_worker`); `strided` runs
+vLLM's stock worker unchanged. Pull also takes `auto`: the packed worker, and each decode rank chooses, per
+prefill engine at handshake, between packing and vLLM's stock descriptors with the cost model
+(`hybrid_kv.vllm.auto`; packed wherever the stock path would move wrong bytes). The pull scheduler is
+vLLM's own plus the finished requests' block ids for the prefill-side packers; the push scheduler is
+vLLM's own (it hands those ids over already). Both keep `SupportsHMA`.
 """
 
 from __future__ import annotations
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector, NixlPullConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
+    NixlBaseConnector,
+    NixlPullConnector,
+    NixlPushConnector,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import NixlPullConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
-from hybrid_kv.vllm.config import PackedConfig, refuse_unsafe_serving, transfer_mode
+from hybrid_kv.vllm.config import PUSH_MODES, PackedConfig, refuse_unsafe_serving, transfer_mode
+
+
+def _checked_mode(vllm_config, push: bool) -> str:
+    """The transfer mode, and every start-up refusal that needs no NIXL agent (invalid flag or extra keys,
+    serving features that would give wrong tokens)."""
+    mode = transfer_mode(push=push)
+    PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
+    refuse_unsafe_serving(vllm_config)  # any mode
+    return mode
 
 
 class HybridKVConnector(NixlPullConnector):
     """Drop-in for `NixlConnector`; the transfer mode is read once, at start-up."""
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
-        self.transfer_mode = transfer_mode()  # an invalid flag fails here, before any agent exists
-        PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)  # so do invalid extra keys
-        refuse_unsafe_serving(vllm_config)  # and serving features that would give wrong tokens (any mode)
+        self.transfer_mode = _checked_mode(vllm_config, push=False)
         # NixlPullConnector.__init__ would build a stock worker (and its NIXL agent) first; skip it.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
@@ -53,3 +69,30 @@ class HybridKVConnector(NixlPullConnector):
                 self.connector_worker = NixlPullConnectorWorker(vllm_config, self.engine_id, kv_cache_config)
         else:
             raise ValueError(f"unsupported KVConnectorRole {role!r}")
+
+
+class HybridKVPushConnector(NixlPushConnector):
+    """Drop-in for `NixlPushConnector` (the prefill WRITEs); `HYBRID_KV_TRANSFER` is packed or strided."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
+        self.transfer_mode = _checked_mode(vllm_config, push=True)
+        # NixlPushConnector.__init__ would build a stock worker first: its own check, then the base's.
+        if vllm_config.parallel_config.decode_context_parallel_size > 1:
+            raise ValueError("NixlPushConnector does not support decode_context_parallel_size > 1.")
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
+        self.connector_scheduler = None
+        self.connector_worker = None
+        if role == KVConnectorRole.SCHEDULER:  # vLLM's: it hands finished block ids to the workers already
+            self.connector_scheduler = NixlPushConnectorScheduler(vllm_config, self.engine_id, kv_cache_config)
+        elif role == KVConnectorRole.WORKER:
+            if self.transfer_mode == "packed":
+                from hybrid_kv.vllm.push_worker import HybridKVPushWorker
+
+                self.connector_worker = HybridKVPushWorker(vllm_config, self.engine_id, kv_cache_config)
+            else:
+                self.connector_worker = NixlPushConnectorWorker(vllm_config, self.engine_id, kv_cache_config)
+        else:
+            raise ValueError(f"unsupported KVConnectorRole {role!r}")
+
+
+__all__ = ["PUSH_MODES", "HybridKVConnector", "HybridKVPushConnector"]

@@ -23,7 +23,8 @@ class PrefillLink:
     """A decode rank's connection to one prefill rank's server: one call at a time; a reader thread takes
     every message, hands replies to the waiting call and keeps `ready` pushes (bounded, the last per
     request) for `take_staged`. A push nobody takes (a request the decode side never READs: a full local
-    prefix hit, an abort) goes once its lease ended, when no READ of it could count anyway."""
+    prefix hit, an abort) goes once its lease ended, when no READ of it could count anyway. In push mode
+    the prefill rank's `push-end` messages (a grant it will not use) are kept for `take_ended`."""
 
     MAX_STAGED = 4096  # pushes kept for requests this rank has not reached yet
     PURGE_EVERY_S = 1.0
@@ -41,6 +42,7 @@ class PrefillLink:
         self.clock: M.LeaseClock | None = None
         self._replies: queue.Queue = queue.Queue()
         self._staged: dict[str, dict] = {}
+        self._ended: dict[str, str] = {}  # push mode: request -> why the prefill rank will not WRITE it
         self._staged_lock = threading.Lock()
         self._next_purge = 0.0
         self._reader = threading.Thread(target=self._read, name="hybrid-kv-link-reader", daemon=True)
@@ -63,6 +65,11 @@ class PrefillLink:
                         self._drop_expired(now)
                     while len(self._staged) > self.MAX_STAGED:
                         self._staged.pop(next(iter(self._staged)))
+            elif head.get("type") == M.PUSH_END:
+                with self._staged_lock:
+                    self._ended[str(head.get("req"))[: M.MAX_REQUEST_ID]] = str(head.get("why"))[:2000]
+                    while len(self._ended) > self.MAX_STAGED:
+                        self._ended.pop(next(iter(self._ended)))
             else:
                 self._replies.put(head)
 
@@ -89,6 +96,16 @@ class PrefillLink:
         with self._staged_lock:
             return self._staged.pop(request_id, None)
 
+    def take_ended(self, request_id: str) -> str | None:
+        """Why the prefill rank will WRITE nothing (more) for `request_id`, if it said so (removed)."""
+        with self._staged_lock:
+            return self._ended.pop(request_id, None)
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection is lost (the reader ended)."""
+        return self._reader.is_alive()
+
     def call(self, msg: dict, *expected: str) -> dict:
         with self._lock:
             send_msg(self._sock, msg)
@@ -108,11 +125,14 @@ class PrefillLink:
         with self._lock:
             send_msg(self._sock, msg)
 
-    def hello(self, fingerprint: dict, tp_size: int, tp_rank: int, secret: bytes | None = None) -> dict:
+    def hello(
+        self, fingerprint: dict, tp_size: int, tp_rank: int, secret: bytes | None = None, push: dict | None = None
+    ) -> dict:
         """hello (and, with a shared secret, the challenge and auth: `hybrid_kv.staging.auth`); the
-        prefill rank's welcome is used only once it proved the secret (or neither side has one)."""
+        prefill rank's welcome is used only once it proved the secret (or neither side has one). `push`
+        (push mode): this decode rank's engine id and registered receive staging, where grants point."""
         auth = ClientAuth(secret)
-        msg = {"type": M.HELLO, "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank}
+        msg = {"type": M.HELLO, "fingerprint": fingerprint, "tp_size": tp_size, "tp_rank": tp_rank, **(push or {})}
         msg.update(nonce=auth.nonce, auth=secret is not None)
         reply = self.call(msg, M.WELCOME, M.CHALLENGE)
         answer = auth.answer(reply, f"prefill side channel {self.address}")
