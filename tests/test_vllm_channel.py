@@ -77,7 +77,7 @@ def test_staged_slots_freed_on_disconnect_and_lease(pairs):
     for c in pair.p.conns:
         S.step(c, S.send_meta(pair.reqs))
     g = [i for i, (_, _, kind) in enumerate(pair.p.groups()) if kind == "mamba"]
-    msg = {"type": "pack", "req": "p" + q.req_id, "blocks": [[i, q.p_blocks[i]] for i in g]}
+    msg = {"type": "pack", "req": S.p_id(q.req_id), "blocks": [[i, q.p_blocks[i]] for i in g]}
 
     def pack(s) -> None:
         send_msg(s, _hello(pair))
@@ -180,7 +180,7 @@ def test_push_near_its_lease_end_is_not_used(pairs):
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
-    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     srv = pair.p.conns[0].connector_worker._hkv_server
     for c in pair.p.conns:
         S.step(c, S.send_meta(rest))
@@ -189,7 +189,7 @@ def test_push_near_its_lease_end_is_not_used(pairs):
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed)
     assert pair.d.conns[0].connector_worker.hkv_round_trips[rest[0].req_id] == 1
     assert_exact(pair)

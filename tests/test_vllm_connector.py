@@ -190,7 +190,7 @@ def test_no_round_trip_after_warm_up(pairs):
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
-    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     servers = [c.connector_worker._hkv_server for c in pair.p.conns]
     asked = sum(s.received.get("pack", 0) for s in servers)
     assert asked == 2  # warm-up: one per source rank
@@ -198,14 +198,14 @@ def test_no_round_trip_after_warm_up(pairs):
         S.step(c, S.send_meta(rest))
     links = [link for c in pair.d.conns for link in c.connector_worker._hkv_links.values()]
     deadline = time.monotonic() + 30
-    while not all(all("p" + q.req_id in link._staged for q in rest) for link in links):
+    while not all(all(S.p_id(q.req_id) in link._staged for q in rest) for link in links):
         # (the decode ranks' readers hold the pushes: a busy machine must not turn this into a race)
         assert time.monotonic() < deadline, [len(s._staged) for s in servers]
         time.sleep(0.01)
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed)
     assert sum(s.received.get("pack", 0) for s in servers) == asked  # no request asked
     w = pair.d.conns[0].connector_worker
@@ -232,7 +232,7 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     warm, rest = pair.reqs[:1], pair.reqs[1:]
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
-    S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     choices = [c.connector_worker.hkv_auto for c in pair.d.conns]
     assert all(list(ch) == [pair.p.engine_id] for ch in choices), choices
     got = {ch[pair.p.engine_id]["reads"] for ch in choices}
@@ -253,7 +253,7 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
-    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed)
     assert_exact(pair)
     pair.wait_no_leaks()

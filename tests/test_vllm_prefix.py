@@ -78,13 +78,13 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
     # the first request connects the decode ranks' links, so the prefill ranks push the next two when they
     # finish (packed: pack at finish); the decode metadata comes once those pushes have arrived
     S.submit(pair.p, pair.d, [none])
-    S.run_until(pair.p.conns, pair.d.conns, {none.req_id}, {"p" + none.req_id})
+    S.run_until(pair.p.conns, pair.d.conns, {none.req_id}, {S.p_id(none.req_id)})
     for c in pair.p.conns:
         S.step(c, S.send_meta([full, part]))
     links = [lk for c in pair.d.conns for lk in getattr(c.connector_worker, "_hkv_links", {}).values()]
     assert (mode == "packed") == bool(links)
     deadline = time.monotonic() + 30
-    while not all("p" + full.req_id in lk._staged for lk in links):
+    while not all(S.p_id(full.req_id) in lk._staged for lk in links):
         assert time.monotonic() < deadline, "the prefill ranks never pushed the full hit's units"
         time.sleep(0.01)
     for c in pair.d.conns:
@@ -92,7 +92,7 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
     # every request reported received (vLLM's stock worker reports the full hit too, once it told the
     # prefill side), and every one freed on the prefill side
     ids = {full.req_id, part.req_id}
-    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {"p" + i for i in ids})
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed), failed
     for r, w in enumerate(want):
         got = pair.d.storage(r)

@@ -30,9 +30,11 @@ class Pair:
         d_cache=None,
         p_cache=None,
         spec=None,
+        push=False,
     ):
         monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
         self.engines = []
+        self.push = push  # HybridKVPushConnector on both engines (the prefill WRITEs)
         path = U.model_dir(tmp, name)
         self.spec = spec  # a speculative_config for both engines
         self.p = self._engine(path, name, ptp, "prefill", p_extra, p_cache)
@@ -50,7 +52,7 @@ class Pair:
             self.d.storage(r).copy_(buf)
 
     def _engine(self, path, name, tp, eid, extra, cache):
-        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache, spec=self.spec)
+        eng = U.build_engine(path, name, tp, eid, extra=extra, cache=cache, spec=self.spec, push=self.push)
         self.engines.append(eng)
         return eng
 
@@ -59,13 +61,13 @@ class Pair:
 
     def run(self, timeout=60.0):
         ids = {q.req_id for q in self.reqs}
-        S.submit(self.p, self.d, self.reqs)
-        return S.run_until(self.p.conns, self.d.conns, ids, {"p" + i for i in ids}, timeout)
+        S.submit(self.p, self.d, self.reqs, self.push)
+        return S.run_until(self.p.conns, self.d.conns, ids, {S.p_id(i) for i in ids}, timeout)
 
     def run_failing(self, timeout=30.0):
         """Requests expected to fail on every decode rank: returns each rank's failed set."""
         ids = {q.req_id for q in self.reqs}
-        S.submit(self.p, self.d, self.reqs)
+        S.submit(self.p, self.d, self.reqs, self.push)
         _, failed, _ = S.run_until(self.p.conns, self.d.conns, ids, set(), timeout)
         return failed
 

@@ -16,6 +16,12 @@ from hybrid_kv.spec import LayerKind
 from hybrid_kv.testing.oracle import random_bytes, random_global_state, write_shards
 
 
+def p_id(req_id: str) -> str:
+    """The prefill engine's id of a decode request: the same base id with another random suffix, as vLLM
+    gives each engine (its push flow matches the two by the base)."""
+    return f"{req_id}-0000beef"
+
+
 @dataclass
 class Request:
     """One request: its global state and its block ids per transfer group on both sides."""
@@ -86,36 +92,59 @@ def send_meta(reqs: list[Request], lease_s: float = 60.0, prefilled: bool = True
     packed prefill workers pack them at once."""
     m = NixlConnectorMetadata()
     for q in reqs:
-        m.reqs_in_batch.add("p" + q.req_id)
-        m.reqs_to_send["p" + q.req_id] = time.perf_counter() + lease_s
+        m.reqs_in_batch.add(p_id(q.req_id))
+        m.reqs_to_send[p_id(q.req_id)] = time.perf_counter() + lease_s
         if prefilled:
-            m.push_finished_blocks["p" + q.req_id] = [list(g) for g in q.p_blocks]
+            m.push_finished_blocks[p_id(q.req_id)] = [list(g) for g in q.p_blocks]
     return m
 
 
-def recv_meta(reqs: list[Request], p: Engine):
-    """The decode scheduler's metadata for `reqs` (kv_transfer_params as the prefill side returns them)."""
+def recv_meta(reqs: list[Request], p: Engine, d: Engine | None = None):
+    """The decode scheduler's metadata for `reqs` (kv_transfer_params as the prefill side returns them).
+    With the decode engine `d` given, push mode: vLLM's push scheduler registers each request (its block
+    ids, this engine's side channel) for the workers to send to the prefill engine, and knows no prefill
+    block ids."""
     m = NixlConnectorMetadata()
     port = int(p.scheduler.connector_scheduler.side_channel_port)
     for q in reqs:
         params = {
-            "remote_block_ids": q.p_blocks,
+            "remote_block_ids": () if d else q.p_blocks,
             "remote_engine_id": p.engine_id,
-            "remote_request_id": "p" + q.req_id,
+            "remote_request_id": p_id(q.req_id),
             "remote_host": "127.0.0.1",
             "remote_port": port,
             "tp_size": p.tp,
         }
         m.add_new_req_to_recv(q.req_id, q.d_blocks, params, awaiting_kvs=True)
+        if d is not None:
+            sched = d.scheduler.connector_scheduler
+            m.push_registrations[q.req_id] = {
+                "request_id": q.req_id,
+                "decode_engine_id": d.engine_id,
+                "decode_host": "127.0.0.1",
+                "decode_port": int(sched.side_channel_port),
+                "decode_tp_size": d.tp,
+                "local_block_ids": [list(g) for g in q.d_blocks],
+                "remote_engine_id": p.engine_id,
+                "remote_host": "127.0.0.1",
+                "remote_port": port,
+                "remote_tp_size": p.tp,
+                "remote_pp_size": 1,
+            }
     return m
 
 
-def submit(p: Engine, d: Engine, reqs: list[Request]) -> None:
-    """One step's metadata on both sides: P holds `reqs` for the decode side, D starts loading them."""
+def submit(p: Engine, d: Engine, reqs: list[Request], push: bool = False) -> None:
+    """One step's metadata on both sides: P holds `reqs` for the decode side, D starts loading them (push:
+    D registers them first, then P's prefills finish)."""
+    if push:
+        for c in d.conns:
+            step(c, recv_meta(reqs, p, d))
     for c in p.conns:
         step(c, send_meta(reqs))
-    for c in d.conns:
-        step(c, recv_meta(reqs, p))
+    if not push:
+        for c in d.conns:
+            step(c, recv_meta(reqs, p))
 
 
 def run_until(conns_p, conns_d, want_recv: set[str], want_sent: set[str], timeout: float = 60.0):

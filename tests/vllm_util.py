@@ -89,14 +89,21 @@ def tp_rank(rank: int, size: int):
 
 
 def vllm_config(
-    path: Path, tp: int, engine_id: str, extra: dict | None = None, cache: dict | None = None, spec: dict | None = None
+    path: Path,
+    tp: int,
+    engine_id: str,
+    extra: dict | None = None,
+    cache: dict | None = None,
+    spec: dict | None = None,
+    push: bool = False,
 ):
-    """`spec`: a speculative_config (e.g. n-gram), as `--speculative-config` gives it."""
+    """`spec`: a speculative_config (e.g. n-gram), as `--speculative-config` gives it; `push`: the push
+    connector (`HybridKVPushConnector`)."""
     from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SpeculativeConfig, VllmConfig
 
     mc = ModelConfig(model=str(path), skip_tokenizer_init=True, max_model_len=4096)
     kt = KVTransferConfig(
-        kv_connector="HybridKVConnector",
+        kv_connector="HybridKVPushConnector" if push else "HybridKVConnector",
         kv_connector_module_path="hybrid_kv.vllm",
         kv_role="kv_both",
         kv_buffer_device="cpu",
@@ -217,17 +224,18 @@ class Engine:
 
 
 def build_engine(
-    path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None, cache=None, spec=None
+    path: Path, name: str, tp: int, engine_id: str, blocks: int = 6, extra=None, cache=None, spec=None, push=False
 ) -> Engine:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
     from vllm.v1.worker.utils import allocate_kv_cache
 
-    from hybrid_kv.vllm import HybridKVConnector
+    from hybrid_kv.vllm import HybridKVConnector, HybridKVPushConnector
 
+    connector = HybridKVPushConnector if push else HybridKVConnector
     # side channels: the stock listener at `base`, hybrid-kv's of rank r at base + 1 + r
     os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(free_ports(tp + 1))
-    vc = vllm_config(path, tp, engine_id, {"hybrid_kv_port_offset": 1, **(extra or {})}, cache, spec)
+    vc = vllm_config(path, tp, engine_id, {"hybrid_kv_port_offset": 1, **(extra or {})}, cache, spec, push)
     spec, specs = layer_specs(vc, name)
     page = max(s.page_size_bytes for s in specs.values())
     kcc = get_kv_cache_configs(vc, [specs], [blocks * page * len(specs)])[0]
@@ -245,11 +253,11 @@ def build_engine(
             for r in range(tp):
                 caches = allocate_kv_cache(kcc, torch.device("cpu"), layout)
                 with tp_rank(r, tp):
-                    conn = HybridKVConnector(vc, KVConnectorRole.WORKER, kcc)
+                    conn = connector(vc, KVConnectorRole.WORKER, kcc)
                 conn.register_kv_caches(caches)
                 eng.caches.append(caches)
                 eng.conns.append(conn)
-            eng.scheduler = HybridKVConnector(vc, KVConnectorRole.SCHEDULER, kcc)
+            eng.scheduler = connector(vc, KVConnectorRole.SCHEDULER, kcc)
             eng.scheduler.set_xfer_handshake_metadata_pp_aware(
                 {(0, r): c.get_handshake_metadata() for r, c in enumerate(eng.conns)}
             )

@@ -1,0 +1,284 @@
+"""HybridKVPushConnector inside vLLM 0.32 (the prefill WRITEs): prefill and decode connector workers built
+from vLLM's own objects, vLLM's push scheduler metadata (the decode engine registers a request, the prefill
+engine's finished blocks), real NIXL agents over UCX on DRAM. Each decode rank's whole backing buffer is
+compared byte for byte with the oracle, so every byte outside the written pages is checked too."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
+pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
+
+import vllm_steps as S
+import vllm_util as U
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
+from vllm_pair import assert_exact, assert_untouched
+
+from hybrid_kv.vllm import HybridKVPushConnector
+from hybrid_kv.vllm.push_worker import HybridKVPushWorker
+
+pytestmark = pytest.mark.usefixtures("ds_layout")
+
+
+@pytest.mark.parametrize(
+    ("value", "cls"), [(None, HybridKVPushWorker), ("packed", HybridKVPushWorker), ("strided", NixlPushConnectorWorker)]
+)
+def test_flag_selects_the_push_worker(tmp_path, monkeypatch, value, cls):
+    if value is None:
+        monkeypatch.delenv("HYBRID_KV_TRANSFER", raising=False)
+    else:
+        monkeypatch.setenv("HYBRID_KV_TRANSFER", value)
+    eng = U.build_engine(U.model_dir(tmp_path, "jamba-v0.1"), "jamba-v0.1", 1, "e", push=True)
+    try:
+        w = eng.conns[0].connector_worker
+        assert type(w) is cls  # strided: vLLM's push worker, unchanged
+        assert isinstance(eng.conns[0], HybridKVPushConnector)
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("value", ["auto", "fast"])
+def test_push_refuses_what_it_cannot_do_at_startup(tmp_path, monkeypatch, value):
+    """auto chooses from READs the decode rank times; a push decode rank has none: refused by name."""
+    monkeypatch.setenv("HYBRID_KV_TRANSFER", value)
+    vc = U.vllm_config(U.model_dir(tmp_path, "jamba-v0.1"), 1, "e", push=True)
+    for role in (KVConnectorRole.SCHEDULER, KVConnectorRole.WORKER):
+        want = rf"transfer mode '{value}' \(from HYBRID_KV_TRANSFER\) is not one of packed, strided \(the vLLM push"
+        with pytest.raises(ValueError, match=want):
+            HybridKVPushConnector(vc, role, None)
+
+
+# ---- byte-exact transfers -------------------------------------------------------------------------------
+
+CASES = [
+    ("qwen3-next-80b-a3b", 1, 2),
+    ("qwen3-next-80b-a3b", 2, 1),
+    ("nemotron-h-8b", 2, 4),
+    ("nemotron-h-8b", 4, 2),
+    ("falcon-h1-0.5b", 1, 2),
+    ("jamba-v0.1", 2, 1),
+    ("kimi-linear-48b-a3b", 1, 2),  # KDA state; MLA latent KV whole on every rank (vLLM's own WRITE)
+]
+
+
+def _descriptors(eng) -> int:
+    """NIXL descriptors this engine's transfers posted (telemetry: in push the prefill posts them all)."""
+    return sum(sum(c.connector_worker.xfer_stats.data["num_descriptors"]) for c in eng.conns)
+
+
+@pytest.mark.parametrize(("name", "ptp", "dtp"), CASES, ids=[f"{n}-{p}to{d}" for n, p, d in CASES])
+def test_push_packed_and_strided(pairs, name, ptp, dtp):
+    """Both flag values on the same requests. Packed: byte-exact always, one WRITE descriptor per (transfer
+    unit, decode rank) for the state, attention as vLLM writes it, no `pack` message, nothing left behind."""
+    strided = pairs(name, ptp, dtp, "strided", push=True)
+    _, failed, _ = strided.run()
+    assert not any(failed)
+    if not (name == "falcon-h1-0.5b" and ptp != dtp):  # replicated B/C: vLLM's formulas misread them
+        assert_exact(strided)
+    tel_strided = _descriptors(strided.p)
+    strided.close()
+
+    packed = pairs(name, ptp, dtp, "packed", push=True)
+    _, failed, _ = packed.run()
+    assert not any(failed)
+    assert_exact(packed)
+    packed.wait_no_leaks()
+    n = len(packed.reqs)
+    pairs_ = max(ptp, dtp)  # (prefill rank, decode rank) pairs that share state, integer ratios
+    for c in packed.p.conns:
+        w = c.connector_worker
+        served = dtp // ptp if dtp > ptp else 1
+        assert w.hkv_push_descriptors == {S.p_id(q.req_id): served for q in packed.reqs}
+        assert w._hkv_server.received.get("pack", 0) == 0  # nobody asked: the grant came with the registration
+        assert w._hkv_server.received.get("grant", 0) == n * served
+    state_layers = len(packed.p.spec.state_layers)
+    parts = 2 if packed.p.spec.state.kind.value == "mamba1" else 4
+    attention = tel_strided - n * state_layers * parts * pairs_
+    assert _descriptors(packed.p) == attention + n * pairs_
+    for c in packed.d.conns:
+        assert not c.connector_worker._recving_transfers  # the decode posted nothing: the prefill wrote
+
+
+@pytest.mark.parametrize("order", ["grant-late", "prefill-first"])
+def test_grant_after_the_match(pairs, order):
+    """The grant reaches the prefill rank after vLLM matched the registration with the finished prefill
+    (held back here), or the prefill finishes before the decode engine registers at all: the WRITE waits
+    for the grant without blocking vLLM's writer thread, then everything is byte-exact."""
+    pair = pairs("nemotron-h-8b", 2, 1, "packed", push=True)
+    gate = threading.Event()
+    w = pair.d.conns[0].connector_worker
+    real = w._hkv_send_grants
+
+    def held(*a):
+        assert gate.wait(60)
+        real(*a)
+
+    if order == "grant-late":
+        w._hkv_send_grants = held
+        S.submit(pair.p, pair.d, pair.reqs, push=True)
+    else:
+        for c in pair.p.conns:
+            S.step(c, S.send_meta(pair.reqs))
+        for c in pair.d.conns:
+            S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))
+    senders = [c.connector_worker for c in pair.p.conns]
+    if order == "grant-late":
+        deadline = time.monotonic() + 30
+        while not all(len(s._hkv_awaiting) == len(pair.reqs) for s in senders):  # matched, waiting for grants
+            assert time.monotonic() < deadline, [s._hkv_awaiting for s in senders]
+            for c in (*pair.p.conns, *pair.d.conns):
+                S.step(c, S.NixlConnectorMetadata())
+                c.connector_worker.get_transfer_results()
+            time.sleep(0.01)
+        gate.set()
+    ids = {q.req_id for q in pair.reqs}
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
+    assert not any(failed)
+    assert_exact(pair)
+    pair.wait_no_leaks()
+
+
+# ---- failures: exactly the requests concerned, nothing written, nothing left behind -----------------------
+
+
+@pytest.mark.parametrize(
+    ("lie", "named"),
+    [
+        (lambda m: {**m, "units": [[0, m["units"][0][1], m["units"][0][2] + 16]]}, "which its plan for this rank"),
+        (lambda m: {**m, "units": [[0, 1 << 40, m["units"][0][2]]]}, "-byte staging"),
+        (lambda m: {**m, "until": float("nan")}, "grant until=nan"),
+        (
+            lambda m: {**m, "blocks": [[m["blocks"][0][0], [m["blocks"][0][1][0] ^ 1]], *m["blocks"][1:]]},
+            "granted blocks",
+        ),
+    ],
+    ids=["size", "offset", "until", "blocks"],
+)
+def test_a_lying_grant_fails_only_its_request(pairs, monkeypatch, caplog, lie, named):
+    """A grant that does not fit the prefill rank's plan (a unit's size, a slot outside the decode rank's
+    registered staging, a non-finite deadline, other block ids of the same count) is refused by name; the
+    decode rank fails exactly that request with nothing written into its pages (attention included); the
+    other request moves byte-exact; the prefill frees both requests' blocks."""
+    from hybrid_kv.staging import messages as M
+
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", push=True)
+    bad, good = pair.reqs
+    real = M.grant
+    monkeypatch.setattr(M, "grant", lambda *a: lie(real(*a)) if a[0] == bad.req_id else real(*a))
+    S.submit(pair.p, pair.d, pair.reqs, push=True)
+    ids = {q.req_id for q in pair.reqs}
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids}, timeout=60)
+    assert failed[0] == {bad.req_id}
+    assert named in caplog.text, caplog.text[-2000:]
+    want = S.fill(pair.d, [good], "decode", 12)[0]  # the good request's pages, the bad one's untouched
+    assert bool((pair.d.storage(0) == want).all()), "decode pages differ from the good request + background"
+    pair.wait_no_leaks()
+
+
+@pytest.mark.parametrize("withdrawal", ["heard", "lost"])
+def test_grant_that_ends_before_the_prefill_fails_with_nothing_written(pairs, caplog, withdrawal):
+    """The fence: a decode rank's grant ends while the prefill is still running; the decode rank fails the
+    request at the grant's end, and the prefill, finishing later, writes nothing (neither state nor
+    attention) into the decode rank and frees its blocks - whether it heard the decode rank give the
+    request up, or that message was lost and only the grant's end stops it."""
+    short = {"hybrid_kv_timeout_s": 3, "hybrid_kv_staging_lease_s": 7}  # grants end 7 s after they are made
+    pair = pairs("qwen3-next-80b-a3b", 1, 2, "packed", push=True, d_extra=short)
+    if withdrawal == "lost":
+        for c in pair.d.conns:
+            c.connector_worker._hkv_release = lambda req, links: None
+    ids = {q.req_id for q in pair.reqs}
+    for c in pair.d.conns:
+        S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))
+    t0 = time.monotonic()
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, set(), timeout=30)
+    assert all(f == ids for f in failed)
+    assert time.monotonic() - t0 >= 7 - 1.0  # not before the grant's end
+    assert "grant ended before the state landed" in caplog.text
+    for c in pair.p.conns:  # now the prefills finish
+        S.step(c, S.send_meta(pair.reqs))
+    S.run_until(pair.p.conns, pair.d.conns, set(), {S.p_id(i) for i in ids}, timeout=30)
+    if withdrawal == "lost":
+        assert "too late" in caplog.text
+    assert_untouched(pair)
+    assert _descriptors(pair.p) == 0  # not one WRITE
+    pair.wait_no_leaks()
+
+
+def test_mismatched_ssm_dtype_refused_at_handshake(pairs, caplog):
+    """vLLM's compatibility hash omits the Mamba dtypes (reference §4): the decode rank's hello, which in push
+    mode precedes vLLM's own handshake with the prefill engine, names the field; the requests fail with
+    nothing written and nothing held."""
+    pair = pairs("nemotron-h-8b", 2, 2, "packed", push=True, d_cache={"mamba_ssm_cache_dtype": "float16"})
+    failed = pair.run_failing()
+    assert all(f == {q.req_id for q in pair.reqs} for f in failed)
+    assert "state.ssm_dtype: prefill 'float32' vs decode 'float16'" in caplog.text
+    assert_untouched(pair)
+    assert _descriptors(pair.p) == 0
+    pair.wait_no_leaks()
+
+
+def test_dead_prefill_fails_its_requests(pairs, caplog):
+    """The prefill engine dies after the decode ranks granted: each decode rank fails the requests once the
+    lost link's margin passed (long before the grant's end), nothing written, every receive slot freed."""
+    pair = pairs("nemotron-h-8b", 1, 2, "packed", push=True)
+    ids = {q.req_id for q in pair.reqs}
+    for c in pair.d.conns:
+        S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))
+    deadline, server = time.monotonic() + 30, pair.p.conns[0].connector_worker._hkv_server
+    while server.received.get("grant", 0) < pair.d.tp * len(ids):
+        assert time.monotonic() < deadline
+        for c in pair.d.conns:
+            S.step(c, S.NixlConnectorMetadata())
+        time.sleep(0.01)
+    pair.p.shutdown()
+    pair.engines.remove(pair.p)
+    t0 = time.monotonic()
+    _, failed, _ = S.run_until([], pair.d.conns, ids, set(), timeout=30)
+    assert all(f == ids for f in failed)
+    assert time.monotonic() - t0 < 20  # the lost link, not the grant's end (180 s)
+    assert "link was lost" in caplog.text
+    assert_untouched(pair)
+    pair.wait_no_leaks()
+
+
+def test_dead_decode_engine_costs_another_decode_engine_nothing(pairs):
+    """One prefill engine pushes to two decode engines; one dies after granting. Its request's blocks are
+    freed on the prefill side (the lease), its grants dropped; the other engine's request is byte-exact."""
+    pair = pairs("jamba-v0.1", 1, 1, "packed", push=True)
+    path = Path(pair.p.vc.model_config.model)  # the same model path: vLLM's compatibility hash covers it
+    other = U.build_engine(path, "jamba-v0.1", 1, "decode2", push=True)
+    pair.engines.append(other)
+    bg = S.fill(other, [], "decode", 12)
+    other.storage(0).copy_(bg[0])
+    dead, alive = pair.reqs
+    for c in pair.d.conns:
+        S.step(c, S.recv_meta([dead], pair.p, pair.d))
+    server = pair.p.conns[0].connector_worker._hkv_server
+    deadline = time.monotonic() + 30
+    while server.received.get("grant", 0) < 1:
+        assert time.monotonic() < deadline
+        S.step(pair.d.conns[0], S.NixlConnectorMetadata())
+        time.sleep(0.01)
+    pair.d.shutdown()
+    pair.engines.remove(pair.d)
+    S.step(other.conns[0], S.recv_meta([alive], pair.p, other))
+    S.step(pair.p.conns[0], S.send_meta([dead], lease_s=3))  # its lease ends: nobody renews it
+    S.step(pair.p.conns[0], S.send_meta([alive]))
+    _, failed, _ = S.run_until(pair.p.conns, other.conns, {alive.req_id}, {S.p_id(alive.req_id)}, timeout=60)
+    assert not any(failed)
+    want = S.fill(other, [alive], "decode", 12)[0]
+    assert bool((other.storage(0) == want).all())
+    S.run_until(pair.p.conns, [], set(), {S.p_id(dead.req_id)}, timeout=30)  # the lease frees the dead one's
+    w = pair.p.conns[0].connector_worker
+    deadline = time.monotonic() + 10
+    while any(w.hkv_leaks().values()):
+        assert time.monotonic() < deadline, w.hkv_leaks()
+        S.step(pair.p.conns[0], S.NixlConnectorMetadata())
+        w.get_transfer_results()
+        time.sleep(0.01)
