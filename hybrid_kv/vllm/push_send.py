@@ -20,9 +20,12 @@ A mixin of `HybridKVPushWorker` (`hybrid_kv.vllm.push_worker`), before vLLM's `N
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
+
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.vllm.base import log
@@ -85,6 +88,7 @@ class PushSend:
         self._hkv_stock_issued: set[str] = set()
         self._hkv_dests: set[str] = set()  # decode engines this rank pushes to (no hello towards them)
         self.hkv_push_descriptors: dict[str, int] = {}  # state WRITE descriptors per request (tests, bench)
+        self._hkv_current = None  # the request whose stock WRITEs the writer thread is issuing (stripped)
 
     def _hkv_hook_server(self) -> None:
         """Once the side-channel server exists (prefill roles): hear of grants and withdrawals."""
@@ -184,9 +188,11 @@ class PushSend:
                 out.failed.update((r, f"{type(e).__name__}: {e}") for r in ranks if r not in out.handles)
                 out.stock_pending = False
             return  # no attention WRITE either: the decode ranks fail the request with nothing in flight
+        self._hkv_current = without_groups(meta, groups)  # (writer thread) read by `_xfer_blocks`
         try:
-            super()._xfer_blocks_for_req(req_id, without_groups(meta, groups))
+            super()._xfer_blocks_for_req(req_id, self._hkv_current)
         finally:
+            self._hkv_current = None
             with self._hkv_push_lock:
                 out.stock = req_id in self._hkv_stock_issued
                 self._hkv_stock_issued.discard(req_id)
@@ -234,7 +240,28 @@ class PushSend:
                 out.descriptors += len(g.units)
         self.hkv_push_descriptors[req_id] = out.descriptors
 
+    def _replicated_heads(self, read_spec, dst_engine_id: str):
+        """vLLM's push writes attention only to the first decode rank of each KV head (its pull dedup, from
+        the writer's side): a decode rank holding a replicated head (decode TP > KV heads) would get none.
+        Give those ranks the request's attention ids: vLLM's local split for them is already that head's."""
+        cur, topo = self._hkv_current, self.transfer_topo
+        d_tp = topo.get_engine_info(dst_engine_id).remote_tp_size
+        if cur is None or self.use_mla or d_tp <= max(self.world_size, topo.total_num_kv_heads):
+            return read_spec
+        attn = {g for g, t in enumerate(self._group_spec_types) if issubclass(t, AttentionSpec)}
+        if all(read_spec.local_block_ids[g] or not cur.local_physical_block_ids[g] for g in attn):
+            return read_spec
+        return dataclasses.replace(
+            read_spec,
+            local_block_ids=[list(cur.local_physical_block_ids[g]) if g in attn else list(ids)
+                             for g, ids in enumerate(read_spec.local_block_ids)],
+            remote_block_ids=[list(cur.remote.block_ids[g]) if g in attn else list(ids)
+                              for g, ids in enumerate(read_spec.remote_block_ids)],
+        )  # fmt: skip
+
     def _xfer_blocks(self, read_spec, dst_engine_id: str, request_id: str, remote_request_id: str, *args, **kwargs):
+        if self._hkv_geom is not None:
+            read_spec = self._replicated_heads(read_spec, dst_engine_id)
         if self._hkv_geom is not None and not any(read_spec.local_block_ids):
             # no attention KV for this decode rank (its state went packed): vLLM's notification alone
             agent = self._remote_agents[dst_engine_id][(0, read_spec.remote_rank)]
