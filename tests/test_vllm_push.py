@@ -59,12 +59,22 @@ def test_push_refuses_what_it_cannot_do_at_startup(tmp_path, monkeypatch, value)
 CASES = [
     ("qwen3-next-80b-a3b", 1, 2),
     ("qwen3-next-80b-a3b", 2, 1),
+    ("qwen3-next-80b-a3b", 1, 4),  # 2 KV heads: decode ranks 1 and 3 hold replicated heads
     ("nemotron-h-8b", 2, 4),
     ("nemotron-h-8b", 4, 2),
     ("falcon-h1-0.5b", 1, 2),
     ("jamba-v0.1", 2, 1),
     ("kimi-linear-48b-a3b", 1, 2),  # KDA state; MLA latent KV whole on every rank (vLLM's own WRITE)
 ]
+
+
+def stock_push_right(pair) -> bool:
+    """Where vLLM's own push moves every byte: not with replicated Mamba2 B/C at different TP (its 3-read
+    formulas misread them, reference §4), not where the decode side replicates KV heads (below)."""
+    spec, ptp, dtp = pair.p.spec, pair.p.tp, pair.d.tp
+    replicated_bc = spec.state.kind.value == "mamba2" and spec.state.groups == 1 and ptp != dtp
+    replicated_heads = not spec.attention.latent and dtp > max(ptp, spec.attention.num_kv_heads)
+    return not (replicated_bc or replicated_heads)
 
 
 def _descriptors(eng) -> int:
@@ -79,7 +89,7 @@ def test_push_packed_and_strided(pairs, name, ptp, dtp):
     strided = pairs(name, ptp, dtp, "strided", push=True)
     _, failed, _ = strided.run()
     assert not any(failed)
-    if not (name == "falcon-h1-0.5b" and ptp != dtp):  # replicated B/C: vLLM's formulas misread them
+    if stock_push_right(strided):
         assert_exact(strided)
     tel_strided = _descriptors(strided.p)
     strided.close()
@@ -100,9 +110,40 @@ def test_push_packed_and_strided(pairs, name, ptp, dtp):
     state_layers = len(packed.p.spec.state_layers)
     parts = 2 if packed.p.spec.state.kind.value == "mamba1" else 4
     attention = tel_strided - n * state_layers * parts * pairs_
+    kv = packed.p.spec.attention.num_kv_heads
+    if not packed.p.spec.attention.latent and dtp > max(ptp, kv):  # vLLM wrote one rank per head, packed all
+        attention = attention * dtp // len({r * kv // dtp for r in range(dtp)})
     assert _descriptors(packed.p) == attention + n * pairs_
     for c in packed.d.conns:
         assert not c.connector_worker._recving_transfers  # the decode posted nothing: the prefill wrote
+
+
+def test_stock_push_skips_decode_ranks_with_replicated_heads(pairs):
+    """Why packed push fills them in: vLLM 0.32's push writes attention only to the first decode rank of each
+    KV head (`compute_tp_mapping`'s pull-side dedup, applied by the writer), so with Qwen3-Next (2 KV heads)
+    at decode TP 4 decode ranks 1 and 3 receive no attention KV at all; their state and ranks 0 and 2 are
+    right. (vLLM's pull reads each rank's head itself and is right.)"""
+    pair = pairs("qwen3-next-80b-a3b", 1, 4, "strided", push=True)
+    _, failed, _ = pair.run()
+    assert not any(failed)
+    want = pair.expected()
+    for r in range(4):
+        bad = (want[r] != pair.d.storage(r)).nonzero().flatten()
+        assert (bad.numel() > 0) == (r in (1, 3)), r
+        if bad.numel():
+            spans = attention_spans(pair, r)
+            assert all(any(a <= int(b) < z for a, z in spans) for b in bad[:: max(1, bad.numel() // 1000)])
+
+
+def attention_spans(pair, r: int) -> list[tuple[int, int]]:
+    """Byte ranges of decode rank r's attention layers in its backing buffer."""
+    names = U.layer_names(pair.d)
+    base = pair.d.storage(r).data_ptr()
+    out = []
+    for i in (layer.index for layer in pair.d.spec.attention_layers):
+        t = pair.d.caches[r][names[i]]
+        out.append((t.data_ptr() - base, t.data_ptr() - base + t.shape[0] * t.stride(0) * t.element_size()))
+    return out
 
 
 @pytest.mark.parametrize("order", ["grant-late", "prefill-first"])
@@ -140,6 +181,42 @@ def test_grant_after_the_match(pairs, order):
     ids = {q.req_id for q in pair.reqs}
     _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed)
+    assert_exact(pair)
+    pair.wait_no_leaks()
+
+
+def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch):
+    """vLLM's report that a request was sent (its blocks and hybrid-kv's staging are then reused) waits for
+    the state WRITEs, not only for vLLM's own: a state WRITE NIXL reports in flight for its first polls keeps
+    the request unreported and its staging held."""
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", push=True, n=1)
+    w = pair.p.conns[0].connector_worker
+    nx, real, polls = w.nixl_wrapper, w.nixl_wrapper.check_xfer_state, {}
+
+    def slow(handle):  # as a slow link would: our state WRITEs stay in flight for 20 polls
+        mine = any(handle is h for out in w._hkv_pushes.values() for h in out.handles.values())
+        if mine and polls.setdefault(id(handle), 0) < 20:
+            polls[id(handle)] += 1
+            return "PROC"
+        return real(handle)
+
+    monkeypatch.setattr(nx, "check_xfer_state", slow)
+    S.submit(pair.p, pair.d, pair.reqs, push=True)
+    req = pair.reqs[0]
+    sent = set()
+    deadline = time.monotonic() + 60
+    while S.p_id(req.req_id) not in sent:
+        assert time.monotonic() < deadline
+        for c in (*pair.d.conns, *pair.p.conns):
+            S.step(c, S.NixlConnectorMetadata())
+        pair.d.conns[0].connector_worker.get_transfer_results()
+        res = w.get_transfer_results()
+        if polls and min(polls.values()) < 20:  # a state WRITE still "in flight"
+            assert not res.finished_sending, "reported sent while its state WRITE was in flight"
+            assert w._hkv_server.live_slots > 0, "staging freed while its state WRITE was in flight"
+        sent |= res.finished_sending
+        time.sleep(0.002)
+    assert polls and all(n == 20 for n in polls.values())
     assert_exact(pair)
     pair.wait_no_leaks()
 
@@ -220,6 +297,37 @@ def test_mismatched_ssm_dtype_refused_at_handshake(pairs, caplog):
     assert "state.ssm_dtype: prefill 'float32' vs decode 'float16'" in caplog.text
     assert_untouched(pair)
     assert _descriptors(pair.p) == 0
+    pair.wait_no_leaks()
+
+
+def test_one_source_refusing_waits_for_the_others_writes(pairs, monkeypatch, caplog):
+    """Prefill TP 2 -> decode TP 1: the grant to prefill rank 0 lies (refused: nothing written from it),
+    prefill rank 1 writes its state and its attention heads. The decode rank cannot tell when rank 1's
+    attention WRITE has landed (vLLM counts notifications per request, not per source), so it fails the
+    request only at the grant's end, never while a WRITE may be in flight; then nothing is left anywhere."""
+    short = {"hybrid_kv_timeout_s": 3, "hybrid_kv_staging_lease_s": 7}
+    pair = pairs("nemotron-h-8b", 2, 1, "packed", push=True, n=1, d_extra=short)
+    req = pair.reqs[0]
+    w = pair.d.conns[0].connector_worker
+    real = w._hkv_send_grants
+
+    def lie(m):
+        return {**m, "units": [[0, m["units"][0][1], m["units"][0][2] + 16]]} if m["type"] == "grant" else m
+
+    def lying(recv, links):
+        send = links[0].send
+        links[0].send = lambda m: send(lie(m))
+        real(recv, links)
+
+    monkeypatch.setattr(w, "_hkv_send_grants", lying)
+    t0 = time.monotonic()
+    S.submit(pair.p, pair.d, pair.reqs, push=True)
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, {req.req_id}, {S.p_id(req.req_id)}, timeout=30)
+    assert failed == [{req.req_id}]
+    assert time.monotonic() - t0 >= 7 - 1.5, "failed while prefill rank 1's WRITEs could be in flight"
+    assert "prefill rank 0: grant refused" in caplog.text
+    senders = [c.connector_worker for c in pair.p.conns]
+    assert [s.hkv_push_descriptors for s in senders] == [{}, {S.p_id(req.req_id): 1}]
     pair.wait_no_leaks()
 
 
