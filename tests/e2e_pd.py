@@ -2,7 +2,7 @@
 small Qwen3-Next-style GDN model with random weights saved as a real checkpoint (every engine loads the
 same weights). Prints one JSON line (the last line starting with `{"scenario"`).
 
-    python tests/e2e_pd.py MODEL_DIR --scenario tp1|1-2|2-1|lease|prefix|spec-ngram|spec-mtp --out DIR
+    python tests/e2e_pd.py MODEL_DIR --scenario tp1|1-2|2-1|push-1-2|lease|prefix|spec-ngram|spec-mtp --out DIR
 
 What makes it deterministic:
 - every engine's OpenMP threads are pinned the same way (`VLLM_CPU_OMP_THREADS_BIND`): vLLM reserves
@@ -18,7 +18,8 @@ the decode pages against the prefill pages resharded by the oracle (`pd_check`),
 decoding: n-gram (2 draft tokens) or Qwen3-Next MTP (1 draft token; the checkpoint has no MTP weights,
 so every engine loads vLLM's seeded dummy weights instead). vLLM then allocates K-1+num_spec conv rows,
 which both shells must move. On CPU two vLLM kernel failures limit this (see SPEC and the reference).
-`prefix` serves every engine with prefix caching on (`e2e_prefix.py`).
+`prefix` serves every engine with prefix caching on (`e2e_prefix.py`). `push-1-2` runs the push connector
+(`HybridKVPushConnector`: the prefill writes) at TP 1 -> 2.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _draft_counts(llm) -> dict[str, int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
-    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "lease", "prefix", *SPEC), default="tp1")
+    ap.add_argument("--scenario", choices=("tp1", "1-2", "2-1", "push-1-2", "lease", "prefix", *SPEC), default="tp1")
     ap.add_argument("--out", required=True, help="probe records and logs")
     ap.add_argument("--modes", default="packed,strided")
     a = ap.parse_args()
@@ -167,7 +168,8 @@ def main() -> None:
     if a.scenario == "spec-ngram" and not torch_has_cuda():
         spec = SPEC["spec-ngram-cpu"]
     one = a.scenario in ("tp1", "lease", "prefix") or spec is not None
-    p_tp, d_tp = (1, 1) if one else tuple(int(x) for x in a.scenario.split("-"))
+    push = a.scenario.startswith("push-")
+    p_tp, d_tp = (1, 1) if one else tuple(int(x) for x in a.scenario.removeprefix("push-").split("-"))
     common = dict(
         skip_tokenizer_init=True,
         max_model_len=2048,
@@ -196,7 +198,8 @@ def main() -> None:
             return LLM(model=model, tensor_parallel_size=tp, **{**common, **over})
         os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_port())
         kt = KVTransferConfig(
-            kv_connector="ProbeConnector",  # HybridKVConnector + the page recorder of pd_probe
+            # HybridKVConnector (or HybridKVPushConnector) + the page recorder of pd_probe
+            kv_connector="ProbePushConnector" if push else "ProbeConnector",
             kv_connector_module_path="pd_probe",
             kv_role=role,
             kv_buffer_device="cpu",

@@ -1,9 +1,10 @@
 """Observers inside real vLLM engines, for the end-to-end P/D tests (`e2e_pd.py`). Nothing here moves a byte.
 
-- `ProbeConnector` is `HybridKVConnector` (either `HYBRID_KV_TRANSFER` mode) plus two hooks on the decode
-  side: when a request's load starts (metadata bound, before any READ is posted) it copies the pages the
-  transfer will write; when the worker reports the request received (`get_transfer_results`, before any
-  forward step can touch its blocks) it copies them again, with a digest of every page of the rank. It
+- `ProbeConnector` is `HybridKVConnector` (either `HYBRID_KV_TRANSFER` mode; `ProbePushConnector` the same
+  for `HybridKVPushConnector`) plus two hooks on the decode side: when a request's load starts (metadata
+  bound, before any transfer is posted) it copies the pages the transfer will write; when the worker
+  reports the request received (`get_transfer_results`, before any forward step can touch its blocks) it
+  copies them again, with a digest of every page of the rank. It
   also records failed loads, and keeps the connector's log lines, so a failure carries its reason.
 - `ProbeWorker` (vLLM's `worker_extension_cls`) dumps a prefill rank's pages of given blocks on request
   (`LLM.collective_rpc("hkv_dump", ...)`), while the prefill engine holds them for the decode engine.
@@ -21,7 +22,7 @@ import torch
 from pd_check import group_ids
 from vllm.v1.kv_cache_interface import MambaSpec
 
-from hybrid_kv.vllm import HybridKVConnector
+from hybrid_kv.vllm import HybridKVConnector, HybridKVPushConnector
 
 LOGGERS = ("vllm.hybrid_kv", "vllm.distributed.kv_transfer")
 
@@ -117,8 +118,8 @@ class _Lines(logging.Handler):
             f.write(f"{record.levelname} {record.name}: {record.getMessage()}\n")
 
 
-class ProbeConnector(HybridKVConnector):
-    """`HybridKVConnector` that records what each decode-side receive wrote (see the module docstring)."""
+class _Recorder:
+    """Records what each decode-side receive wrote (see the module docstring); before a connector class."""
 
     def __init__(self, vllm_config, role, kv_cache_config) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -164,6 +165,15 @@ class ProbeConnector(HybridKVConnector):
                 torch.save(rec, os.path.join(self._dir, name + ".tmp"))
                 os.replace(os.path.join(self._dir, name + ".tmp"), os.path.join(self._dir, name))
         return res
+
+
+class ProbeConnector(_Recorder, HybridKVConnector):
+    pass
+
+
+class ProbePushConnector(_Recorder, HybridKVPushConnector):
+    """(push: the registration that lets the prefill write is sent after the metadata is bound, so "before"
+    is taken before any byte can land)"""
 
 
 class ProbeWorker:

@@ -98,6 +98,18 @@ def test_hetero_tp_packed_matches_oracle(model, tmp_path, scenario):
     assert (res["prefill_tp"], res["decode_tp"]) == (p_tp, d_tp)
 
 
+def test_push_both_modes_match_oracle_and_each_other(model, tmp_path):
+    """HybridKVPushConnector (the prefill engine WRITEs) at TP 1 -> 2, both modes: every receive byte-exact
+    (whole decode rank unchanged elsewhere for requests received alone), and the greedy tokens of the two
+    modes equal (the decode engines start from the same bytes)."""
+    res, _ = run(model, tmp_path, "push-1-2", "packed,strided")
+    n = len(res["prompt_tokens"])
+    check_requests(res, n_alone=n, n_concurrent=n - 1)
+    got = {mode: m["got"] for mode, m in res["modes"].items()}
+    assert got["packed"] == got["strided"], got
+    assert all(len(t) == 16 for t in got["packed"])
+
+
 def test_late_decode_request_fails_naming_the_expired_lease(model, tmp_path):
     """The first symptom of the clean-machine failure, on purpose: the prefill engine's lease on a request's
     blocks (vLLM's kv_lease_duration, renewed only by a decode engine that holds the request) runs out
