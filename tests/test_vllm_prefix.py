@@ -19,44 +19,8 @@ import pytest
 pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 
-import torch
 import vllm_steps as S
-import vllm_util as U
-
-from hybrid_kv.testing.oracle import write_shards
-
-ALIGN = {"enable_prefix_caching": True, "mamba_cache_mode": "align"}
-
-
-def _expected(pair, held: dict[str, int]) -> list[torch.Tensor]:
-    """The decode ranks' bytes after the receives, by the oracle: each request's shards at its decode blocks;
-    the first `held[req]` KV blocks of a request are the decode cache's own (not written: scratch pages)."""
-    d = pair.d
-    out = []
-    for r in range(d.tp):
-        buf = pair.background[r].clone()
-        page_of = U.page_fn(d, r, buf)
-        lay = U.layouts(d, r)
-        scratch = torch.empty(max(s.page_size_bytes for s in d.specs.values()), dtype=torch.uint8)
-        for q in pair.reqs:
-            if not q.d_blocks:
-                continue  # full hit: nothing moves
-            state, kv = S._layer_blocks(d, q.d_blocks)
-            n = held.get(q.req_id, 0)
-            kv = {i: [-1] * n + ids for i, ids in kv.items()}
-            n_tok = len(next(iter(kv.values()))) * lay.block_size
-            write_shards(
-                buf,
-                lay,
-                0,
-                q.state,
-                state,
-                kv,
-                n_tok,
-                page_of=lambda i, b, pg=page_of, sc=scratch: sc if b < 0 else pg(i, b),
-            )
-        out.append(buf)
-    return out
+from vllm_steps import ALIGN
 
 
 @pytest.mark.parametrize("mode", ["packed", "strided"])
@@ -74,7 +38,7 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
     # leaves it as background); vLLM's metadata carries the rest
     part.d_blocks = [ids[1:] if k == "attn" else ids for ids, k in zip(part.d_blocks, kinds)]
     full.d_blocks = ()  # vLLM's marker of a full local hit
-    want = _expected(pair, {part.req_id: 1})
+    want = S.expected_with_hits(pair, {part.req_id: 1})
     # the first request connects the decode ranks' links, so the prefill ranks push the next two when they
     # finish (packed: pack at finish); the decode metadata comes once those pushes have arrived
     S.submit(pair.p, pair.d, [none])

@@ -221,6 +221,27 @@ def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch
     pair.wait_no_leaks()
 
 
+@pytest.mark.parametrize("mode", ["packed", "strided"])
+def test_push_with_a_decode_prefix_hit_moves_only_what_is_missing(pairs, mode):
+    """Prefix caching on both engines (vLLM's mamba_cache_mode 'align'): the decode cache already holds the
+    first KV block of one request, so vLLM's push registration carries only the blocks after it (and the
+    running-state block); the prefill writes exactly those (vLLM trims its own list from the front), the
+    held block keeps its bytes, every other byte of every decode rank is the oracle's."""
+    pair = pairs("qwen3-next-80b-a3b", 1, 2, mode, n=3, d_cache=S.ALIGN, p_cache=S.ALIGN, push=True)
+    none, _, part = pair.reqs  # 90 and 1490 tokens: 1 and 2 KV blocks
+    pair.reqs = [none, part]
+    kinds = [k for _, _, k in pair.d.groups()]
+    part.d_blocks = [ids[1:] if k == "attn" else ids for ids, k in zip(part.d_blocks, kinds)]
+    want = S.expected_with_hits(pair, {part.req_id: 1})
+    _, failed, _ = pair.run()
+    assert not any(failed)
+    for r, w in enumerate(want):
+        bad = (w != pair.d.storage(r)).nonzero().flatten()
+        assert bad.numel() == 0, f"decode rank {r}: {bad.numel()} bytes differ from the oracle, first at {bad[:4]}"
+    if mode == "packed":
+        pair.wait_no_leaks()
+
+
 # ---- failures: exactly the requests concerned, nothing written, nothing left behind -----------------------
 
 

@@ -15,6 +15,8 @@ from vllm_util import Engine, layer_names, layouts, page_fn
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.testing.oracle import random_bytes, random_global_state, write_shards
 
+ALIGN = {"enable_prefix_caching": True, "mamba_cache_mode": "align"}  # vLLM's prefix caching for hybrids
+
 
 def p_id(req_id: str) -> str:
     """The prefill engine's id of a decode request: the same base id with another random suffix, as vLLM
@@ -168,3 +170,34 @@ def run_until(conns_p, conns_d, want_recv: set[str], want_sent: set[str], timeou
             return recv, failed, sent
         time.sleep(0.002)
     raise TimeoutError(f"not finished in {timeout}s: recv {recv}, failed {failed}, sent {sent}")
+
+
+def expected_with_hits(pair, held: dict[str, int]) -> list[torch.Tensor]:
+    """The decode ranks' bytes after the receives, by the oracle: each request's shards at its decode blocks;
+    the first `held[req]` KV blocks of a request are the decode cache's own (not written: scratch pages)."""
+    d = pair.d
+    out = []
+    for r in range(d.tp):
+        buf = pair.background[r].clone()
+        page_of = page_fn(d, r, buf)
+        lay = layouts(d, r)
+        scratch = torch.empty(max(s.page_size_bytes for s in d.specs.values()), dtype=torch.uint8)
+        for q in pair.reqs:
+            if not q.d_blocks:
+                continue  # full hit: nothing moves
+            state, kv = _layer_blocks(d, q.d_blocks)
+            n = held.get(q.req_id, 0)
+            kv = {i: [-1] * n + ids for i, ids in kv.items()}
+            n_tok = len(next(iter(kv.values()))) * lay.block_size
+            write_shards(
+                buf,
+                lay,
+                0,
+                q.state,
+                state,
+                kv,
+                n_tok,
+                page_of=lambda i, b, pg=page_of, sc=scratch: sc if b < 0 else pg(i, b),
+            )
+        out.append(buf)
+    return out
