@@ -332,13 +332,9 @@ def test_one_source_refusing_waits_for_the_others_writes(pairs, monkeypatch, cap
     w = pair.d.conns[0].connector_worker
     real = w._hkv_send_grants
 
-    def lie(m):
-        return {**m, "units": [[0, m["units"][0][1], m["units"][0][2] + 16]]} if m["type"] == "grant" else m
-
-    def lying(recv, links):
-        send = links[0].send
-        links[0].send = lambda m: send(lie(m))
-        real(recv, links)
+    def lying(req, grants):  # the grant to prefill rank 0 names a unit 16 bytes too large
+        link, m = grants[0]
+        real(req, {**grants, 0: (link, {**m, "units": [[0, m["units"][0][1], m["units"][0][2] + 16]]})})
 
     monkeypatch.setattr(w, "_hkv_send_grants", lying)
     t0 = time.monotonic()

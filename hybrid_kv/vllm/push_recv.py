@@ -115,19 +115,23 @@ class PushReceive(StateReceive):
                 else:
                     still.append(req_id)
                 continue
-            recv.push.deadline = now + self.hkv.lease_s
-            self._hkv_client.submit(self._hkv_send_grants, recv, dict(zip(recv.units, links)))
+            g = recv.push
+            g.deadline = now + self.hkv.lease_s
+            grants = {
+                p: (link, M.grant(g.req, [(u, s.offset, n) for u, (s, n) in enumerate(zip(recv.slots[p], sizes))],
+                                  link.clock.remote(g.deadline), recv.local))
+                for (p, sizes), link in zip(recv.units.items(), links)
+            }  # fmt: skip
+            self._hkv_client.submit(self._hkv_send_grants, g.req, grants)
         self._hkv_granting = still
 
-    def _hkv_send_grants(self, recv: RecvState, links: dict) -> None:
+    def _hkv_send_grants(self, req: str, grants: dict) -> None:
         """(client thread) one grant per source; a grant that cannot be sent leaves nothing to write."""
-        g = recv.push
-        for p, link in links.items():
-            units = [(u, s.offset, n) for u, (s, n) in enumerate(zip(recv.slots[p], recv.units[p]))]
+        for p, (link, msg) in grants.items():
             try:
-                link.send(M.grant(g.req, units, link.clock.remote(g.deadline), recv.local))
+                link.send(msg)
             except Exception as e:  # (the engine thread owns the request's state: it hears of this there)
-                self._hkv_unsent.put((g.req, p, f"grant not sent: {e}"))
+                self._hkv_unsent.put((req, p, f"grant not sent: {e}"))
 
     def _get_new_notifs(self) -> set[str]:
         """Take the state notifications out of vLLM's queue of forwarded notifications first."""

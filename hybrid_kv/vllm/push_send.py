@@ -84,7 +84,7 @@ class PushSend:
         self._hkv_awaiting: dict[tuple[str, str], tuple] = {}  # (decode engine, its request) -> push args
         self._hkv_withheld: set[str] = set()  # reported sent by vLLM while state WRITEs were in flight
         self._hkv_given_up: set[str] = set()  # nothing will be written: to report sent (frees the blocks)
-        self._hkv_withdrawn: dict[tuple[str, str], None] = {}  # given up by a decode rank before the match
+        self._hkv_withdrawn: dict[tuple[str, str], bool] = {}  # given up by a decode rank before the match
         self._hkv_stock_issued: set[str] = set()
         self._hkv_dests: set[str] = set()  # decode engines this rank pushes to (no hello towards them)
         self.hkv_push_descriptors: dict[str, int] = {}  # state WRITE descriptors per request (tests, bench)
@@ -102,12 +102,11 @@ class PushSend:
         return [r for r in range(d_tp) if self.tp_rank in sources[r]]
 
     def _hkv_needs_state(self, local_block_ids, registration_data) -> bool:
-        groups = self._hkv_geom.groups if self._hkv_geom is not None else []
-        mine, _ = pair_tail(self._grouped(local_block_ids), self._grouped(registration_data["local_block_ids"]), groups)
-        return self._hkv_server is not None and bool(mine)
-
-    def _grouped(self, block_ids):
-        return self._as_grouped_block_ids(block_ids)
+        if self._hkv_server is None:
+            return False
+        grouped = self._as_grouped_block_ids
+        theirs = grouped(registration_data["local_block_ids"])
+        return bool(pair_tail(grouped(local_block_ids), theirs, self._hkv_geom.groups)[0])
 
     # ---- the writer thread ---------------------------------------------------------------------------
 
@@ -124,7 +123,7 @@ class PushSend:
         self._hkv_dests.add(d_engine)
         if ranks:
             with self._hkv_push_lock:
-                withdrawn = self._hkv_withdrawn.pop((d_engine, d_req), "") is None
+                withdrawn = self._hkv_withdrawn.pop((d_engine, d_req), False)
                 if withdrawn:
                     self._hkv_given_up.add(request_id)
                 elif not self._hkv_server.grants_ready(d_engine, ranks, d_req):
@@ -154,7 +153,7 @@ class PushSend:
         with self._hkv_push_lock:
             entry = self._hkv_awaiting.pop((engine_id, d_req), None)
             if entry is None:
-                self._hkv_withdrawn[(engine_id, d_req)] = None
+                self._hkv_withdrawn[(engine_id, d_req)] = True
                 while len(self._hkv_withdrawn) > 4096:
                     self._hkv_withdrawn.pop(next(iter(self._hkv_withdrawn)))
                 return
