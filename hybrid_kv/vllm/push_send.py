@@ -29,7 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.vllm.base import log
-from hybrid_kv.vllm.state import state_chunk
+from hybrid_kv.vllm.state import pair_tail, state_chunk
 
 ALLOC_WAIT_S = 2.0  # the writer thread waits at most this long for staging (slots free as WRITEs end)
 
@@ -45,19 +45,6 @@ class PushOut:
     stock_pending: bool = True  # vLLM's WRITE of the attention KV is being issued
     stock: bool = False  # ... and it issued one (vLLM then reports the request sent)
     descriptors: int = 0
-
-
-def pair_tail(local: list, remote: list, groups) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Per Mamba group, (this side's ids, the other side's ids) paired from the tail like vLLM (the running
-    state is the last block); groups without a pair are left out."""
-    mine, theirs = {}, {}
-    for g in groups:
-        lo = list(local[g]) if g < len(local) else []
-        re = list(remote[g]) if g < len(remote) else []
-        n = min(len(lo), len(re))
-        if n:
-            mine[g], theirs[g] = lo[len(lo) - n :], re[len(re) - n :]
-    return mine, theirs
 
 
 def without_groups(meta, groups):

@@ -17,7 +17,7 @@ from vllm.logger import init_logger
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pool import Slot
-from hybrid_kv.vllm.state import state_chunk
+from hybrid_kv.vllm.state import pair_tail, state_chunk
 
 log = init_logger("vllm.hybrid_kv")
 LEASE_MARGIN_S = 1.0  # a READ counts only if it completed this long before the source's lease ends
@@ -124,18 +124,9 @@ class PackedReceive(StateReceive):
     """Receive path of `HybridKVWorker` (needs vLLM's `NixlPullConnectorWorker` after it in the MRO)."""
 
     def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last).
-        vLLM sends no groups at all (`()`) when the decode side's prefix cache holds every block."""
+        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
         assert self._hkv_geom is not None
-        local, remote = {}, {}
-        have, sent = meta.local_block_ids, meta.remote.block_ids
-        for g in self._hkv_geom.groups:
-            lo = list(have[g]) if g < len(have) else []
-            re = list(sent[g]) if g < len(sent) else []
-            n = min(len(lo), len(re))
-            if n:
-                local[g], remote[g] = lo[len(lo) - n :], re[len(re) - n :]
-        return local, remote
+        return pair_tail(meta.local_block_ids, meta.remote.block_ids, self._hkv_geom.groups)
 
     def _read_blocks_for_req(self, req_id: str, meta) -> None:
         engine_id = meta.remote.engine_id

@@ -159,6 +159,20 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
+def pair_tail(local: list, remote: list, groups) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Per Mamba group, (this side's ids, the other side's ids) paired from the tail like vLLM (the running
+    state is the last block); groups without a pair are left out (vLLM binds a load with no groups at all,
+    `()`, when the decode side's prefix cache holds every block)."""
+    mine, theirs = {}, {}
+    for g in groups:
+        lo = list(local[g]) if g < len(local) else []
+        re = list(remote[g]) if g < len(remote) else []
+        n = min(len(lo), len(re))
+        if n:
+            mine[g], theirs[g] = lo[len(lo) - n :], re[len(re) - n :]
+    return mine, theirs
+
+
 def state_chunk(
     pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str, shapes: Shapes
 ) -> Chunk:
