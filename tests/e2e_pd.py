@@ -11,7 +11,11 @@ What makes it deterministic:
   engine core may start a step before all of a `generate` call's requests have arrived);
 - each decode request is sent as soon as its prefill finished, as a P/D proxy does: a prefill engine frees
   blocks nobody asked for after vLLM's `kv_lease_duration` (30 s), and only a decode engine that already
-  holds the request renews that lease.
+  holds the request renews that lease;
+- the block size is pinned (640 tokens): left to vLLM it is the CPU backend's kernel alignment times
+  enough to hold a Mamba page, which came out 640 when these prompts were chosen and 384 on CI's machine
+  of 2026-12-03 (no AVX-512), so the block boundaries the prompts sit on (640/641/642 tokens, the aligned
+  prefix prompt) would move with the machine.
 What it checks: tokens against one engine (`tp1`, `spec-*`), and inside the engines, for every request,
 the decode pages against the prefill pages resharded by the oracle (`pd_check`), byte for byte.
 `spec-ngram` / `spec-mtp` serve every engine (P, D and, on a GPU, the reference) with speculative
@@ -90,7 +94,7 @@ SPEC = {
     "spec-ngram-cpu": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 4, "prompt_lookup_min": 2},
     "spec-mtp": {"method": "qwen3_next_mtp", "num_speculative_tokens": 1},
 }
-BLOCK = 640  # vLLM's hybrid block size for SHAPE (asserted against the engines by pd_check)
+BLOCK = 640  # every engine's block size, pinned (it holds SHAPE's Mamba page; pd_check asserts the layout's)
 # transferred tokens are prompt - 1 (vLLM's P side stops one token short for Mamba): 0, 36, one block - 1,
 # exactly one block, one block + 1, several blocks
 PROMPT_LENGTHS = (1, 37, BLOCK, BLOCK + 1, BLOCK + 2, 2 * BLOCK + 220)
@@ -173,6 +177,7 @@ def main() -> None:
     common = dict(
         skip_tokenizer_init=True,
         max_model_len=2048,
+        block_size=BLOCK,
         enforce_eager=True,
         enable_prefix_caching=a.scenario == "prefix",  # vLLM then picks mamba_cache_mode 'align'
         async_scheduling=False,
