@@ -14,7 +14,7 @@ What makes it deterministic:
   holds the request renews that lease;
 - the block size is pinned (640 tokens): left to vLLM it is the CPU backend's kernel alignment times
   enough to hold a Mamba page, which came out 640 when these prompts were chosen and 384 on CI's machine
-  of 2026-12-03 (no AVX-512), so the block boundaries the prompts sit on (640/641/642 tokens, the aligned
+  of 2026-12-03, so the block boundaries the prompts sit on (640/641/642 tokens, the aligned
   prefix prompt) would move with the machine.
 What it checks: tokens against one engine (`tp1`, `spec-*`), and inside the engines, for every request,
 the decode pages against the prefill pages resharded by the oracle (`pd_check`), byte for byte.

@@ -9,11 +9,11 @@ engine hit their own caches:
 - a second 1100-token prompt, then three that extend it sent as one batch.
 
 The reference is one plain engine with prefix caching on, given the same requests in the same order and
-batches. Checked per request: tokens (of the requests sent alone: a batch's steps depend on when each load
-completes, and bf16 on CPU is not batch-invariant), and the pages each receive wrote against the prefill pages resharded
-by the oracle (for requests received alone: no other page of the decode rank changed, so nothing was
-written into a block another request shares); which requests loaded nothing; how many KV blocks each
-decode already held."""
+batches. Checked per request: tokens (of the requests sent alone: a batch's steps depend on when each
+load completes, and bf16 on CPU is not batch-invariant), and the pages each receive wrote against the
+prefill pages resharded by the oracle (for requests received alone: no other page of the decode rank
+changed, so nothing was written into a block another request shares); which requests loaded nothing; how
+many KV blocks each decode already held."""
 
 from __future__ import annotations
 
