@@ -71,3 +71,35 @@ def test_lease_clock_maps_deadlines_never_late():
             M.LeaseClock(bad, 5.0, 5.2)
         with pytest.raises(ValueError, match="lease deadline"):
             clock.local(bad)
+
+
+def test_wait_readable_past_descriptor_1024():
+    """A serving process holds thousands of descriptors (every NIXL agent's UCX endpoints); select() refuses
+    any numbered 1024 or more ("filedescriptor out of range"), which failed a 4 -> 6 handshake once. The
+    side channels wait with poll: a socket numbered above 1024 still reports data, and a quiet one times out."""
+    import os
+    import resource
+    import socket
+
+    from hybrid_kv.transport.wire import wait_readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.fail(f"this machine allows {hard} open files; the test needs 1100")
+    if soft < 1100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100 if hard == resource.RLIM_INFINITY else min(hard, 4096), hard))
+    filler = [os.dup(0)]
+    while filler[-1] < 1030:  # every lower number taken (dup takes the lowest free one)
+        filler.append(os.dup(0))
+    a, b = socket.socketpair()
+    try:
+        assert a.fileno() >= 1024
+        assert not wait_readable(a, 0.05)
+        b.sendall(b"x")
+        assert wait_readable(a, 5.0)
+    finally:
+        a.close()
+        b.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -26,6 +26,15 @@ class PeerClosed(ProtocolError):
     """The peer closed the connection (or died) before a whole message arrived."""
 
 
+def wait_readable(sock, timeout: float | None) -> bool:
+    """Whether `sock` is readable (data, EOF or an error) within `timeout` s (None: no limit). poll, not
+    select: a serving process holds thousands of descriptors (UCX, NIXL agents), and select() refuses any
+    descriptor numbered 1024 or more."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
+
 def send_msg(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
     h = json.dumps(header, separators=(",", ":")).encode()
     if len(h) > MAX_HEADER or len(payload) > MAX_PAYLOAD:
@@ -134,7 +143,7 @@ class FrameReader:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"{what}: no answer in time")
-            select.select([self.sock], [], [], left)
+            wait_readable(self.sock, left)
 
     def stale(self, now: float) -> bool:
         return self._since is not None and now - self._since > self.deadline_s

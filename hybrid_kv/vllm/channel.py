@@ -21,7 +21,6 @@ Packing runs on the connection's thread, not the engine loop, so an idle prefill
 from __future__ import annotations
 
 import itertools
-import select
 import socket
 import threading
 import time
@@ -37,7 +36,7 @@ from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg
+from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable
 from hybrid_kv.vllm.grants import GrantDesk
 from hybrid_kv.vllm.link import check_fingerprints
 from hybrid_kv.vllm.prepack import PackAtFinish, units
@@ -156,7 +155,7 @@ class PrefillServer(PackAtFinish, GrantDesk):
             quiet = time.monotonic()
             while not self._stop.is_set():
                 try:
-                    if not select.select([conn], [], [], 0.5)[0]:  # idle: check stop, bound the silence
+                    if not wait_readable(conn, 0.5):  # idle: check stop, bound the silence
                         if time.monotonic() - quiet > IDLE_TIMEOUT_S:
                             break
                         continue

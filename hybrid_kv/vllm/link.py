@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import select
 import socket
 import threading
 import time
@@ -11,7 +10,7 @@ import time
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
 from hybrid_kv.staging.handshake import check_fingerprints as check
-from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg
+from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg, wait_readable
 
 
 def check_fingerprints(prefill: dict, decode: dict) -> None:
@@ -51,7 +50,7 @@ class PrefillLink:
     def _read(self) -> None:
         while True:
             try:
-                select.select([self._sock], [], [])  # idle for as long as it likes; woken by close
+                wait_readable(self._sock, None)  # idle for as long as it likes; woken by close
                 head, _ = recv_msg(self._sock, self.timeout_s)  # a message that started must complete
             except (ProtocolError, TimeoutError, OSError, ValueError) as e:
                 self._replies.put(e)  # wakes a waiting call; later calls fail at once
