@@ -1,6 +1,7 @@
 """Test set-up. TRITON_INTERPRET must be set before any @triton.jit decorates (i.e. before the kernel
 modules are imported), so it is set here, first, whenever no GPU is present."""
 
+import gc
 import logging
 import os
 
@@ -84,3 +85,8 @@ def pairs(tmp_path, monkeypatch):
     yield make
     for p in made:
         p.close()
+    made.clear()
+    # vLLM's workers sit in reference cycles (executors, callbacks): left to the cyclic collector, each
+    # closed engine's NIXL agents (4 UCX progress threads each) would keep polling for minutes, and the
+    # later tests of a run would share the 2 cores with them
+    gc.collect()

@@ -203,13 +203,14 @@ def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch
     monkeypatch.setattr(nx, "check_xfer_state", slow)
     S.submit(pair.p, pair.d, pair.reqs, push=True)
     req = pair.reqs[0]
-    sent = set()
+    sent, received = set(), set()
     deadline = time.monotonic() + 60
-    while S.p_id(req.req_id) not in sent:
+    # (until the decode rank reported it too: its scatter may complete after the prefill's report)
+    while S.p_id(req.req_id) not in sent or req.req_id not in received:
         assert time.monotonic() < deadline
         for c in (*pair.d.conns, *pair.p.conns):
             S.step(c, S.NixlConnectorMetadata())
-        pair.d.conns[0].connector_worker.get_transfer_results()
+        received |= pair.d.conns[0].connector_worker.get_transfer_results().finished_recving
         res = w.get_transfer_results()
         if polls and min(polls.values()) < 20:  # a state WRITE still "in flight"
             assert not res.finished_sending, "reported sent while its state WRITE was in flight"
