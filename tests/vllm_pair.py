@@ -31,14 +31,15 @@ class Pair:
         p_cache=None,
         spec=None,
         push=False,
+        edit=None,
     ):
         monkeypatch.setenv("HYBRID_KV_TRANSFER", mode)
         self.engines = []
         self.push = push  # HybridKVPushConnector on both engines (the prefill WRITEs)
-        path = U.model_dir(tmp, name)
+        path = U.model_dir(tmp, name, edit)  # `edit`: config changes for both engines (`d_edit`: decode only)
         self.spec = spec  # a speculative_config for both engines
         self.p = self._engine(path, name, ptp, "prefill", p_extra, p_cache)
-        d_path = U.model_dir(tmp / "decode", name, d_edit) if d_edit else path
+        d_path = U.model_dir(tmp / "decode", name, (lambda c: (edit and edit(c), d_edit(c)))) if d_edit else path
         self.d = self._engine(d_path, name, dtp, "decode", d_extra, d_cache)
         p_free, d_free = list(range(self.p.kcc.num_blocks)), list(range(self.d.kcc.num_blocks))
         random.Random(1).shuffle(p_free)

@@ -26,7 +26,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHands
 from vllm.logger import init_logger
 from vllm.model_executor.layers.mamba import mamba_utils
 from vllm.platforms import current_platform
-from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.ops import resolve_backend
@@ -34,13 +34,14 @@ from hybrid_kv.staging.auth import load_secret
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.cost import copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
-from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.vllm import auto
+from hybrid_kv.vllm.anytp import AnyTPPlans
 from hybrid_kv.vllm.channel import PrefillServer
 from hybrid_kv.vllm.config import PackedConfig, side_port
+from hybrid_kv.vllm.kvpages import AttentionPages, attention_pages
 from hybrid_kv.vllm.link import PrefillLink
 from hybrid_kv.vllm.receive import RecvState
-from hybrid_kv.vllm.state import StateGeometry, model_spec
+from hybrid_kv.vllm.state import StateGeometry, flat_storage, model_spec
 
 # under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
 log = init_logger("vllm.hybrid_kv")
@@ -105,7 +106,7 @@ class PackedWorker:
             for m, name, f in saved:
                 setattr(m, name, f)
         self._hkv_geom: StateGeometry | None = None
-        self._hkv_plans: PlanCache | None = None
+        self._hkv_plans: AnyTPPlans | None = None
         self._hkv_server: PrefillServer | None = None
         self._hkv_links: dict[tuple[str, int], PrefillLink] = {}
         self._hkv_recv: dict[str, RecvState] = {}
@@ -190,9 +191,29 @@ class PackedWorker:
         conv_layout = "DS" if mamba_utils.is_conv_state_dim_first() else "SD"
         kv_layout = "NHD" if self.kv_cache_layout in ("NHD", "LBNHC") else "HND"
         layout = RankLayout(spec, self.world_size, self.tp_rank, conv_layout, kv_layout)
-        geom = StateGeometry(spec, layout, groups, kv_caches, specs, int(self.kv_cache_config.num_blocks))
+        attn_groups = [
+            (g, list(grp.layer_names))
+            for g, grp in enumerate(self.kv_cache_config.transfer_groups)
+            if issubclass(self._group_spec_types[g], FullAttentionSpec)
+        ]
+        block = int(self.vllm_config.cache_config.block_size)
+        first = kv_caches[attn_groups[0][1][0]] if attn_groups else None
+        kv_pages = attention_pages(
+            layout,
+            attn_groups,
+            kv_caches,
+            flat_storage(kv_caches[groups[0][1][0]]).data_ptr(),
+            block,
+            int(first.shape[2]) if first is not None and first.dim() == 4 else block,
+            self.kv_cache_layout,
+        )
+        attention = kv_pages if isinstance(kv_pages, AttentionPages) else None
+        n_blocks = int(self.kv_cache_config.num_blocks)
+        geom = StateGeometry(spec, layout, groups, kv_caches, specs, n_blocks, attention)
         dev = geom.storage.device
-        self._hkv_plans = PlanCache(spec, conv_layout, kv_layout, self.hkv.max_unit_bytes, kv=False)
+        self._hkv_plans = AnyTPPlans(
+            spec, conv_layout, kv_layout, self.hkv.max_unit_bytes, block, None if attention else kv_pages
+        )
         self._hkv_backend = resolve_backend(self.hkv.backend, dev)
         cal = auto.CAL_BYTES if self.hkv_mode == "auto" else 0  # outside the pool: no request's slot
         whole = torch.empty(self.hkv.staging_bytes + cal, dtype=torch.uint8, device=dev)

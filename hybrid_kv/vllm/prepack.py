@@ -13,7 +13,7 @@ from vllm.logger import init_logger
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.transport.wire import send_msg
-from hybrid_kv.vllm.state import state_chunk
+from hybrid_kv.vllm.state import only_moved, pair_groups, state_chunk
 
 log = init_logger("vllm.hybrid_kv")
 
@@ -38,11 +38,15 @@ class PackAtFinish:
         for cid, (conn, lock, dec) in list(self._peers.items()):
             if cid in self._no_push:
                 continue
-            pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
-            if pair.state is None:
+            try:
+                pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+            except ValueError:  # (a pair this rank refuses: refused again, with the reason, when asked)
                 continue
-            for req, blocks in requests.items():
+            if not pair_groups(pair, self.geom):
+                continue
+            for req, every in requests.items():
                 try:
+                    blocks = only_moved(pair, self.geom, every)  # (attention groups only where the pair moves KV)
                     self.geom.check_blocks(blocks, "prefill")
                     chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
                 except ValueError as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
+from hybrid_kv.vllm.anytp import refuse_non_dividing
 from hybrid_kv.vllm.base import PackedWorker
 from hybrid_kv.vllm.push_recv import PushReceive
 from hybrid_kv.vllm.push_send import PushSend
@@ -48,6 +49,8 @@ class HybridKVPushWorker(PackedWorker, PushSend, PushReceive, NixlPushConnectorW
         rank's handshake with a decode engine it pushes to has no hello."""
         fresh = []
         receiving = self.kv_transfer_config.kv_role != "kv_producer" and expected_engine_id not in self._hkv_dests
+        sizes = (remote_tp_size, self.world_size) if receiving else (self.world_size, remote_tp_size)
+        refuse_non_dividing(*sizes, "the push connector's attention KV is vLLM's, which needs the ratio")
         if self._hkv_geom is not None and receiving:
             push = {"engine_id": self.engine_id, "staging": list(self._hkv_desc)}
             for p in self._hkv_plans.sources(remote_tp_size, self.world_size)[self.tp_rank]:

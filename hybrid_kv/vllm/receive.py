@@ -17,7 +17,7 @@ from vllm.logger import init_logger
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pool import Slot
-from hybrid_kv.vllm.state import pair_tail, state_chunk
+from hybrid_kv.vllm.state import only_moved, pair_attention, pair_tail, state_chunk
 
 log = init_logger("vllm.hybrid_kv")
 LEASE_MARGIN_S = 1.0  # a READ counts only if it completed this long before the source's lease ends
@@ -39,6 +39,12 @@ class RecvState:
     posted: bool = False
     descriptors: int = 0
     push: object = None  # push mode: the grant's progress (`push_recv.Granted`)
+    remote_of: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # source -> its ids, where not all
+    foreign: bool = False  # TP sizes that do not divide: attention KV moves here too, no stock READ
+
+    def blocks_of(self, p: int) -> dict[int, list[int]]:
+        """The prefill block ids source `p` packs (all of `remote` unless its pair moves fewer groups)."""
+        return self.remote_of.get(p, self.remote)
 
 
 class StateReceive:
@@ -123,10 +129,16 @@ class StateReceive:
 class PackedReceive(StateReceive):
     """Receive path of `HybridKVWorker` (needs vLLM's `NixlPullConnectorWorker` after it in the MRO)."""
 
-    def _mamba_blocks(self, meta) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last)."""
-        assert self._hkv_geom is not None
-        return pair_tail(meta.local_block_ids, meta.remote.block_ids, self._hkv_geom.groups)
+    def _paired_blocks(self, meta, foreign: bool) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+        """Per Mamba group, (decode ids, prefill ids) paired from the tail like vLLM (running state last);
+        `foreign`: the attention groups too, paired as vLLM pairs them."""
+        geom = self._hkv_geom
+        local, remote = pair_tail(meta.local_block_ids, meta.remote.block_ids, geom.groups)
+        if foreign:
+            lo, re = pair_attention(meta.local_block_ids, meta.remote.block_ids, geom.attn_groups)
+            local.update(lo)
+            remote.update(re)
+        return local, remote
 
     def _read_blocks_for_req(self, req_id: str, meta) -> None:
         engine_id = meta.remote.engine_id
@@ -138,26 +150,35 @@ class PackedReceive(StateReceive):
             return super()._read_blocks_for_req(req_id, meta)
         if self.hkv_auto.get(engine_id, {}).get("reads") == "stock":  # auto chose vLLM's own descriptors
             return super()._read_blocks_for_req(req_id, meta)
-        local, remote = self._mamba_blocks(meta)
-        if not local:  # nothing of the state to move (a full local prefix hit): the stock path notifies
+        remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
+        foreign = self._hkv_foreign(remote_tp)
+        local, remote = self._paired_blocks(meta, foreign)
+        if not local:  # nothing to move (a full local prefix hit): only notify
             self._drop_staged(engine_id, meta.remote.request_id)
-            return super()._read_blocks_for_req(req_id, meta)
+            if not foreign:
+                return super()._read_blocks_for_req(req_id, meta)
+            sources = self._hkv_plans.sources(remote_tp, self.world_size)[self.tp_rank]
+            self._hkv_notify(engine_id, meta.remote.request_id, remote_tp, sources)
+            if meta.awaiting_kvs:
+                self._recving_transfers.setdefault(req_id, [])
+            return
+        if foreign:  # (vLLM's read would have recorded it: an engine in use is not evicted)
+            self._engine_last_active[engine_id] = time.perf_counter()
         try:
-            self._hkv_geom.check_blocks(local, "decode")
-            remote_tp = self.transfer_topo.get_engine_info(engine_id).remote_tp_size
-            plans = self._hkv_plans
-            chunks = {
-                p: state_chunk(
-                    plans.pair(remote_tp, self.world_size, p, self.tp_rank),
-                    self._hkv_geom,
-                    local,
-                    "decode",
-                    plans.shapes,
-                )
+            geom, plans = self._hkv_geom, self._hkv_plans
+            geom.check_blocks(local, "decode")
+            pairs = {
+                p: plans.pair(remote_tp, self.world_size, p, self.tp_rank)
                 for p in plans.sources(remote_tp, self.world_size)[self.tp_rank]
             }
+            chunks = {p: state_chunk(pair, geom, only_moved(pair, geom, local), "decode", plans.shapes)
+                      for p, pair in pairs.items()}  # fmt: skip
             units = {p: c.unit_bytes for p, c in chunks.items()}
-            recv = RecvState(meta, engine_id, remote_tp, local, remote, chunks, units)
+            recv = RecvState(meta, engine_id, remote_tp, local, remote, chunks, units, foreign=foreign)
+            for p, pair in pairs.items():
+                mine = only_moved(pair, geom, remote)
+                if mine != remote:
+                    recv.remote_of[p] = mine
             self._alloc_recv(req_id, recv)
         except Exception as e:
             self._hkv_fail(req_id, e)
@@ -166,7 +187,7 @@ class PackedReceive(StateReceive):
         staged = {}
         for p in recv.units:  # packed when the prefill finished: no reply to wait for
             push = self._hkv_links[(engine_id, p)].take_staged(meta.remote.request_id)
-            if push is not None and self._same_blocks(push, recv.remote) and self._lease_left(recv, p, push):
+            if push is not None and self._same_blocks(push, recv.blocks_of(p)) and self._lease_left(recv, p, push):
                 staged[p] = push
         self.hkv_round_trips[req_id] = len(recv.units) - len(staged)
         if len(staged) == len(recv.units):
@@ -214,10 +235,10 @@ class PackedReceive(StateReceive):
         size = int(link.peer["staging"][1])
         recv.read_by[p] = link.clock.local(push.get("until")) - LEASE_MARGIN_S
         units = M.ready_units(push, recv.units[p], size, f"prefill rank {p}")
-        if len(units) != len(recv.units[p]) or not self._same_blocks(push, recv.remote):
+        if len(units) != len(recv.units[p]) or not self._same_blocks(push, recv.blocks_of(p)):
             raise ValueError(
                 f"prefill rank {p} announced units {[u for u, _, _ in units]} of blocks "
-                f"{push.get('blocks')!r:.120}; this rank needs units 0..{len(recv.units[p]) - 1} of {recv.remote}"
+                f"{push.get('blocks')!r:.120}; this rank needs units 0..{len(recv.units[p]) - 1} of {recv.blocks_of(p)}"
             )
         return sorted(units)
 
@@ -231,7 +252,7 @@ class PackedReceive(StateReceive):
                     continue
                 link = self._hkv_links[(recv.engine_id, p)]
                 req = recv.meta.remote.request_id
-                msg = {"type": M.PACK, "req": req, "blocks": [[g, ids] for g, ids in recv.remote.items()]}
+                msg = {"type": M.PACK, "req": req, "blocks": [[g, ids] for g, ids in recv.blocks_of(p).items()]}
                 link.call(msg, M.OK)
                 push = link.take_staged(req)
                 if push is None:
@@ -268,6 +289,8 @@ class PackedReceive(StateReceive):
                 continue
             # The stock READ (attention KV; notify-only for state-only sources) goes last: its notification
             # lets the prefill side free the request's blocks, which is safe now that they are packed.
+            if recv.foreign:  # all of it packed: the sources are notified once its READs have completed
+                continue
             stock = copy.copy(recv.meta)
             stock.remote = copy.copy(recv.meta.remote)
             groups = set(self._hkv_geom.groups)
@@ -316,6 +339,10 @@ class PackedReceive(StateReceive):
             landed.remove(req_id)
             self._hkv_retire(req_id)
             failed.add(req_id)
+        for req_id in landed:  # read: a source may free the request's blocks and, with them, its staging
+            recv = self._hkv_recv[req_id]
+            if recv.foreign:
+                self._hkv_notify(recv.engine_id, recv.meta.remote.request_id, recv.remote_tp, list(recv.units))
         if landed:
             self._hkv_scatter(landed, failed)
         self._hkv_scattered(done)

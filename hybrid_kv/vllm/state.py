@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from hybrid_kv.staging.chunk import Chunk, ChunkShape, Shapes, shape_of
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PairPlan
 
+if TYPE_CHECKING:
+    from hybrid_kv.vllm.kvpages import AttentionPages
+
 _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
@@ -34,7 +38,7 @@ def _dtype_name(dt: torch.dtype, what: str) -> str:
     return _DTYPE_NAMES[dt]
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
     for part in name.split("."):
         if part.isdigit():
             return int(part)
@@ -85,10 +89,11 @@ class StateGeometry:
         kv_caches: Mapping[str, torch.Tensor],
         layer_specs: Mapping[str, object],
         num_blocks: int,
+        attention: AttentionPages | None = None,
     ) -> None:
         self.spec, self.layout, self.num_blocks = spec, layout, num_blocks
         state_idx = [layer.index for layer in spec.layers if layer.kind is not LayerKind.ATTENTION]
-        names = sorted((n for _, ns in groups for n in ns), key=lambda n: (_layer_index(n), n))
+        names = sorted((n for _, ns in groups for n in ns), key=lambda n: (layer_index(n), n))
         if len(names) != len(state_idx):
             raise ValueError(
                 f"vLLM has {len(names)} Mamba layers but {spec.name} has {len(state_idx)} state layers "
@@ -123,12 +128,19 @@ class StateGeometry:
                 if stride < layout.state_bytes:
                     raise ValueError(f"{n}: page stride {stride} B < state bytes {layout.state_bytes}")
                 self.layers.append(StateLayer(n, index_of[n], g, t.data_ptr() - base, stride))
-        self.groups = [g for g, _ in groups]
-        self.pages = PageMap.of_views(
-            [(s.offset, s.stride) for s in self.layers], layout.state_bytes, num_blocks, self.storage.numel()
-        )
+        self.groups = [g for g, _ in groups]  # the Mamba groups
+        # attention layers follow the state layers in the page map (their KV moves only where vLLM's own
+        # head mapping cannot: TP sizes that do not divide each other)
+        self.attn_groups = list(attention.groups) if attention is not None else []
+        self.attn_layers = list(attention.layers) if attention is not None else []
+        self.kv_block_size = attention.block_size if attention is not None else None
+        page = max(layout.state_bytes, attention.page_bytes if attention is not None else 0)
+        views = [(s.offset, s.stride) for s in self.layers + self.attn_layers]
+        self.pages = PageMap.of_views(views, page, num_blocks, self.storage.numel())
+        self.kind = np.array([0] * len(self.layers) + [1] * len(self.attn_layers), dtype=np.int64)  # 1: attention
         self._group_layers = {
-            g: np.array([i for i, s in enumerate(self.layers) if s.group == g], dtype=np.int64) for g in self.groups
+            g: np.array([i for i, s in enumerate(self.layers + self.attn_layers) if s.group == g], dtype=np.int64)
+            for g in self.groups + self.attn_groups
         }
 
     def fingerprint(self) -> dict:
@@ -139,11 +151,12 @@ class StateGeometry:
             "state_layers": [[s.group, s.name] for s in self.layers],
         }
 
-    def slots(self, blocks: Mapping[int, Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    def slots(self, blocks: Mapping[int, Sequence[int]], groups: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """(page-map layer, block id) of each slot of a request's chunk, in the order both sides use:
-        per Mamba group, per block, every layer of the group."""
+        per group (Mamba groups, then attention groups where the pair moves KV), per block, every layer
+        of the group."""
         layer, block = [], []
-        for g in self.groups:
+        for g in groups:
             ids = np.asarray(blocks.get(g, ()), dtype=np.int64)
             pos = self._group_layers[g]
             layer.append(np.tile(pos, len(ids)))
@@ -151,9 +164,10 @@ class StateGeometry:
         return np.concatenate(layer), np.concatenate(block)
 
     def check_blocks(self, blocks: Mapping[int, Sequence[int]], side: str) -> None:
+        known = self.groups + self.attn_groups
         for g, ids in blocks.items():
-            if g not in self.groups:
-                raise ValueError(f"{side} group {g} is not a Mamba group (Mamba groups: {self.groups})")
+            if g not in known:
+                raise ValueError(f"{side} group {g} is not a Mamba or mapped attention group (those: {known})")
             for b in ids:
                 if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < self.num_blocks:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
@@ -173,20 +187,58 @@ def pair_tail(local: list, remote: list, groups) -> tuple[dict[int, list[int]], 
     return mine, theirs
 
 
+def pair_attention(local: list, remote: list, groups) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+    """Per attention group, (decode ids, prefill ids) paired as vLLM pairs full-attention blocks of one size:
+    a shorter decode list is the uncomputed suffix (a local prefix hit: the prefill's tail), a longer one
+    is cut to the prefill's count."""
+    mine, theirs = {}, {}
+    for g in groups:
+        lo = list(local[g]) if g < len(local) else []
+        re = list(remote[g]) if g < len(remote) else []
+        n = min(len(lo), len(re))
+        if n:
+            mine[g], theirs[g] = (lo, re[len(re) - n :]) if len(lo) <= len(re) else (lo[:n], re)
+    return mine, theirs
+
+
+def only_moved(pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """`blocks` restricted to the groups `pair` moves (the ids one source packs or one decode rank scatters)."""
+    keep = pair_groups(pair, geom)
+    return {g: list(ids) for g, ids in blocks.items() if g in keep}
+
+
+def pair_groups(pair: PairPlan, geom: StateGeometry) -> list[int]:
+    """The groups a pair moves: the Mamba groups where it has state, the attention groups where its plan
+    carries KV (TP sizes that do not divide: `hybrid_kv.vllm.anytp`)."""
+    groups = list(geom.groups) if pair.state is not None else []
+    if len(pair.kv):
+        if len(pair.kv) != 1 or pair.period != geom.kv_block_size:
+            raise ValueError(f"KV plan of period {pair.period} for {geom.kv_block_size}-token blocks on both sides")
+        groups += geom.attn_groups
+    return groups
+
+
 def state_chunk(
     pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str, shapes: Shapes
 ) -> Chunk:
-    """A request's state chunk for one pair on this rank (block ids per Mamba group, checked)."""
-    if pair.state is None:
-        raise ValueError(f"prefill rank {pair.src_rank} holds no state for decode rank {pair.dst_rank}")
-    counts = tuple(len(blocks.get(g, ())) for g in geom.groups)
+    """A request's chunk for one pair on this rank (block ids per group, checked): its state, and its
+    attention KV where the pair's plan carries KV (one whole block per paired block, equal block sizes)."""
+    groups = pair_groups(pair, geom)
+    if not groups:
+        raise ValueError(f"prefill rank {pair.src_rank} holds nothing for decode rank {pair.dst_rank}")
+    stray = sorted(g for g, ids in blocks.items() if len(ids) and g not in groups)
+    if stray:
+        who = f"{pair.src_rank}->{pair.dst_rank}"
+        raise ValueError(f"{side}: block ids for groups {stray}, which pair {who} does not move (it moves {groups})")
+    counts = tuple(len(blocks.get(g, ())) for g in groups)
 
     def build() -> ChunkShape:
         layer, index = geom.slots(
-            {g: list(range(sum(counts[:i]), sum(counts[: i + 1]))) for i, g in enumerate(geom.groups)}
+            {g: list(range(sum(counts[:i]), sum(counts[: i + 1]))) for i, g in enumerate(groups)}, groups
         )
-        tpl = np.full(len(layer), pair.state, dtype=np.int64)
+        kv = int(pair.kv[0]) if len(pair.kv) else -1
+        tpl = np.where(geom.kind[layer] == 1, kv, -1 if pair.state is None else pair.state).astype(np.int64)
         return shape_of(pair, geom.pages, tpl, layer, index, sum(counts))
 
-    shape = shapes.get(pair, geom.pages, ("state", side, counts), build)
-    return shape.with_ids([b for g in geom.groups for b in blocks.get(g, ())], side)
+    shape = shapes.get(pair, geom.pages, ("state", side, tuple(groups), counts), build)
+    return shape.with_ids([b for g in groups for b in blocks.get(g, ())], side)

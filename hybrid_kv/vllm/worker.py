@@ -15,12 +15,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPu
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.vllm import auto
+from hybrid_kv.vllm.anytp import AnyTP, refuse_non_dividing
 from hybrid_kv.vllm.base import PackedWorker, log
 from hybrid_kv.vllm.receive import PackedReceive
 
 
-class HybridKVWorker(PackedWorker, PackedReceive, NixlPullConnectorWorker):
-    """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source."""
+class HybridKVWorker(PackedWorker, AnyTP, PackedReceive, NixlPullConnectorWorker):
+    """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source (and
+    attention KV with it where the TP sizes do not divide each other: `hybrid_kv.vllm.anytp`)."""
 
     def __init__(self, vllm_config, engine_id: str, kv_cache_config, mode: str = "packed") -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config, mode)
@@ -28,8 +30,16 @@ class HybridKVWorker(PackedWorker, PackedReceive, NixlPullConnectorWorker):
 
     # ---- handshake ------------------------------------------------------------------------------------
 
+    def register_kv_caches(self, kv_caches) -> None:
+        super().register_kv_caches(kv_caches)
+        self._hkv_any_tp()
+
     def _nixl_handshake(self, host: str, port: int, remote_tp_size: int, expected_engine_id: str, *args, **kwargs):
         self._hkv_peer_addr = (host, port)  # handshakes run one at a time on the initiator thread
+        if self._hkv_geom is None:  # no state: vLLM's worker as it is (refusing TP sizes that do not divide)
+            refuse_non_dividing(remote_tp_size, self.world_size, "the model has no recurrent state to pack")
+        elif self._hkv_foreign(remote_tp_size):  # before any NIXL agent is added: refused here, with the reason
+            self._hkv_plans.sources(remote_tp_size, self.world_size)
         return super()._nixl_handshake(host, port, remote_tp_size, expected_engine_id, *args, **kwargs)
 
     def add_remote_agent(
@@ -42,7 +52,10 @@ class HybridKVWorker(PackedWorker, PackedReceive, NixlPullConnectorWorker):
                 raise RuntimeError("hybrid-kv: add_remote_agent called outside a NIXL handshake")
             self._hkv_connect(key, remote_tp_size, *self._hkv_peer_addr)
         try:
-            name = super().add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
+            if self._hkv_foreign(remote_tp_size):
+                name = self._hkv_add_foreign_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
+            else:
+                name = super().add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
         except BaseException:
             if fresh:
                 self._hkv_links.pop(key).close()
@@ -55,6 +68,8 @@ class HybridKVWorker(PackedWorker, PackedReceive, NixlPullConnectorWorker):
         """auto: decide once per prefill engine (on the handshake thread); tell each of its ranks that
         reads the stock way to stop staging for this rank."""
         link = self._hkv_links[key]
+        if key[0] not in self.hkv_auto and self._hkv_foreign(remote_tp):
+            self.hkv_auto[key[0]] = {"reads": "packed", "why": "TP sizes do not divide: vLLM has no descriptors"}
         if key[0] not in self.hkv_auto:
             try:
                 choice = auto.choose(self, remote_tp, agent_name, link.peer["staging"])
@@ -77,7 +92,7 @@ class HybridKVWorker(PackedWorker, PackedReceive, NixlPullConnectorWorker):
         super().start_load_kv(metadata)
         finished = getattr(metadata, "push_finished_blocks", None)
         if self._hkv_server is not None and finished and self._hkv_geom is not None:
-            groups = self._hkv_geom.groups
+            groups = self._hkv_geom.groups + self._hkv_geom.attn_groups  # (KV only for pairs that move it)
             todo = {}  # prefills done: pack now (one launch), before any decode rank asks
             for req_id, ids in finished.items():
                 blocks = {g: list(ids[g]) for g in groups if g < len(ids) and ids[g]}
