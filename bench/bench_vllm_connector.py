@@ -80,11 +80,14 @@ def _telemetry(engines, key: str) -> list[int]:
     return [sum(c.connector_worker.xfer_stats.data[key]) for e in engines for c in e.conns]
 
 
-def one(name: str, ptp: int, dtp: int, row: str, iters: int, tokens: int, tmp: Path) -> dict:
+EDITS = {"heads12": U.heads12}  # (tests/vllm_util.py)
+
+
+def one(name: str, ptp: int, dtp: int, row: str, iters: int, tokens: int, tmp: Path, edit: str | None = None) -> dict:
     kind, mode = row.split(":")
     push = kind == "push"
     os.environ["HYBRID_KV_TRANSFER"] = mode
-    path = U.model_dir(tmp, name, trim=False)
+    path = U.model_dir(tmp, name, EDITS[edit] if edit else None, trim=False)
     extra = {"hybrid_kv_staging_bytes": 512 << 20}
     p = U.build_engine(path, name, ptp, "prefill", blocks=4, extra=extra, push=push)
     d = U.build_engine(path, name, dtp, "decode", blocks=4, extra=extra, push=push)
@@ -120,7 +123,7 @@ def one(name: str, ptp: int, dtp: int, row: str, iters: int, tokens: int, tmp: P
         chose = sorted({ch["reads"] for c in d.conns for ch in getattr(c.connector_worker, "hkv_auto", {}).values()})
         ms, cpu_ms = np.array(lat) * 1e3, np.array(cpu) * 1e3
         return {
-            "model": name,
+            "model": name + (f"+{edit}" if edit else ""),
             "pair": f"{ptp}->{dtp}",
             "connector": kind,
             "mode": mode,
@@ -148,6 +151,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--out", default="bench/results/vllm_connector_cpu.txt")
+    ap.add_argument("--edit", choices=sorted(EDITS), help="a config edit (heads12: TP 2, 3, 4, 6 all shard it)")
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +160,8 @@ def main() -> None:
                 ptp, dtp = map(int, pair.split(":"))
                 for rnd in range(a.rounds):
                     for row in a.rows:
-                        r = one(name, ptp, dtp, row, a.iters, a.tokens, Path(tmp) / f"{name}{pair}{row}{rnd}")
+                        where = Path(tmp) / f"{name}{pair}{row}{rnd}"
+                        r = one(name, ptp, dtp, row, a.iters, a.tokens, where, a.edit)
                         rows.append({**r, "round": rnd})
                         print(rows[-1], flush=True)
     env = environment("cpu")
@@ -168,7 +173,7 @@ def main() -> None:
         "included)"
     )
     head = (
-        f"{'model':<20} {'pair':<5} {'conn':<5} {'mode':<14} {'descr/req':>10} {'state':>6} {'MB/req':>8} "
+        f"{'model':<28} {'pair':<5} {'conn':<5} {'mode':<14} {'descr/req':>10} {'state':>6} {'MB/req':>8} "
         f"{'p50 ms':>8} {'p10-p90 ms':>14} {'cpu ms':>7} ok"
     )
     lines.append(head)
@@ -176,7 +181,7 @@ def main() -> None:
         st = "-" if r["state_descriptors"] is None else f"{r['state_descriptors']:g}"
         mode = r["mode"] + (f" ({r['auto_chose']})" if r["auto_chose"] else "")
         lines.append(
-            f"{r['model']:<20} {r['pair']:<5} {r['connector']:<5} {mode:<14} {r['descriptors']:>10g} {st:>6} "
+            f"{r['model']:<28} {r['pair']:<5} {r['connector']:<5} {mode:<14} {r['descriptors']:>10g} {st:>6} "
             f"{r['bytes'] / 1e6:>8.1f} {r['p50_ms']:>8.1f} {r['p10_ms']:>6.1f}-{r['p90_ms']:<7.1f} "
             f"{r['cpu_ms']:>7.1f} {r['verified']}"
         )

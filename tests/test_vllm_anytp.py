@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import vllm_util as U
 from vllm_pair import assert_exact
 from vllm_steps import recv_meta, run_until, send_meta, step
 
@@ -20,16 +21,8 @@ pytestmark = pytest.mark.usefixtures("ds_layout")
 
 
 def sixes(c: dict) -> None:
-    c.update(
-        num_hidden_layers=4,
-        linear_num_key_heads=12,
-        linear_num_value_heads=24,
-        num_attention_heads=24,
-        num_key_value_heads=12,
-        intermediate_size=6144,
-        moe_intermediate_size=768,
-        shared_expert_intermediate_size=768,
-    )
+    U.heads12(c)
+    c.update(num_hidden_layers=4)
 
 
 def sources_of(p_tp: int, d_tp: int, d: int) -> list[int]:

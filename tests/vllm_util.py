@@ -36,6 +36,21 @@ MODELS = {
 }
 
 
+def heads12(c: dict) -> None:
+    """Qwen3-Next's real config with 12 KV heads and 12/24 GDN key/value heads (and MLP sizes that split by
+    3), so that TP 2, 3, 4 and 6 all shard it: the model of the pairs whose TP sizes do not divide (4 -> 6 is
+    "12 KV heads shard at 6, not at 8")."""
+    c.update(
+        linear_num_key_heads=12,
+        linear_num_value_heads=24,
+        num_attention_heads=24,
+        num_key_value_heads=12,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        shared_expert_intermediate_size=768,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -173,32 +173,35 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
-def pair_tail(local: list, remote: list, groups) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+Paired = tuple[dict[int, list[int]], dict[int, list[int]]]
+
+
+def _paired(local: list, remote: list, groups, cut) -> Paired:
+    """Per group with ids on both sides, `cut(this side's ids, the other's, n = the shorter count)`."""
+    mine, theirs = {}, {}
+    for g in groups:
+        lo = list(local[g]) if g < len(local) else []
+        re = list(remote[g]) if g < len(remote) else []
+        n = min(len(lo), len(re))
+        if n:
+            mine[g], theirs[g] = cut(lo, re, n)
+    return mine, theirs
+
+
+def pair_tail(local: list, remote: list, groups) -> Paired:
     """Per Mamba group, (this side's ids, the other side's ids) paired from the tail like vLLM (the running
     state is the last block); groups without a pair are left out (vLLM binds a load with no groups at all,
     `()`, when the decode side's prefix cache holds every block)."""
-    mine, theirs = {}, {}
-    for g in groups:
-        lo = list(local[g]) if g < len(local) else []
-        re = list(remote[g]) if g < len(remote) else []
-        n = min(len(lo), len(re))
-        if n:
-            mine[g], theirs[g] = lo[len(lo) - n :], re[len(re) - n :]
-    return mine, theirs
+    return _paired(local, remote, groups, lambda lo, re, n: (lo[len(lo) - n :], re[len(re) - n :]))
 
 
-def pair_attention(local: list, remote: list, groups) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
+def pair_attention(local: list, remote: list, groups) -> Paired:
     """Per attention group, (decode ids, prefill ids) paired as vLLM pairs full-attention blocks of one size:
     a shorter decode list is the uncomputed suffix (a local prefix hit: the prefill's tail), a longer one
     is cut to the prefill's count."""
-    mine, theirs = {}, {}
-    for g in groups:
-        lo = list(local[g]) if g < len(local) else []
-        re = list(remote[g]) if g < len(remote) else []
-        n = min(len(lo), len(re))
-        if n:
-            mine[g], theirs[g] = (lo, re[len(re) - n :]) if len(lo) <= len(re) else (lo[:n], re)
-    return mine, theirs
+    return _paired(
+        local, remote, groups, lambda lo, re, n: (lo, re[len(re) - n :]) if len(lo) <= len(re) else (lo[:n], re)
+    )
 
 
 def only_moved(pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
