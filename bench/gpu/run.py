@@ -55,13 +55,15 @@ def steps(out: Path, gpu: bool) -> list[dict]:
     """(name, command on GPU, CPU smoke command, limit in seconds, what it needs)."""
     kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,nemotron-h-8b:2:4"
     one = "tests/test_kernels.py::test_triton_non_integer_ratio_random_ids[cuda]"
+    # the kernels and the staging pool (its stream/event ordering is only real on a GPU); no vLLM there
+    ctests = ["tests/test_kernels.py", "tests/test_staging.py"]
     return [
         dict(
             name="cuda-tests",
             needs=["gpu"],
             limit=240,
-            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", "tests/test_kernels.py", f"--junitxml={out}/cuda-tests.xml"],
-            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", "tests/test_kernels.py"],
+            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", *ctests, f"--junitxml={out}/cuda-tests.xml"],
+            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", *ctests],
         ),
         dict(
             name="kernels",
@@ -114,7 +116,8 @@ def steps(out: Path, gpu: bool) -> list[dict]:
             gpu=[
                 "bash",
                 "-c",
-                f"hybrid-kv transfer --model nemotron-h-8b --prefill-tp 1 --decode-tp 2 --device cuda --mode both "
+                f"{PY} -m hybrid_kv.cli transfer --model nemotron-h-8b --prefill-tp 1 --decode-tp 2 --device cuda "
+                f"--mode both "
                 f"--verify --json > {out}/transfer-verified.json && "
                 f"{PY} bench/bench_transfer.py --device cuda --repeats 3 --csv {out}/transfer.csv "
                 "--cases nemotron-h-8b:1:2:8192:8,falcon-h1-0.5b:2:4:8192:8,qwen3.5-27b:1:8:8192:8",
