@@ -337,8 +337,14 @@ def main() -> None:
     DEVICE[0] = a.device
     torch.set_num_threads(1)
     rows = []
+    import importlib.util
+
+    have_vllm = importlib.util.find_spec("vllm") is not None  # the GPU host's image has no vLLM
     for name, ptp, dtp in ROWS:
-        rows.append(vllm_row(name, ptp, dtp, a.tokens, a.iters))
+        if have_vllm:
+            rows.append(vllm_row(name, ptp, dtp, a.tokens, a.iters))
+        else:
+            rows.append({"model": name, "prefill_tp": ptp, "decode_tp": dtp, "path": "vllm", "skipped": "no vllm"})
         rows.append(transport_row(name, ptp, dtp, a.tokens, a.iters))
         if not a.json:
             for r in rows[-2:]:

@@ -65,6 +65,10 @@ def truncated_config(model: str, layers: tuple[int, int], out: Path) -> str:
         tc["num_hidden_layers"] = len(kinds)
     elif "hybrid_override_pattern" in cfg:
         cfg["hybrid_override_pattern"] = "".join("*" if k == "attention" else "M" for k in kinds)
+    elif cfg.get("model_type") == "falcon_h1":
+        # every Falcon-H1 layer holds both a Mamba2 mixer and attention: keep the first `state` layers
+        cfg["num_hidden_layers"] = layers[0]
+        layers = (layers[0], layers[0])
     else:
         raise ValueError(f"no truncation rule for {model}")
     path = out / f"{model}-{layers[0]}s{layers[1]}a"
