@@ -17,6 +17,7 @@ from vllm.logger import init_logger
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pool import Slot
+from hybrid_kv.vllm.held import holding, send_held
 from hybrid_kv.vllm.state import only_moved, pair_attention, pair_tail, state_chunk
 
 log = init_logger("vllm.hybrid_kv")
@@ -41,6 +42,7 @@ class RecvState:
     push: object = None  # push mode: the grant's progress (`push_recv.Granted`)
     remote_of: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # source -> its ids, where not all
     foreign: bool = False  # TP sizes that do not divide: attention KV moves here too, no stock READ
+    held: list = field(default_factory=list)  # the stock READ's notifications, sent once every READ completed
 
     def blocks_of(self, p: int) -> dict[int, list[int]]:
         """The prefill block ids source `p` packs (all of `remote` unless its pair moves fewer groups)."""
@@ -287,8 +289,9 @@ class PackedReceive(StateReceive):
                 log.error("hybrid-kv: posting the state READs of %s failed: %s", req_id, e)
                 self._handle_failed_transfer(req_id, None, self._recv_failures)
                 continue
-            # The stock READ (attention KV; notify-only for state-only sources) goes last: its notification
-            # lets the prefill side free the request's blocks, which is safe now that they are packed.
+            # The stock READ (attention KV; notify-only for state-only sources) goes last, its notification
+            # held: it lets the prefill side free the request's blocks and staging, so it is sent once the
+            # state READs have completed too (`held`).
             if recv.foreign:  # all of it packed: the sources are notified once its READs have completed
                 continue
             stock = copy.copy(recv.meta)
@@ -299,7 +302,8 @@ class PackedReceive(StateReceive):
                 [] if g in groups else ids for g, ids in enumerate(recv.meta.local_physical_block_ids)
             ]
             stock.remote.block_ids = [[] if g in groups else ids for g, ids in enumerate(recv.meta.remote.block_ids)]
-            super()._read_blocks_for_req(req_id, stock)
+            with holding(self, recv.engine_id, recv.held):
+                super()._read_blocks_for_req(req_id, stock)
 
     def _post_reads(self, req_id: str, recv: RecvState, staged: dict[int, list[tuple[int, int, int]]]) -> None:
         nx, mem = self.nixl_wrapper, self.nixl_memory_type
@@ -321,6 +325,10 @@ class PackedReceive(StateReceive):
 
     def _pop_done_transfers(self, transfers):
         done, failed = super()._pop_done_transfers(transfers)
+        for req_id in done:  # every READ of these has completed: the sources may free blocks and staging
+            recv = self._hkv_recv.get(req_id)
+            if recv is not None and recv.held:
+                send_held(self, req_id, recv.held)
         landed = []
         for req_id in list(done):
             recv = self._hkv_recv.get(req_id)
