@@ -86,7 +86,17 @@ def pairs(tmp_path, monkeypatch):
     for p in made:
         p.close()
     made.clear()
-    # vLLM's workers sit in reference cycles (executors, callbacks): left to the cyclic collector, each
-    # closed engine's NIXL agents (4 UCX progress threads each) would keep polling for minutes, and the
-    # later tests of a run would share the 2 cores with them
-    gc.collect()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """After each test on vLLM's objects, once pytest has let go of the test too: collect its engines.
+
+    vLLM's workers sit in reference cycles (executors, callbacks), and until pytest's teardown ends its
+    log records of the test's call phase can still reach them (record arguments, exception tracebacks), so
+    a collection inside a fixture's teardown is too early. Left to the cyclic collector, a closed engine's
+    NIXL agents stay alive for minutes, and their UCX progress threads poll without sleeping (vLLM's
+    default): on CI's 2 cores, the later tests of a run would share the machine with them."""
+    yield
+    if item.module is not None and item.module.__name__.startswith("test_vllm_"):
+        gc.collect()

@@ -24,6 +24,16 @@ from hybrid_kv.layout import RankLayout
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_config, spec_from_config
 
+# vLLM's audio module keeps the ImportError of its optional torchcodec (which the set-up uninstalls) in a
+# module global, and with it the traceback's whole stack. Imported lazily inside the first build_engine, that
+# stack kept the first engine of the process alive for good: its KV caches and its NIXL agents, whose UCX
+# progress threads poll without sleeping (vLLM's default), a core each for the rest of the run on CI's 2-core
+# machine. Imported here, the stack it keeps is this module's import.
+try:
+    import vllm.multimodal.media.audio  # noqa: F401
+except ImportError:
+    pass
+
 # preset -> (family, config edits that trim it to a few layers of the real dims, --block-size). The block
 # size is what vLLM's alignment picks at TP 1 (the largest of any TP): given as --block-size, both
 # sides of every TP pair get it, so the oracle compares whole attention blocks.
