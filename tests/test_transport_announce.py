@@ -377,3 +377,22 @@ def test_malformed_messages_after_the_handshake(pair):
             other.close()
     done = run(src, dec, reqs)  # and the first decode rank's connection was not disturbed
     assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+
+
+def test_decode_agent_name_already_held_is_refused_and_the_source_keeps_serving(pair, monkeypatch):
+    """A second decode endpoint whose NIXL agent bears the name of one the prefill rank holds already (NIXL
+    refuses to load it): its hello is refused naming the agent, and the prefill rank's loop goes on serving
+    the first decode rank byte-exact (the refusal used to escape the loop and stop the prefill rank)."""
+    import uuid
+
+    import hybrid_kv.transport.common as common
+
+    src, dec, reqs = pair
+    taken = dec.agent.name.rsplit("-", 1)[1]
+    monkeypatch.setattr(common.uuid, "uuid4", lambda: uuid.UUID(hex=taken + "0" * 16))
+    with pytest.raises(RuntimeError, match=f"decode agent '{dec.agent.name}': NIXL refused its metadata"):
+        DecodeEndpoint(dec.cfg, 1, dec.pcfg, [("127.0.0.1", src.ep.port)], DecodeOptions(handshake_timeout_s=20))
+    monkeypatch.undo()
+    done = run(src, dec, reqs)
+    assert all(r.error is None for r in done.values()), [r.error for r in done.values()]
+    assert dec.mismatches(SEED, reqs, set(done)) == []

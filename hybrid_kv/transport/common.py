@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 import time
+import uuid
 from dataclasses import asdict, dataclass
 
 import torch
@@ -111,6 +112,8 @@ class RankMemory:
         self.cache = torch.empty(self.geom.nbytes, dtype=torch.uint8, device=cfg.device)
         self.staging = torch.zeros(pool_bytes, dtype=torch.uint8, device=cfg.device)
         self.pool = LeasedPool(pool_bytes)
-        self.agent = Agent(f"{role}-{rank}-{id(self):x}")
+        # unique for the process's life: an id() is reused once its object is freed, and a prefill rank
+        # still holding a closed decode rank's agent refuses a new one of that name
+        self.agent = Agent(f"{role}-{rank}-{uuid.uuid4().hex[:16]}")
         self.cache_reg = self.agent.register(self.cache)
         self.staging_reg = self.agent.register(self.staging)

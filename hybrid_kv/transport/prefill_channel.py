@@ -157,7 +157,11 @@ class SideChannel:
                 f"decode rank {dec.tp_rank} of TP {dec.tp_size} reads nothing from prefill rank "
                 f"{self.rank} of TP {self.cfg.tp_size}"
             )
-        peer.agent = self.agent.add_remote(payload)
+        try:
+            peer.agent = self.agent.add_remote(payload)
+        except Exception as e:  # NIXL's refusal (e.g. of an agent name it holds already) ends this hello only
+            name = str(msg["agent"])[:200]
+            raise ValueError(f"decode agent {name!r}: NIXL refused its metadata ({type(e).__name__})") from e
         send_msg(
             peer.sock,
             {
