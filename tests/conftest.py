@@ -98,5 +98,6 @@ def pytest_runtest_protocol(item, nextitem):
     NIXL agents stay alive for minutes, and their UCX progress threads poll without sleeping (vLLM's
     default): on CI's 2 cores, the later tests of a run would share the machine with them."""
     yield
-    if item.module is not None and item.module.__name__.startswith("test_vllm_"):
+    module = getattr(item, "module", None)  # items that are not Python functions have none
+    if module is not None and module.__name__.startswith("test_vllm_"):
         gc.collect()
