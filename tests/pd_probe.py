@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 
+import quiet_nixl
 import torch
 from pd_check import group_ids
 from vllm.v1.kv_cache_interface import MambaSpec
@@ -25,6 +26,7 @@ from vllm.v1.kv_cache_interface import MambaSpec
 from hybrid_kv.vllm import HybridKVConnector, HybridKVPushConnector
 
 LOGGERS = ("vllm.hybrid_kv", "vllm.distributed.kv_transfer")
+quiet_nixl.install()  # every engine process imports this module (the connector's module path) first
 
 
 def _worker():

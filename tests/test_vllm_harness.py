@@ -19,12 +19,17 @@ pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 # it first) only takes the first engine of a process.
 SCRIPT = textwrap.dedent(
     """
-    import gc, sys, weakref
+    import gc, os, sys, weakref
     sys.path.insert(0, sys.argv[1])
     import vllm_util as U
     from pathlib import Path
     eng = U.build_engine(U.model_dir(Path(sys.argv[2]), "jamba-v0.1"), "jamba-v0.1", 1, "e")
     refs = [weakref.ref(c.connector_worker.nixl_wrapper) for c in eng.conns]
+    nice = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            nice[tid] = int(f.read().rsplit(")", 1)[1].split()[16])
+    print("NICED", sum(n == 19 for n in nice.values()), "OF", len(nice))
     eng.shutdown()
     del eng
     gc.collect()
@@ -34,6 +39,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_closed_first_engine_frees_its_nixl_agents(tmp_path):
+    """Also: the harness niced the agent's polling thread (quiet_nixl), and only that thread."""
     env = {"HYBRID_KV_TRANSFER": "packed", "VLLM_SSM_CONV_STATE_LAYOUT": "DS"}
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(Path(__file__).parent), str(tmp_path)],
@@ -45,3 +51,6 @@ def test_closed_first_engine_frees_its_nixl_agents(tmp_path):
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("ALIVE")]
     assert out.returncode == 0 and line, out.stdout[-3000:] + out.stderr[-3000:]
     assert line[0] == "ALIVE 0 OF 1", line[0]
+    niced = [ln.split() for ln in out.stdout.splitlines() if ln.startswith("NICED")]
+    # the agent's UCX progress thread, and nothing else of the process (quiet_nixl)
+    assert niced and niced[0][1] == "1", niced

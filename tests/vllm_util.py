@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
+import quiet_nixl
 import torch
 from transport_util import trim_kimi
 
@@ -32,6 +33,10 @@ from hybrid_kv.spec_hf import load_config, spec_from_config
 try:
     import vllm.multimodal.media.audio  # noqa: F401
 except ImportError:
+    pass
+try:  # the agents of the engines built here: their pollers niced (why: quiet_nixl)
+    quiet_nixl.install()
+except ImportError:  # no nixl extra: the vLLM tests skip
     pass
 
 # preset -> (family, config edits that trim it to a few layers of the real dims, --block-size). The block
