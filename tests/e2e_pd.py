@@ -10,8 +10,10 @@ What makes it deterministic:
 - token comparisons run each prompt alone on every engine (bf16 on CPU is not batch-invariant, and an
   engine core may start a step before all of a `generate` call's requests have arrived);
 - each decode request is sent as soon as its prefill finished, as a P/D proxy does: a prefill engine frees
-  blocks nobody asked for after vLLM's `kv_lease_duration` (30 s), and only a decode engine that already
-  holds the request renews that lease;
+  blocks nobody asked for after vLLM's `kv_lease_duration` (30 s by default, 120 s here but in `lease`), and
+  only a decode engine that already holds the request renews that lease;
+- the engines' NIXL progress threads (vLLM's default: on, polling without a pause) are niced by the probe
+  module (`quiet_nixl`), so that they do not take CI's two cores from the engines;
 - the block size is pinned (640 tokens): left to vLLM it is the CPU backend's kernel alignment times
   enough to hold a Mamba page, which came out 640 when these prompts were chosen and 384 on CI's machine
   of 2026-12-03, so the block boundaries the prompts sit on (640/641/642 tokens, the aligned
@@ -214,6 +216,10 @@ def main() -> None:
                 # the control pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
                 # own handshake still checks every dimension and dtype
                 "enforce_handshake_compat": False,
+                # vLLM's lease (30 s) counts from the prefill's end, and the decode engine renews it only after
+                # its first handshake with the prefill engine; on CI's loaded 2-core machine that handshake
+                # once took 65 s. These scenarios check bytes and tokens; the `lease` scenario checks expiry.
+                "kv_lease_duration": 120,
                 **(extra or {}),
             },
             kv_load_failure_policy="fail",  # a failed load must fail the request, not silently recompute
