@@ -235,21 +235,23 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     choices = [c.connector_worker.hkv_auto for c in pair.d.conns]
     assert all(list(ch) == [pair.p.engine_id] for ch in choices), choices
-    got = {ch[pair.p.engine_id]["reads"] for ch in choices}
-    assert len(got) == 1 and (reads is None or got == {reads}), choices
-    reads = got.pop()
+    got = [ch[pair.p.engine_id]["reads"] for ch in choices]
+    # each rank decides on its own inputs: measured ones may differ between ranks (both choices are exact),
+    # so what follows is counted per rank
+    assert reads is None or set(got) == {reads}, choices
     if desc_us is None:
-        ch = choices[0][pair.p.engine_id]
-        assert ch["copy_gbps"] > 0 and ch["desc_cost_us"] >= 0, ch
+        for ch in choices:
+            assert ch[pair.p.engine_id]["copy_gbps"] > 0 and ch[pair.p.engine_id]["desc_cost_us"] >= 0, ch
     servers = [c.connector_worker._hkv_server for c in pair.p.conns]
-    links = sum(len(c.connector_worker._hkv_links) for c in pair.d.conns)
-    assert sum(s.received.get("mode", 0) for s in servers) == (links if reads == "stock" else 0)
+    links = [len(c.connector_worker._hkv_links) for c in pair.d.conns]
+    stock_links = sum(n for n, r in zip(links, got) if r == "stock")
+    assert sum(s.received.get("mode", 0) for s in servers) == stock_links
     for c in pair.p.conns:  # the prefills of the other requests finish
         S.step(c, S.send_meta(rest))
     for s in servers:  # the prepacker has run
         s._prepacker.submit(lambda: None).result(timeout=30)
     staged = sum(len(s._staged) for s in servers)
-    assert staged == (0 if reads == "stock" else links * len(rest))
+    assert staged == (sum(links) - stock_links) * len(rest)
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
@@ -257,10 +259,10 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     assert not any(failed)
     assert_exact(pair)
     pair.wait_no_leaks()
-    for c in pair.d.conns:
+    for c, r in zip(pair.d.conns, got):
         w = c.connector_worker
-        assert (w.hkv_descriptors == {}) == (reads == "stock"), w.hkv_descriptors
-    if reads == "stock":
+        assert (w.hkv_descriptors == {}) == (r == "stock"), (r, w.hkv_descriptors)
+    if set(got) == {"stock"}:
         assert sum(s.received.get("pack", 0) for s in servers) == 0
 
 
