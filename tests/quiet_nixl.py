@@ -30,20 +30,19 @@ def _state(tid: str) -> str:
 
 def _demote_spinners(before: set[str], samples: int = 40) -> list[int]:
     """Nice 19 for the threads started since `before` that never sleep; returns their ids."""
-    new = sorted(_tasks() - before)
-    runnable = dict.fromkeys(new, 0)
+    spinning = _tasks() - before
     for _ in range(samples):
-        for tid in new:
-            runnable[tid] += _state(tid) == "R"
+        spinning = {tid for tid in spinning if _state(tid) == "R"}  # a sleeper is out at its first "S"
+        if not spinning:
+            break
         time.sleep(0.005)
     out = []
-    for tid, n in runnable.items():
-        if n == samples:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), 19)
-                out.append(int(tid))
-            except OSError:
-                pass
+    for tid in sorted(spinning):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), 19)
+            out.append(int(tid))
+        except OSError:  # the thread ended
+            pass
     return out
 
 

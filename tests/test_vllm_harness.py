@@ -25,11 +25,8 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     eng = U.build_engine(U.model_dir(Path(sys.argv[2]), "jamba-v0.1"), "jamba-v0.1", 1, "e")
     refs = [weakref.ref(c.connector_worker.nixl_wrapper) for c in eng.conns]
-    nice = {}
-    for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/stat") as f:
-            nice[tid] = int(f.read().rsplit(")", 1)[1].split()[16])
-    print("NICED", sum(n == 19 for n in nice.values()), "OF", len(nice))
+    nice = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]
+    print("NICED", nice.count(19), "OF", len(nice))
     eng.shutdown()
     del eng
     gc.collect()
