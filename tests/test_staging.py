@@ -249,6 +249,30 @@ def test_leased_pool_all_or_none_and_expiry():
     assert pool.expire(now=5.0) == 0  # freeing drops the lease too
 
 
+def test_alloc_all_rolls_back_a_partial_allocation():
+    """Bug caught: `alloc_all` returning None without freeing the slots it already took (the first slot fits,
+    the second does not). Also: a later key `alloc` refuses (already held, larger than the pool) frees what
+    the call took before raising; the capacity limit on each side (a set of exactly 1024 bytes fits)."""
+    from hybrid_kv.staging.pool import LeasedPool
+
+    pool = LeasedPool(1024)
+    assert pool.alloc_all([("a", 0), ("a", 1)], [512, 1024]) is None  # 512 fits, then 1024 cannot
+    assert (pool.live, pool.in_use, pool.held(("a", 0))) == (0, 0, None)
+    got = pool.alloc_all([("b", 0), ("b", 1)], [512, 512])  # exactly the capacity: fits
+    assert got is not None and pool.in_use == 1024
+    pool.free_where(lambda k: k[0] == "b")
+    assert pool.alloc_all([("c", 0), ("c", 1)], [512, 513]) is None and pool.in_use == 0  # 16 B over (aligned)
+    pool.alloc_all([("held", 0)], [16])
+    with pytest.raises(ValueError, match=r"staging slot \('held', 0\) is already held"):
+        pool.alloc_all([("d", 0), ("held", 0)], [16, 16])
+    with pytest.raises(ValueError, match="can never fit the 1024-byte staging pool"):
+        pool.alloc_all([("e", 0), ("e", 1)], [16, 1025])
+    with pytest.raises(ValueError, match="2 keys but 1 sizes"):
+        pool.alloc_all([("f", 0), ("f", 1)], [16])
+    assert (pool.live, pool.in_use) == (1, 16), "a refused call left slots held"
+    assert pool.alloc_all([("g", 0)], [1024 - 16]) is not None  # and the freed ranges coalesced
+
+
 def test_packing_pays_hand_built():
     """The shared auto formula on hand-computed numbers: 10 descriptors x 1 µs saved against two copies of
     1000 B at 1 GB/s (1 µs each) at load 1, 5 and 4 (with one 2 µs round trip)."""

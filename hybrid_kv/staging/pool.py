@@ -96,14 +96,21 @@ class LeasedPool(StagingPool):
 
     def alloc_all(self, keys: list[tuple], sizes: list[int], until: float | None = None) -> list[Slot] | None:
         """Every slot or none (None: not all fit now); `until` leases them."""
+        if len(keys) != len(sizes):
+            raise ValueError(f"alloc_all: {len(keys)} keys but {len(sizes)} sizes")
         got: list[Slot] = []
-        for k, n in zip(keys, sizes):
-            slot = self.alloc(k, n)
-            if slot is None:
+        complete = False
+        try:
+            for k, n in zip(keys, sizes):
+                slot = self.alloc(k, n)
+                if slot is None:
+                    return None
+                got.append(slot)
+            complete = True
+        finally:  # a slot that does not fit, or a key or size `alloc` refuses: nothing of `keys` stays held
+            if not complete:
                 for s in got:
                     self.free(s.key)
-                return None
-            got.append(slot)
         if until is not None:
             self.leases.update((k, until) for k in keys)
         return got
