@@ -42,6 +42,12 @@ def test_side_channel_rejects_malformed_and_unknown(pairs):
         send_msg(s, {"type": "hello", "fingerprint": {"architecture": "X"}, "tp_size": 1, "tp_rank": 0})
         head, _ = recv_msg(s, 5)
         assert head["type"] == "error" and "configurations differ (architecture" in head["message"]
+        # Bug caught: the handshake ignoring the connector's own field (vLLM's state layer names and groups)
+        fp = _hello(pair)["fingerprint"]
+        other = [[g, name.replace("layers.", "layers.9")] for g, name in fp["state_layers"]]
+        send_msg(s, {**_hello(pair), "fingerprint": {**fp, "state_layers": other}})
+        head, _ = recv_msg(s, 5)
+        assert head["type"] == "error" and "configurations differ (state_layers: prefill" in head["message"], head
         send_msg(s, {"type": "hello", **{k: v for k, v in _hello(pair).items() if k != "type"}, "tp_size": 3})
         head, _ = recv_msg(s, 5)
         assert head["type"] == "error" and "decode tp_size=3" in head["message"]
@@ -266,16 +272,19 @@ def test_connection_cap_and_message_deadline(pairs, monkeypatch):
 
 def test_link_refuses_a_welcome_it_cannot_use():
     """A hostile or broken prefill side channel (a raw socket server here) whose welcome names a staging
-    region that is not [addr, nbytes, dev] integers, or lacks a fingerprint: the decode rank's link refuses
-    it at the handshake, naming the value, before anything is READ."""
+    region that is not [addr, nbytes, dev] integers, lacks a fingerprint, or whose state layers differ from
+    this rank's (bug caught: the link's comparison dropping the connector's `state_layers` field): the decode
+    rank's link refuses it at the handshake, naming the value, before anything is READ."""
     import threading
 
     from hybrid_kv.layout import RankLayout
     from hybrid_kv.spec_hf import load_spec
     from hybrid_kv.vllm.link import PrefillLink
 
-    fp = RankLayout(load_spec("jamba-v0.1"), 1, 0).fingerprint()
+    fp = {**RankLayout(load_spec("jamba-v0.1"), 1, 0).fingerprint(), "state_layers": [[1, "model.layers.1.mamba"]]}
+    moved = {**fp, "state_layers": [[1, "model.layers.2.mamba"]]}  # another layer holds the state
     for welcome, msg in [
+        ({"fingerprint": moved, "staging": [4096, 10, 0]}, r"differ \(state_layers: prefill \[\[1, 'model.layers.2"),
         ({"fingerprint": fp, "staging": [4096, "1 GiB", 0]}, r"staging=\[4096, '1 GiB', 0\] \(accepted"),
         ({"fingerprint": fp, "staging": [-1, 10, 0]}, r"staging=\[-1, 10, 0\]"),
         ({"fingerprint": fp, "staging": {"addr": 1}}, r"staging=\{'addr': 1\}"),

@@ -9,13 +9,10 @@ from hybrid_kv.plan import fingerprint_diff
 PEER_FIELDS = ("fingerprint", "tp_size", "tp_rank", "cache_block_size", "block_size", "page_bytes", "num_blocks")
 
 
-def check_fingerprints(prefill: dict, decode: dict, *, extra: tuple[str, ...] = ()) -> None:
-    """Refuse a pair whose pages cannot correspond (model, dtypes, layouts, and the `extra` keys, such as
-    the vLLM connector's Mamba layer names and groups)."""
+def check_fingerprints(prefill: dict, decode: dict) -> None:
+    """Refuse a pair whose pages cannot correspond (model, dtypes, layouts, and every field a shell adds,
+    such as the vLLM connector's state layer names and groups: `fingerprint_diff` compares them all)."""
     diff = fingerprint_diff(prefill, decode)
-    for key in extra:
-        if diff is None and prefill.get(key) != decode.get(key):
-            diff = f"{key}: prefill {prefill.get(key)!r} vs decode {decode.get(key)!r}"
     if diff:
         raise ValueError(f"prefill and decode configurations differ ({diff})")
 

@@ -34,11 +34,11 @@ from hybrid_kv.layout import RankLayout
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind
 from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.handshake import check_fingerprints
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
 from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable
 from hybrid_kv.vllm.grants import GrantDesk
-from hybrid_kv.vllm.link import check_fingerprints
 from hybrid_kv.vllm.prepack import PackAtFinish, units
 from hybrid_kv.vllm.state import StateGeometry, state_chunk
 

@@ -9,13 +9,8 @@ import time
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
-from hybrid_kv.staging.handshake import check_fingerprints as check
+from hybrid_kv.staging.handshake import check_fingerprints
 from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg, wait_readable
-
-
-def check_fingerprints(prefill: dict, decode: dict) -> None:
-    """Refuse a pair whose state pages cannot correspond; the message names the differing field."""
-    check(prefill, decode, extra=("state_layers",))
 
 
 class PrefillLink:
