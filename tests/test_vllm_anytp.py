@@ -39,7 +39,11 @@ CASES = [(2, 3), (3, 2), (4, 6)]
 def test_packed_moves_pairs_that_do_not_divide(pairs, caplog, ptp, dtp):
     """Every decode byte equals the oracle's (state and attention KV, and everything else untouched); the
     prefill ranks report each request sent, which vLLM does only once as many decode ranks as read from
-    that rank have notified it; one descriptor per (unit, source rank), nothing of vLLM's own."""
+    that rank have notified it; one descriptor per (unit, source rank), nothing of vLLM's own.
+
+    Bug caught: a consumer count one too high in the notifications (the prefill would then wait for a
+    decode rank that never reads from it, and free the blocks only when vLLM's lease expires): the count is
+    compared with the hand-built source table, and no prefill rank may have released a request by expiry."""
     pair = pairs(MODEL, ptp, dtp, "packed", edit=sixes, n=3)
     _, failed, _ = pair.run()
     assert not any(failed)
@@ -51,9 +55,14 @@ def test_packed_moves_pairs_that_do_not_divide(pairs, caplog, ptp, dtp):
         assert sorted(w._remote_agents["prefill"]) == [(0, p) for p in src]
         assert w.hkv_descriptors == {q.req_id: len(src) for q in pair.reqs}
         assert sum(w.xfer_stats.data["num_descriptors"]) == len(pair.reqs) * len(src)
+    readers = {p: sum(p in sources_of(ptp, dtp, d) for d in range(dtp)) for p in range(ptp)}
+    plans = pair.d.conns[0].connector_worker._hkv_plans
+    assert {p: plans.consumers(ptp, dtp, p) for p in range(ptp)} == readers
     for c in pair.p.conns:  # every consumer notification arrived, and no request is still held
         w = c.connector_worker
         assert not w._reqs_to_send and not w.consumer_notification_counts_by_req
+        expired = len(w.xfer_stats.data["num_kv_expired_reqs"])
+        assert expired == 0, f"prefill rank {w.tp_rank}: {expired} requests freed by lease expiry, not notified"
     # a count below the true number of readers frees a request on its first notification: the next is late
     assert "unrecognized request" not in caplog.text
 
