@@ -280,6 +280,39 @@ def test_a_lying_grant_fails_only_its_request(pairs, monkeypatch, caplog, lie, n
     pair.wait_no_leaks()
 
 
+def test_no_write_starts_inside_the_grants_margin(pairs, monkeypatch, caplog):
+    """The decode rank's fence: a prefill rank starts no WRITE later than a grant's end minus PUSH_MARGIN_S.
+    The prefill's clock is set for each request relative to its grant's end: 10 ms before the margin begins,
+    the request moves byte-exact; 10 ms inside it, it is refused as too late, the decode rank fails it with
+    nothing written into its pages, and the prefill frees both requests' blocks.
+
+    Bug caught: the check against the grant's end without the margin (`now > g.until`), or no check."""
+    from hybrid_kv.staging import messages as M
+    from hybrid_kv.vllm import push_send
+
+    pair = pairs("nemotron-h-8b", 1, 1, "packed", push=True)
+    late, ok = pair.reqs
+    shift = {late.req_id: +0.01, ok.req_id: -0.01}
+    srv = pair.p.conns[0].connector_worker._hkv_server
+    real_take, clock = srv.take_grants, {}
+
+    def take(engine_id, ranks, req):
+        grants = real_take(engine_id, ranks, req)
+        clock["now"] = min(g.until for g in grants.values()) - M.PUSH_MARGIN_S + shift[req]
+        return grants
+
+    monkeypatch.setattr(srv, "take_grants", take)
+    monkeypatch.setattr(push_send, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock["now"])}))
+    S.submit(pair.p, pair.d, pair.reqs, push=True)
+    ids = {q.req_id for q in pair.reqs}
+    _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids}, timeout=60)
+    assert failed[0] == {late.req_id}
+    assert f"grant of {late.req_id} ends in 5.0 s (too late)" in caplog.text, caplog.text[-2000:]
+    want = S.fill(pair.d, [ok], "decode", 12)[0]  # the request in time, the late one's pages untouched
+    assert bool((pair.d.storage(0) == want).all()), "decode pages differ from the request in time + background"
+    pair.wait_no_leaks()
+
+
 @pytest.mark.parametrize("withdrawal", ["heard", "lost"])
 def test_grant_that_ends_before_the_prefill_fails_with_nothing_written(pairs, caplog, withdrawal):
     """The fence: a decode rank's grant ends while the prefill is still running; the decode rank fails the
