@@ -170,6 +170,57 @@ def test_waves_byte_exact_every_mode(tmp_path, model, p, d):
     assert_no_leaks(cl.closed_counts)
 
 
+def test_no_refill_while_a_decode_rank_runs(tmp_path):
+    """A wave's prefill pages are rewritten only once every decode rank ended the wave before: decode rank 1
+    is stopped (SIGSTOP) right after each "go" and continued 0.5 s later by a timer; the driver must not
+    refill while it is stopped, however long that is. The transfers stay byte-exact. The driver also refuses
+    a refill of its own accord while a started rank has not answered.
+
+    Bug caught: the driver refilling after the first decode rank's result (or any rank's) instead of after
+    every rank's: on a quiet machine the stopped rank's READs would usually have ended first, hiding it."""
+    import os
+    import signal
+    import threading
+
+    cfg = small_config(tmp_path, "qwen3.5-0.8b")
+    with Cluster(job(cfg, 1, 2, requests=4, lengths=(700, 33), in_flight=2, concurrency=2)) as cl:
+        stopped, refills, timers = threading.Event(), [], []
+        real_start, real_fill = cl.start_run, cl.fill
+
+        def start_run(*a, **kw):
+            real_start(*a, **kw)
+            os.kill(cl.dprocs[1].pid, signal.SIGSTOP)
+            stopped.set()
+
+            def resume():
+                stopped.clear()
+                os.kill(cl.dprocs[1].pid, signal.SIGCONT)
+
+            timers.append(threading.Timer(0.5, resume))
+            timers[-1].start()
+
+        def fill(wave):
+            refills.append((wave, stopped.is_set()))
+            real_fill(wave)
+
+        cl.start_run, cl.fill = start_run, fill
+        try:
+            r = cl.run("packed")
+        finally:
+            for t in timers:
+                t.join(10)
+            os.kill(cl.dprocs[1].pid, signal.SIGCONT)
+        assert r["verified"] and r["completed"] == 4 and r["waves"] == 2, r["failures"][:2] + r["mismatches"][:2]
+        assert refills == [(1, False)], f"(wave, decode rank 1 still stopped) at each refill: {refills}"
+        cl.start_run = real_start
+        real_start("packed", cl.waves[0])
+        with pytest.raises(RuntimeError, match=r"refill for wave 0 while decode ranks \[0, 1\] still run"):
+            real_fill(0)
+        cl.collect()
+        cl.fill(0)  # every rank answered: allowed
+    assert_no_leaks(cl.closed_counts)
+
+
 def test_transfer_cli_in_flight(tmp_path, capsys):
     """`transfer --in-flight 2` on 3 requests: two waves, both reported, verified."""
     import json

@@ -85,6 +85,7 @@ class Cluster:
         self.pprocs, self.pconns, self.dprocs, self.dconns = [], [], [], []
         self.closed_counts: dict[str, dict] = {}
         self._filled = -1  # the wave whose requests the prefill caches hold
+        self._running: set[int] = set()  # decode ranks told "go" whose result has not come back
         self._failed: set[int] = set()  # ids of pipes whose rank reported failure (and exited)
         self.ready_info: list[dict] = []  # per decode rank: sources, unit budget, cost model
 
@@ -136,7 +137,12 @@ class Cluster:
         return [by[w] for w in sorted(by)]
 
     def fill(self, wave: int) -> None:
-        """Write wave `wave`'s requests into every prefill cache (their "prefill"), over what was there."""
+        """Write wave `wave`'s requests into every prefill cache (their "prefill"), over what was there.
+        Refused while a decode rank may still READ the pages of the wave before (its result not in)."""
+        if self._running:
+            raise RuntimeError(
+                f"refill for wave {wave} while decode ranks {sorted(self._running)} still run the wave before"
+            )
         reqs, bs_d = self.waves[wave], self.plan.decode[0].block_size
         for c in self.pconns:
             c.send(("fill", self.job.seed, reqs, bs_d))
@@ -202,6 +208,7 @@ class Cluster:
             _recv(c, f"decode rank {r} arm", self.job.start_timeout_s, "armed", proc=self.dprocs[r])
         for c in self.dconns:  # all decode ranks start together: latency spans ranks without skew
             c.send(("go",))
+        self._running = set(range(len(self.dconns)))
         if self._mode in ("packed", "auto"):  # the prefills "finish" now: sources pack unasked
             for c in self.pconns:
                 c.send(("prefilled", self._reqs))
@@ -215,6 +222,7 @@ class Cluster:
     def _gather(self, skip: set[int] = frozenset(), progress=None) -> None:
         self.results: dict[int, dict] = {}  # decode rank -> its own rows (`summarize` merges them)
         waiting = {r: c for r, c in enumerate(self.dconns) if r not in skip}
+        self._running -= set(skip)  # killed: it reads nothing any more
         ended = dict.fromkeys(waiting, 0)
         deadline = time.monotonic() + self.job.run_timeout_s
         while waiting:
@@ -225,7 +233,11 @@ class Cluster:
             for r, c in list(waiting.items()):
                 if c not in ready:
                     continue
-                msg = _recv(c, f"decode rank {r} run", 1.0, "result", "progress", proc=self.dprocs[r])
+                try:
+                    msg = _recv(c, f"decode rank {r} run", 1.0, "result", "progress", proc=self.dprocs[r])
+                except RankFailed:  # it ended the run (and reads nothing more)
+                    self._running.discard(r)
+                    raise
                 if msg[0] == "progress":
                     ended[r] = msg[1]
                     if progress is not None:
@@ -234,6 +246,7 @@ class Cluster:
                 ended[r] = len(self._reqs)
                 self.results[r] = msg[1]
                 del waiting[r]
+                self._running.discard(r)
 
     def counts(self) -> dict[str, dict]:
         out = {}
