@@ -3,6 +3,7 @@ oracle's (`write_shards` on a flat cache), and its verifier names exactly the pa
 
 import numpy as np
 import torch
+from bytecheck import assert_same_bytes
 
 from hybrid_kv.batch import CacheGeometry, RequestBlocks
 from hybrid_kv.layout import RankLayout
@@ -52,7 +53,7 @@ def test_page_by_page_equals_the_whole_cache_oracle():
         blocks = RequestBlocks(state, tuple(kv))
         bs = lay.block_size
         fill.write_request(cache, geom, lay, SEED, r["id"], blocks, r["tokens"], bs, bs, "decode")
-    assert torch.equal(cache, _whole_cache_oracle(lay, geom, reqs, {"a", "b"}))
+    assert_same_bytes(cache, _whole_cache_oracle(lay, geom, reqs, {"a", "b"}), "decode cache")
     assert fill.verify_cache(cache, lay, geom.num_blocks, lay.block_size, SEED, reqs, {"a", "b"}) == []
 
 

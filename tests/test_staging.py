@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from bytecheck import assert_same_bytes
 from conftest import preset_cases
 
 from hybrid_kv.plan import TransferPlan
@@ -151,7 +152,7 @@ def test_bad_block_ids_and_staging_ranges_are_refused_before_any_write():
             copier.run([(chunk, offs)])
     with pytest.raises(ValueError, match=r"2 unit offsets for a chunk of 1 units"):
         copier.run([(chunk, [0, 64])])
-    assert torch.equal(staging, before)
+    assert_same_bytes(staging, before, "staging after refused runs")
     copier.run([(chunk, [0])]).wait()
     assert not torch.equal(staging, before)
 
@@ -178,7 +179,7 @@ def test_pack_on_another_thread_waits_for_the_step_that_wrote_the_pages(backend)
         pool.submit(lambda: copier.run([(chunk, [0])], after=[step]).wait()).result()
     torch.cuda.synchronize()
     staged = staging[: int(chunk.unit_bytes[0])]
-    assert bool((staged == 7).all()), "the pack read the pages before the step that wrote them"
+    assert_same_bytes(staged, torch.full_like(staged, 7), "the pack read the pages before the step that wrote them")
 
 
 def test_page_map_checks_the_buffer_once():

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
+from bytecheck import assert_same_bytes
 from transport_util import LoopSource as Source
 from transport_util import sides
 
@@ -84,7 +84,7 @@ def test_lying_source_fails_only_its_requests(pair, monkeypatch, lie):
     got = dec.cache.view(-1, dec.geom.page_bytes)
     want = background.view(-1, dec.geom.page_bytes)
     blocks = victim_pages(dec, reqs[1])
-    assert torch.equal(got[blocks], want[blocks])
+    assert_same_bytes(got[blocks], want[blocks], "the victim's pages")
     assert dec.pool.live == 0 and dec.counts()["in_flight_reads"] == 0
     deadline = time.monotonic() + 10
     while src.ep.pool.live and time.monotonic() < deadline:  # the decode rank released the victim's units

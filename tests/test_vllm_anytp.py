@@ -13,6 +13,7 @@ import logging
 
 import pytest
 import vllm_util as U
+from bytecheck import assert_same_bytes
 from vllm_pair import assert_exact
 from vllm_steps import recv_meta, run_until, send_meta, step
 
@@ -93,9 +94,9 @@ def test_partial_prefix_hit_moves_only_the_missing_blocks(pairs):
         lay_page = pair.d.caches[r][pair.d.kcc.transfer_groups[attn[0]].layer_names[0]]
         page = lay_page.stride(0) * lay_page.element_size()
         off = lay_page.data_ptr() - pair.d.storage(r).data_ptr() + held * page
-        assert (got[off : off + page] == pair.background[r][off : off + page]).all(), "the cached block was written"
+        assert_same_bytes(got[off : off + page], pair.background[r][off : off + page], "the cached block")
         got[off : off + page] = want[r][off : off + page]
-        assert (got == want[r]).all(), f"decode rank {r}: bytes differ from the oracle outside the cached block"
+        assert_same_bytes(got, want[r], f"decode rank {r} outside the cached block, against the oracle")
     pair.wait_no_leaks()
 
 
@@ -114,7 +115,7 @@ def test_refused_naming_both_sizes(pairs, caplog, push):
     else:
         assert "Local tensor parallel size 3 is not divisible by remote tensor parallel size 2" in text
     for r in range(pair.d.tp):
-        assert (pair.d.storage(r) == pair.background[r]).all(), f"decode rank {r} pages were written"
+        assert_same_bytes(pair.d.storage(r), pair.background[r], f"decode rank {r} pages were written")
 
 
 def test_prefill_refuses_kv_blocks_a_pair_does_not_move(pairs):

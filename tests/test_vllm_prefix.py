@@ -20,6 +20,7 @@ pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 
 import vllm_steps as S
+from bytecheck import assert_same_bytes
 from vllm_steps import ALIGN
 
 
@@ -59,9 +60,7 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
     _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed), failed
     for r, w in enumerate(want):
-        got = pair.d.storage(r)
-        bad = (w != got).nonzero().flatten()
-        assert bad.numel() == 0, f"decode rank {r}: {bad.numel()} bytes differ from the oracle, first at {bad[:4]}"
+        assert_same_bytes(pair.d.storage(r), w, f"decode rank {r} against the oracle")
     if mode == "packed":
         pair.wait_no_leaks()
         # the full hit's pushes are dropped when the decode side learns it will not READ them

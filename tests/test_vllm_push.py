@@ -16,6 +16,7 @@ pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 
 import vllm_steps as S
 import vllm_util as U
+from bytecheck import assert_same_bytes
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 from vllm_pair import assert_exact, assert_untouched
@@ -237,8 +238,7 @@ def test_push_with_a_decode_prefix_hit_moves_only_what_is_missing(pairs, mode):
     _, failed, _ = pair.run()
     assert not any(failed)
     for r, w in enumerate(want):
-        bad = (w != pair.d.storage(r)).nonzero().flatten()
-        assert bad.numel() == 0, f"decode rank {r}: {bad.numel()} bytes differ from the oracle, first at {bad[:4]}"
+        assert_same_bytes(pair.d.storage(r), w, f"decode rank {r} against the oracle")
     if mode == "packed":
         pair.wait_no_leaks()
 
@@ -276,7 +276,7 @@ def test_a_lying_grant_fails_only_its_request(pairs, monkeypatch, caplog, lie, n
     assert failed[0] == {bad.req_id}
     assert named in caplog.text, caplog.text[-2000:]
     want = S.fill(pair.d, [good], "decode", 12)[0]  # the good request's pages, the bad one's untouched
-    assert bool((pair.d.storage(0) == want).all()), "decode pages differ from the good request + background"
+    assert_same_bytes(pair.d.storage(0), want, "decode rank 0 against the good request + background")
     pair.wait_no_leaks()
 
 
@@ -309,7 +309,7 @@ def test_no_write_starts_inside_the_grants_margin(pairs, monkeypatch, caplog):
     assert failed[0] == {late.req_id}
     assert f"grant of {late.req_id} ends in 5.0 s (too late)" in caplog.text, caplog.text[-2000:]
     want = S.fill(pair.d, [ok], "decode", 12)[0]  # the request in time, the late one's pages untouched
-    assert bool((pair.d.storage(0) == want).all()), "decode pages differ from the request in time + background"
+    assert_same_bytes(pair.d.storage(0), want, "decode rank 0 against the request in time + background")
     pair.wait_no_leaks()
 
 
@@ -432,7 +432,7 @@ def test_dead_decode_engine_costs_another_decode_engine_nothing(pairs):
     _, failed, _ = S.run_until(pair.p.conns, other.conns, {alive.req_id}, {S.p_id(alive.req_id)}, timeout=60)
     assert not any(failed)
     want = S.fill(other, [alive], "decode", 12)[0]
-    assert bool((other.storage(0) == want).all())
+    assert_same_bytes(other.storage(0), want, "the other decode engine")
     S.run_until(pair.p.conns, [], set(), {S.p_id(dead.req_id)}, timeout=30)  # the lease frees the dead one's
     w = pair.p.conns[0].connector_worker
     deadline = time.monotonic() + 10
