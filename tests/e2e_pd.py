@@ -114,6 +114,44 @@ def _log_lines(out: str, *ids: str) -> list[str]:
     return lines[-12:]
 
 
+def engine(model: str, role: str | None, tp: int, *, push: bool, common: dict, extra: dict | None = None):
+    """One vLLM engine: plain (`role` None), or a P/D engine with HybridKVConnector (HybridKVPushConnector
+    with `push`) plus the page recorder of `pd_probe`, on NIXL/UCX in CPU memory."""
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind(tp)
+    if role is None:
+        return LLM(model=model, tensor_parallel_size=tp, **common)
+    os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_port())
+    kt = KVTransferConfig(
+        kv_connector="ProbePushConnector" if push else "ProbeConnector",
+        kv_connector_module_path="pd_probe",
+        kv_role=role,
+        kv_buffer_device="cpu",
+        kv_connector_extra_config={
+            "hybrid_kv_staging_bytes": 64 << 20,
+            "hybrid_kv_port_offset": 1,
+            # the control pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
+            # own handshake still checks every dimension and dtype
+            "enforce_handshake_compat": False,
+            # vLLM's lease (30 s) counts from the prefill's end, and the decode engine renews it only after
+            # its first handshake with the prefill engine; on CI's loaded 2-core machine that handshake
+            # once took 65 s. These scenarios check bytes and tokens; the `lease` scenario checks expiry.
+            "kv_lease_duration": 120,
+            **(extra or {}),
+        },
+        kv_load_failure_policy="fail",  # a failed load must fail the request, not silently recompute
+    )
+    return LLM(
+        model=model,
+        tensor_parallel_size=tp,
+        kv_transfer_config=kt,
+        worker_extension_cls="pd_probe.ProbeWorker",
+        **common,
+    )
+
+
 def reference(prompts, n_new, make, shutdown, greedy, tokens) -> list[list[int]]:
     """Greedy tokens of one plain engine per prompt, computing exactly what P/D computes: P prefills the
     first N-1 tokens in one step and D runs token N alone from that state. A plain engine with a token
@@ -167,8 +205,7 @@ def main() -> None:
             make_checkpoint(path, seed)
 
     from pd_check import check_request
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
 
     spec = SPEC.get(a.scenario)
     if a.scenario == "spec-ngram" and not torch_has_cuda():
@@ -200,37 +237,7 @@ def main() -> None:
         return SamplingParams(max_tokens=n, temperature=0, detokenize=False, ignore_eos=True, extra_args=extra)
 
     def make(role: str | None, tp: int, model: str = a.model, extra: dict | None = None, **over):
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _bind(tp)
-        if role is None:
-            return LLM(model=model, tensor_parallel_size=tp, **{**common, **over})
-        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(_port())
-        kt = KVTransferConfig(
-            # HybridKVConnector (or HybridKVPushConnector) + the page recorder of pd_probe
-            kv_connector="ProbePushConnector" if push else "ProbeConnector",
-            kv_connector_module_path="pd_probe",
-            kv_role=role,
-            kv_buffer_device="cpu",
-            kv_connector_extra_config={
-                "hybrid_kv_staging_bytes": 64 << 20,
-                "hybrid_kv_port_offset": 1,
-                # the control pairs two checkpoints: vLLM's hash covers the model path, hybrid-kv's
-                # own handshake still checks every dimension and dtype
-                "enforce_handshake_compat": False,
-                # vLLM's lease (30 s) counts from the prefill's end, and the decode engine renews it only after
-                # its first handshake with the prefill engine; on CI's loaded 2-core machine that handshake
-                # once took 65 s. These scenarios check bytes and tokens; the `lease` scenario checks expiry.
-                "kv_lease_duration": 120,
-                **(extra or {}),
-            },
-            kv_load_failure_policy="fail",  # a failed load must fail the request, not silently recompute
-        )
-        return LLM(
-            model=model,
-            tensor_parallel_size=tp,
-            kv_transfer_config=kt,
-            worker_extension_cls="pd_probe.ProbeWorker",
-            **common,
-        )
+        return engine(model, role, tp, push=push, common={**common, **over}, extra=extra)
 
     def shutdown(*llms) -> None:
         for llm in llms:  # engine-core and worker processes must not outlive this script

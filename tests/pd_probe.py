@@ -188,3 +188,16 @@ class ProbeWorker:
         out = os.path.join(path, f"P{w.tp_rank}-{request_id}.pt")
         torch.save(rec, out)
         return out
+
+    def hkv_state(self) -> dict:
+        """What must be zero once every request ended (the soak's leak check): hybrid-kv's slots and
+        requests (`hkv_leaks`), vLLM's transfers and held requests, and the NIXL agents this rank knows."""
+        w = _worker()
+        return {
+            "tp_rank": w.tp_rank,
+            **w.hkv_leaks(),
+            "recving_transfers": sum(len(h) for h in w._recving_transfers.values()),
+            "sending_transfers": sum(len(h) for h in getattr(w, "_sending_transfers", {}).values()),
+            "reqs_to_send": len(w._reqs_to_send),
+            "remote_agents": sum(len(a) for a in w._remote_agents.values()),
+        }
