@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent / "tests"), os.environ.get("PYTHONPATH")) if p)
 os.environ["VLLM_SSM_CONV_STATE_LAYOUT"] = "DS"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["HKV_PROBE_WHOLE"] = "0"  # concurrent receives: the check covers each request's write set
 
 import e2e_pd as E  # noqa: E402  (after the path and the environment the engines inherit)
 
@@ -143,7 +144,13 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
     for eng in engines.values():
         eng.llm_engine.engine_core.shutdown()
     time.sleep(2.0)
-    survivors = [p.pid for ps in procs.values() for p in ps if p.is_running() and p.status() != "zombie"]
+    survivors = []
+    for p in (p for ps in procs.values() for p in ps):
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                survivors.append(" ".join(p.cmdline())[:120])
+        except psutil.NoSuchProcess:
+            pass
     return {
         "flow": flow,
         "prefill_tp": ptp,
@@ -161,7 +168,8 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
         "held_after": held,
         "agents": {side: [r["remote_agents"] for r in ranks] for side, ranks in state.items()},
         "rss_mib": {k: {s: round(v / 2**20) for s, v in m.items()} for k, m in mem.items()},
-        "processes_left": survivors,
+        "processes_left": [c for c in survivors if "resource_tracker" not in c],
+        "helpers_left": [c for c in survivors if "resource_tracker" in c],  # Python's, shared by the engines
     }
 
 

@@ -126,6 +126,9 @@ class _Recorder:
     def __init__(self, vllm_config, role, kv_cache_config) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         self._dir = os.environ.get("HKV_PROBE_DIR")
+        # digests of every page of the rank, for the "nothing else changed" check of requests received alone
+        # (HKV_PROBE_WHOLE=0: a soak of concurrent receives, whose check covers their write sets only)
+        self._whole = os.environ.get("HKV_PROBE_WHOLE", "1") != "0"
         self._loads: dict[str, dict] = {}
         if self._dir and self.connector_worker is not None:
             path = os.path.join(self._dir, f"log-{vllm_config.kv_transfer_config.kv_role}-{os.getpid()}.txt")
@@ -147,7 +150,7 @@ class _Recorder:
                 "remote_block_ids": [list(x) for x in meta.remote.block_ids],
                 "before": snapshot(w, pages),
                 "write_offsets": sorted({_span(w, n, b)[0] for n, b in pages}),
-                "digests_before": digests(w),
+                "digests_before": digests(w) if self._whole else {},
             }
 
     def get_transfer_results(self, finished_req_ids):
@@ -162,7 +165,7 @@ class _Recorder:
                 rec.update(_meta(w), request_id=req_id, failed=failed)
                 if not failed:
                     rec["after"] = snapshot(w, rec["before"])
-                    rec["digests_after"] = digests(w)
+                    rec["digests_after"] = digests(w) if self._whole else {}
                 name = f"D{w.tp_rank}-{rec['remote_request_id']}.pt"
                 torch.save(rec, os.path.join(self._dir, name + ".tmp"))
                 os.replace(os.path.join(self._dir, name + ".tmp"), os.path.join(self._dir, name))
