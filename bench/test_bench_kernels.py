@@ -1,8 +1,8 @@
 """pytest-benchmark view of pack / unpack (run: `pytest bench --benchmark-only`; not part of CI).
 
-Backends: torch everywhere; triton where it runs natively (CUDA). The table script `bench_repack.py`
-adds the copy_ roofline and one-copy-per-run baselines; this file gives pytest-benchmark's statistics
-(and its --benchmark-compare history) for the same cases.
+The shipped copier (`hybrid_kv.staging.copier`): torch everywhere; triton (the slot-copy kernel) where it
+runs natively (CUDA). The table script `bench_repack.py` adds the copy_ and SM-copy baselines; this file
+gives pytest-benchmark's statistics (and its --benchmark-compare history) for the same cases.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import pytest
 import torch
 from bench_repack import bench_buffers
 
-from hybrid_kv import ops
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
 
@@ -32,12 +31,8 @@ def _run(fn):
 @pytest.mark.parametrize("model,p,d", CASES, ids=[f"{m}-{p}to{d}" for m, p, d in CASES])
 def test_repack(benchmark, model, p, d, requests, stage, backend):
     plan = TransferPlan.build(load_spec(model).truncated(8, 2), p, d, 512)
-    batch, cache_p, cache_d, staging, recv = bench_buffers(plan, requests, DEVICE)
-    src, dst, table = (
-        (cache_p, staging, batch.pack_table(0)) if stage == "pack" else (recv, cache_d, batch.unpack_table(0))
-    )
-    launch = ops.Prepared(src, dst, table, backend=backend)
+    copier, jobs = bench_buffers(plan, requests, DEVICE, backend)[stage]
     benchmark.extra_info.update(
-        bytes_rw=2 * int(launch.table[:, 2:4].prod(axis=1).sum()), segments=launch.segments, device=DEVICE
+        bytes_rw=2 * sum(sum(c.unit_bytes) for c, _ in jobs), slots=sum(len(c.tpl) for c, _ in jobs), device=DEVICE
     )
-    benchmark(_run, lambda: launch(src, dst))
+    benchmark(_run, lambda: copier.run(jobs).wait())

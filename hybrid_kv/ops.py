@@ -1,12 +1,13 @@
-"""pack / unpack: execute a segment table (see `hybrid_kv.batch`) between two flat byte buffers.
+"""Segment tables (see `hybrid_kv.batch`) between two flat byte buffers, and the backend choice.
 
-Backends:
-* ``torch``  - the reference: one strided-view copy per segment (any device).
-* ``triton`` - one kernel launch for the whole table (`hybrid_kv.kernels.segment_copy`); natively on
-  CUDA, and on CPU tensors under ``TRITON_INTERPRET=1``.
+`copy_segments` / `Prepared` execute a plan's absolute segment tables with torch strided copies: the
+plan-level reference of the harness (`run_packed`, `run_strided`) and of the round-trip tests. The shipped
+copy, which both shells and `hybrid-kv repack` launch, is the staging copier's slot-copy kernel
+(`hybrid_kv.staging.copier`, `hybrid_kv.kernels.slot_copy`).
 
-Selection: the ``backend`` argument, else ``HYBRID_KV_BACKEND=triton|torch``, else triton for CUDA
-tensors and torch for CPU tensors. A backend that cannot run is an error, never a silent fallback.
+Backend selection for that copier: the ``backend`` argument, else ``HYBRID_KV_BACKEND=triton|torch``, else
+triton for CUDA tensors and torch for CPU tensors. A backend that cannot run is an error, never a silent
+fallback.
 """
 
 from __future__ import annotations
@@ -91,22 +92,20 @@ class Prepared:
         if s.device != d.device:
             raise ValueError(f"source on {s.device} but destination on {d.device}")
         self.table = check_table(table, s.numel(), d.numel())
-        self.backend = resolve_backend(backend, d.device)
+        if backend not in (None, "torch"):
+            raise ValueError(
+                f"backend={backend!r}: segment tables run on torch only (the plan-level reference); the "
+                "Triton kernel runs through the staging copier (Harness.run_staged, hybrid-kv repack)"
+            )
+        self.backend = "torch"
         self.segments = len(self.table)
-        self._launch = None
-        if self.backend == "triton":
-            from hybrid_kv.kernels.segment_copy import prepare_triton
-
-            self._launch = prepare_triton(s, d, self.table)
         self._shape = (s.data_ptr(), s.numel(), d.data_ptr(), d.numel())
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         s, d = as_bytes(src), as_bytes(dst)
         if (s.data_ptr(), s.numel(), d.data_ptr(), d.numel()) != self._shape:
             raise ValueError("prepared segment table launched on other buffers than it was prepared for")
-        if self._launch is not None:
-            self._launch(s, d)
-        elif self.segments:
+        if self.segments:
             _copy_torch(s, d, self.table)
 
 

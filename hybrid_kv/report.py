@@ -271,14 +271,15 @@ def print_repack(rep: dict) -> None:
         title=f"repack {rep['model']} TP {rep['prefill_tp']} -> {rep['decode_tp']}, {_n(rep['requests'], 'request')}, "
         f"backend {rep['backend']} on {rep['device']}"
     )
-    for col in ("stage", "bytes (read+written)", "segments", "launches", "median ms", "min ms", "max ms", "GB/s"):
+    for col in ("stage", "bytes (read+written)", "slots", "tiles", "launches", "median ms", "min ms", "max ms", "GB/s"):
         t.add_column(col, justify="right")
     for name in ("pack", "unpack"):
         s = rep[name]
         t.add_row(
             name,
             _fmt(s["bytes"]),
-            _fmt(s["segments"]),
+            _fmt(s["slots"]),
+            "-" if s["tiles"] is None else _fmt(s["tiles"]),
             str(s["launches"]),
             f"{s['median_ms']:.3f}",
             f"{s['min_ms']:.3f}",

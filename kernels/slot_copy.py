@@ -1,31 +1,30 @@
 """Slot copy: one launch packs (or scatters) every slot of every request that is ready in one step.
 
-A *slot* is one layer's page region of one block for one (prefill rank -> decode rank) pair; what to copy
-inside it is a static *template* of tiles ``(page_rel, stage_rel, nbytes)``, built once per pair and kept
-on the device (`TileTable`). Per request only a small int64 array crosses to the device, one row per slot::
-
-    (page_base, stage_base, tile_lo, tile_n)      # bytes, bytes, first tile, tile count
-
-and the kernel computes every address itself: program (s, t) copies tile `tile_lo + t` of slot `s`
-between ``page_base + page_rel`` and ``stage_base + stage_rel``, in the direction `PACK` selects.
+The tables it reads (slot rows, the tile table) and its torch reference are in `tiles.py`. The grid is flat:
+one program per tile of the launch, so no program idles behind a slot with fewer tiles than the largest
+(a grid of slots x the largest slot's tile count left most programs of a conv-heavy step empty). Program
+`t` finds its slot by binary search over the slots' first program, then copies tile `tile_lo + t - first`
+between ``page_base + page_rel`` and ``stage_base + stage_rel``, in the direction `PACK` selects, in
+steps of two blocks whose loads are both issued before either store. The loop runs to the tile's own
+length, not to the largest tile's.
 
 Buffers are viewed with the widest element (4, 2 or 1 bytes) that divides every static offset, length and
 base (the caller computes it once per table and page map); offsets are hinted as multiples of 16 bytes
-where they are. This module is a leaf: torch, numpy and triton only.
+where they are, so the compiler can emit 16-byte accesses. No autotuning: a trial launch would write into
+live pages. Block and warp sizes come from the hand-set `CONFIGS` by the table's mean tile length (set
+without a GPU in this issue's session; see bench/RESULTS.md for what was measured where).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
+from hybrid_kv.kernels.tiles import TileTable
 
-TILE_BYTES = 32 * 1024
-BLOCK_BYTES = 4 * 1024
-NUM_WARPS = 4
-MAX_TILES_PER_SLOT = 65535  # grid axis 1 limit
-SLOT_COLUMNS = ("page_base", "stage_base", "tile_lo", "tile_n")
+# (mean tile bytes up to, block bytes, warps): small tiles (conv slices, a few KiB) take fewer threads so a
+# program is not mostly masked; large ones (SSM slices, attention blocks) 4 KiB steps with 4 warps.
+CONFIGS = ((4096, 1024, 2), (1 << 62, 4096, 4))
 
 
 @triton.jit
@@ -33,88 +32,49 @@ def _slot_copy_kernel(
     page_ptr,
     stage_ptr,
     tiles_ptr,  # int64 [n_tiles, 3]: page_rel, stage_rel, nbytes
-    slots_ptr,  # int64 [n_slots, 4]: page_base, stage_base, tile_lo, tile_n (bytes / tile indices)
+    slots_ptr,  # int64 [n_slots, 5]: page_base, stage_base, tile_lo, tile_n, first (bytes / tile indices)
+    n_slots,
+    steps,  # binary-search steps: ceil(log2(n_slots))
     PACK: tl.constexpr,  # page -> stage (gather) if true, stage -> page (scatter) otherwise
     ELEM: tl.constexpr,  # element bytes of the buffer views
-    TILE: tl.constexpr,  # elements per tile (upper bound of a tile's length)
-    BLOCK: tl.constexpr,  # elements per step
+    BLOCK: tl.constexpr,  # elements per load
     ALIGN: tl.constexpr,  # every offset is a multiple of ALIGN elements
 ):
-    s = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
-    n_tiles = tl.load(slots_ptr + s * 4 + 3)
-    if t < n_tiles:
-        k = tl.load(slots_ptr + s * 4 + 2) + t
-        page_off = (tl.load(slots_ptr + s * 4) + tl.load(tiles_ptr + k * 3)) // ELEM
-        stage_off = (tl.load(slots_ptr + s * 4 + 1) + tl.load(tiles_ptr + k * 3 + 1)) // ELEM
-        n = tl.load(tiles_ptr + k * 3 + 2) // ELEM
-        page_off = tl.multiple_of(page_off, ALIGN)
-        stage_off = tl.multiple_of(stage_off, ALIGN)
-        for start in tl.static_range(0, TILE, BLOCK):
-            offs = start + tl.arange(0, BLOCK).to(tl.int64)
-            mask = offs < n
-            if PACK:
-                x = tl.load(page_ptr + page_off + offs, mask=mask)
-                tl.store(stage_ptr + stage_off + offs, x, mask=mask)
-            else:
-                x = tl.load(stage_ptr + stage_off + offs, mask=mask)
-                tl.store(page_ptr + page_off + offs, x, mask=mask)
+    t = tl.program_id(0).to(tl.int64)
+    lo = t - t
+    hi = lo + n_slots
+    for _ in range(steps):  # the last slot whose first program is <= t (empty slots are skipped over)
+        mid = (lo + hi) // 2
+        take = tl.load(slots_ptr + mid * 5 + 4) <= t
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid)
+    row = slots_ptr + lo * 5
+    k = tl.load(row + 2) + t - tl.load(row + 4)
+    page_off = tl.multiple_of((tl.load(row) + tl.load(tiles_ptr + k * 3)) // ELEM, ALIGN)
+    stage_off = tl.multiple_of((tl.load(row + 1) + tl.load(tiles_ptr + k * 3 + 1)) // ELEM, ALIGN)
+    n = tl.load(tiles_ptr + k * 3 + 2) // ELEM
+    if PACK:
+        src = page_ptr + page_off
+        dst = stage_ptr + stage_off
+    else:
+        src = stage_ptr + stage_off
+        dst = page_ptr + page_off
+    for start in tl.range(0, n, 2 * BLOCK):
+        o0 = start + tl.arange(0, BLOCK).to(tl.int64)
+        o1 = o0 + BLOCK
+        m0 = o0 < n
+        m1 = o1 < n
+        x0 = tl.load(src + o0, mask=m0)
+        x1 = tl.load(src + o1, mask=m1)
+        tl.store(dst + o0, x0, mask=m0)
+        tl.store(dst + o1, x1, mask=m1)
 
 
-def cut_tiles(a: np.ndarray, b: np.ndarray, nbytes: np.ndarray, tile_bytes: int = TILE_BYTES) -> np.ndarray:
-    """Runs (a offset, b offset, nbytes) cut into tiles of at most `tile_bytes`: int64 [n, 3]."""
-    keep = nbytes > 0
-    a, b, nbytes = a[keep], b[keep], nbytes[keep]
-    k = -(-nbytes // tile_bytes)
-    c = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
-    n_rep = np.repeat(nbytes, k)
-    return np.stack(
-        [
-            np.repeat(a, k) + c * tile_bytes,
-            np.repeat(b, k) + c * tile_bytes,
-            np.minimum(tile_bytes, n_rep - c * tile_bytes),
-        ],
-        axis=1,
-    ).astype(np.int64)
-
-
-def _lowbit(g: int) -> int:
-    return g & -g if g else 1 << 20
-
-
-class TileTable:
-    """Every template of one side's pairs, on one device: appended on first use (warm-up), never rebuilt
-    per request. `lo[key]`/`n[key]` locate a template's tiles; `offset_gcd`/`length_gcd` summarize every
-    tile for the element-size choice."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._host = np.zeros((0, 3), dtype=np.int64)
-        self.tiles = torch.zeros((0, 3), dtype=torch.int64, device=device)
-        self.lo: dict[object, int] = {}
-        self.n: dict[object, int] = {}
-        self.offset_gcd = 0
-        self.length_gcd = 0
-
-    def add(self, key: object, tiles: np.ndarray) -> tuple[int, int]:
-        if key in self.lo:
-            return self.lo[key], self.n[key]
-        if len(tiles) > MAX_TILES_PER_SLOT:
-            raise ValueError(f"a slot of {len(tiles)} tiles exceeds the kernel's {MAX_TILES_PER_SLOT}")
-        self.lo[key], self.n[key] = len(self._host), len(tiles)
-        if len(tiles):
-            self.offset_gcd = int(np.gcd.reduce(np.append(tiles[:, :2].reshape(-1), self.offset_gcd)))
-            self.length_gcd = int(np.gcd.reduce(np.append(tiles[:, 2], self.length_gcd)))
-            self._host = np.concatenate([self._host, tiles])
-            self.tiles = torch.from_numpy(self._host.copy()).to(self.device)
-        return self.lo[key], self.n[key]
-
-
-def element_size(*gcds: int) -> tuple[int, int]:
-    """(element bytes, alignment in elements) for offsets/lengths whose gcds are given (0 = no constraint)."""
-    g = int(np.gcd.reduce(np.array([x for x in gcds if x] or [16], dtype=np.int64)))
-    elem = next(e for e in (4, 2, 1) if g % e == 0)
-    return elem, max(1, min(16, _lowbit(g)) // elem)
+def config(table: TileTable) -> tuple[int, int]:
+    """(block bytes, warps) for a table, from `CONFIGS` by its mean tile length."""
+    host = table.host
+    mean = int(host[:, 2].mean()) if len(host) else 0
+    return next((b, w) for up_to, b, w in CONFIGS if mean <= up_to)
 
 
 def launch(
@@ -122,25 +82,28 @@ def launch(
     stage: torch.Tensor,
     table: TileTable,
     slots: torch.Tensor,
-    max_tiles: int,
+    programs: int,
     *,
     pack: bool,
     elem: int,
     align: int,
 ) -> None:
-    """Run one slot-copy launch; `slots` (int64 [n, 4], on the device) was validated by the caller."""
-    if len(slots) == 0 or max_tiles == 0:
+    """Run one slot-copy launch; `slots` (int64 [n, 5] with `first`, on the device) was validated by the
+    caller, `programs` is its tile count (`tiles.with_first`)."""
+    if len(slots) == 0 or programs == 0:
         return
+    block, warps = config(table)
     view = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[elem]
-    _slot_copy_kernel[(len(slots), max_tiles)](
+    _slot_copy_kernel[(programs,)](
         page_ptr=page.view(view),
         stage_ptr=stage.view(view),
         tiles_ptr=table.tiles,
         slots_ptr=slots,
+        n_slots=len(slots),
+        steps=(len(slots) - 1).bit_length(),
         PACK=pack,
         ELEM=elem,
-        TILE=TILE_BYTES // elem,
-        BLOCK=BLOCK_BYTES // elem,
+        BLOCK=block // elem,
         ALIGN=align,
-        num_warps=NUM_WARPS,
+        num_warps=warps,
     )

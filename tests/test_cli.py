@@ -168,8 +168,12 @@ def test_repack_json(backend, capsys):
     # 800-token decode block they open (2 KV heads x 64 x 2 (K, V) x 2 B = 512 B a token)
     per_request = 36 * (10752 + 393216 + 800 * 512)
     assert rep["bytes_moved"] == 2 * per_request
-    assert rep["pack"]["bytes"] == 2 * rep["bytes_moved"] and rep["pack"]["segments"] > 0  # read + written
+    assert rep["pack"]["bytes"] == 2 * rep["bytes_moved"]  # read + written
+    # slots: per request, prefill rank and layer, the state and the one attention block (decode TP 1)
+    assert rep["pack"]["slots"] == rep["unpack"]["slots"] == 2 * 2 * 36 * 2
+    assert (rep["pack"]["tiles"] is None) == (backend == "torch")
     assert rep["transfer_units"] == 2 * 2  # one per (request, prefill rank -> decode rank)
+    assert rep["kernel"].startswith("slot_copy")
 
 
 def test_repack_bad_device():

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["cuda-tests", "kernels", "host", "vram-transfer", "memcheck"]
+STEPS = ["kernels", "cuda-tests", "host", "vram-transfer", "memcheck"]  # the kernel first
 
 
 def test_gpu_script_dry_run(tmp_path):

@@ -34,25 +34,6 @@ def test_presets_staged_torch(name, p, d):
         assert h.mismatches() == [], conv
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(
-    "name,p,d,conv",
-    [
-        ("qwen3.5-0.8b", 1, 2, "DS"),
-        ("nemotron-h-8b", 2, 4, "SD"),
-        ("falcon-h1-0.5b", 2, 1, "DS"),
-        ("jamba-v0.1", 4, 2, "SD"),
-    ],
-)
-def test_staged_triton(name, p, d, conv, device):
-    spec = load_spec(name).truncated(1, 1)
-    plan = TransferPlan.build(spec, p, d, 10, conv_layout=conv, decode_block_size=48)
-    h = Harness(plan, [37, 1, 100], seed=p * 7 + d, device=device)
-    tm = h.run_staged(backend="triton")
-    assert h.mismatches() == []
-    assert tm.launches == p + d  # one launch per rank and side for the whole batch
-
-
 def _replicated_spec() -> ModelSpec:
     """Mamba2 with replicated B/C (one group), replicated KV heads: shards by 6, so 2 <-> 3 and 4 <-> 6."""
     st = StateDims(LayerKind.MAMBA2, 4, 12, (8, 16), 1, 16, "bfloat16", "float32")

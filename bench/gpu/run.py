@@ -6,9 +6,11 @@ Steps, each bounded in time and recorded in OUT/summary.json (status ok | failed
 seconds, files):
 
   env             device, driver, Python / torch / Triton / NIXL versions, git sha, date
-  cuda-tests      the `cuda`-marked tests: the Triton kernels natively, byte-exact
-  kernels         pack / unpack bandwidth against torch copy_ (L2 flushed), qwen3.5-27b 2->4 and 1->8,
-                  nemotron-h-8b 2->4, 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
+  kernels         first, the most valuable: the kernel both shells launch (the staging copier's slot copy),
+                  pack / unpack bandwidth against torch copy_ and an SM copy of the same bytes (L2 flushed),
+                  qwen3.5-27b 2->4 and 1->8, qwen3.5-397b-a17b 8->4, nemotron-h-8b 2->4, falcon-h1-0.5b 2->4
+                  (replicated B/C), 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
+  cuda-tests      the `cuda`-marked tests: the kernel natively, byte-exact against the oracle
   host            host time per request, block ids -> launch call (bench/bench_host.py, real launches on CUDA)
   vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU, packed and strided in one
                   run, every byte verified against the oracle; then the timed transfer sweep
@@ -53,18 +55,11 @@ def _have(module: str) -> bool:
 
 def steps(out: Path, gpu: bool) -> list[dict]:
     """(name, command on GPU, CPU smoke command, limit in seconds, what it needs)."""
-    kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,nemotron-h-8b:2:4"
-    one = "tests/test_kernels.py::test_triton_non_integer_ratio_random_ids[cuda]"
+    kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,qwen3.5-397b-a17b:8:4,nemotron-h-8b:2:4,falcon-h1-0.5b:2:4"
+    one = "tests/test_kernels.py::test_slot_copy_non_integer_ratios_random_ids[cuda]"
     # the kernels and the staging pool (its stream/event ordering is only real on a GPU); no vLLM there
     ctests = ["tests/test_kernels.py", "tests/test_staging.py"]
     return [
-        dict(
-            name="cuda-tests",
-            needs=["gpu"],
-            limit=240,
-            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", *ctests, f"--junitxml={out}/cuda-tests.xml"],
-            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", *ctests],
-        ),
         dict(
             name="kernels",
             needs=["gpu"],
@@ -101,6 +96,13 @@ def steps(out: Path, gpu: bool) -> list[dict]:
                 "--csv",
                 f"{out}/kernels-cpu.csv",
             ],
+        ),
+        dict(
+            name="cuda-tests",
+            needs=["gpu"],
+            limit=240,
+            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", *ctests, f"--junitxml={out}/cuda-tests.xml"],
+            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", *ctests],
         ),
         dict(
             name="host",

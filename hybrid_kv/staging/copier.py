@@ -2,7 +2,7 @@
 
 `Copier` binds one rank's backing buffer (with its `PageMap`) and its staging buffer. `run(jobs)` takes
 (chunk, unit staging offsets) pairs - every request ready now, for every pair of this side - builds one
-int64 row per slot (`hybrid_kv.kernels.slot_copy.SLOT_COLUMNS`), checks every staging range against the
+int64 row per slot (`hybrid_kv.kernels.tiles.SLOT_COLUMNS`), checks every staging range against the
 buffer (pages were checked through their block ids), and copies:
 
 * ``triton`` - one `slot_copy` launch for all jobs, on the copier's own CUDA stream; `run` returns a
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hybrid_kv.kernels.tiles import TileTable, element_size, with_first
 from hybrid_kv.ops import as_bytes, resolve_backend
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pagemap import PageMap
@@ -62,8 +63,6 @@ class Copier:
         self._table = None
         self._stream = None
         if self.backend == "triton":
-            from hybrid_kv.kernels.slot_copy import TileTable
-
             self._table = TileTable(self.storage.device)
             if self.storage.is_cuda:
                 self._stream = torch.cuda.Stream(self.storage.device)
@@ -146,7 +145,7 @@ class Copier:
                     torch.cuda.current_stream(self.storage.device).wait_event(ev)
             self._run_torch(jobs, rows)
             return Done()
-        from hybrid_kv.kernels.slot_copy import element_size, launch
+        from hybrid_kv.kernels.slot_copy import launch
 
         elem, align = element_size(
             self._table.offset_gcd,
@@ -158,9 +157,9 @@ class Copier:
             self.storage.numel(),
             self.staging.numel(),
         )
-        max_tiles = int(rows[:, 3].max())
+        rows, programs = with_first(rows)
         if self._stream is None:
-            launch(self.storage, self.staging, self._table, torch.from_numpy(rows), max_tiles,
+            launch(self.storage, self.staging, self._table, torch.from_numpy(rows), programs,
                    pack=self.pack, elem=elem, align=align)  # fmt: skip
             return Done()
         self._stream.wait_stream(torch.cuda.current_stream(self.storage.device))  # pages written by the model
@@ -168,7 +167,7 @@ class Copier:
             self._stream.wait_event(ev)
         with torch.cuda.stream(self._stream):
             dev_rows = torch.from_numpy(rows).pin_memory().to(self.storage.device, non_blocking=True)
-            launch(self.storage, self.staging, self._table, dev_rows, max_tiles, pack=self.pack, elem=elem, align=align)
+            launch(self.storage, self.staging, self._table, dev_rows, programs, pack=self.pack, elem=elem, align=align)
             dev_rows.record_stream(self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hybrid_kv.kernels.slot_copy import cut_tiles
+from hybrid_kv.kernels.tiles import cut_tiles
 from hybrid_kv.layout import RankLayout, cdiv
 from hybrid_kv.plan import STAGING_ALIGN, Piece, TransferPlan
 

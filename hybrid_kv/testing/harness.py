@@ -148,49 +148,15 @@ class Harness:
         """The packed-transfer core's objects for this batch (`hybrid_kv.staging`): per pair a static
         `PairPlan`, per request and pair a chunk on each side, one `Copier` per rank (built once).
         `threshold`: runs shorter than it are packed, the others read page to page (`auto`); 0 = strided."""
-        from hybrid_kv.staging.chunk import direct_runs, flat_chunk
         from hybrid_kv.staging.copier import Copier
-        from hybrid_kv.staging.pagemap import PageMap
-        from hybrid_kv.staging.template import PlanCache
 
         memo = self.__dict__.setdefault("_staged", {})
         key = (backend, max_unit_bytes, threshold)
         if key in memo:
             return memo[key]
-        plan, b = self.plan, self.batch
-        lp, ld = plan.prefill[0], plan.decode[0]
-        cache = PlanCache(plan.spec, lp.conv_layout, lp.kv_layout, max_unit_bytes or plan.max_unit_bytes)
-        sizes = (lp.cache_block_size, ld.cache_block_size)
-        bs = (lp.block_size, ld.block_size)
-        n_layers = len(plan.spec.layers)
-        pmap = PageMap.flat(n_layers, b.prefill_geom.num_blocks, b.prefill_geom.page_bytes)
-        dmap = PageMap.flat(n_layers, b.decode_geom.num_blocks, b.decode_geom.page_bytes)
-        jobs_p: list[list] = [[] for _ in range(plan.prefill_tp)]
-        jobs_d: list[list] = [[] for _ in range(plan.decode_tp)]
-        moves, stage_end, recv_end = [], [0] * plan.prefill_tp, [0] * plan.decode_tp
-        direct = []  # (prefill rank, decode rank, runs)
-        small = ("all", 0) if threshold is None else ("small", threshold)
-        for i, t in enumerate(self.tokens):
-            for d, sources in cache.sources(plan.prefill_tp, plan.decode_tp, sizes).items():
-                for p in sources:
-                    pb, db = b.prefill_blocks[i], b.decode_blocks[i]
-                    if threshold is not None:
-                        big = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, ("large", threshold))
-                        xp = flat_chunk(cache.shapes, big, pmap, "prefill", t, pb.state, pb.kv, bs)
-                        xd = flat_chunk(cache.shapes, big, dmap, "decode", t, db.state, db.kv, bs)
-                        direct.append((p, d, direct_runs(xp, xd)))
-                    pair = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, small)
-                    cp = flat_chunk(cache.shapes, pair, pmap, "prefill", t, pb.state, pb.kv, bs)
-                    cd = flat_chunk(cache.shapes, pair, dmap, "decode", t, db.state, db.kv, bs)
-                    up, ud = [], []
-                    for n in cp.unit_bytes:  # unit slots back to back, as a pool would hand them out
-                        up.append(stage_end[p])
-                        ud.append(recv_end[d])
-                        moves.append((p, d, stage_end[p], recv_end[d], n))
-                        stage_end[p] += -(-n // 16) * 16
-                        recv_end[d] += -(-n // 16) * 16
-                    jobs_p[p].append((cp, up))
-                    jobs_d[d].append((cd, ud))
+        j = staged_jobs(self.plan, self.batch, self.tokens, max_unit_bytes, threshold)
+        pmap, dmap, stage_end, recv_end = j["pmap"], j["dmap"], j["stage_end"], j["recv_end"]
+        cache, moves, direct, jobs_p, jobs_d = j["cache"], j["moves"], j["direct"], j["jobs_p"], j["jobs_d"]
         dev = self.device
         staging = [torch.empty(max(n, 16), dtype=torch.uint8, device=dev) for n in stage_end]
         recv = [torch.empty(max(n, 16), dtype=torch.uint8, device=dev) for n in recv_end]
@@ -265,6 +231,53 @@ class Harness:
 
     def verify(self) -> bool:
         return not self.mismatches(limit=1)
+
+
+def staged_jobs(plan: TransferPlan, b: BatchPlan, tokens: Sequence[int], max_unit_bytes: int | None = None,
+                threshold: int | None = None) -> dict:  # fmt: skip
+    """The packed-transfer core's work for a batch (`hybrid_kv.staging`), without buffers: per pair a static
+    `PairPlan`, per request and pair a chunk on each side with its units' slots back to back in each rank's
+    staging (as a pool would hand them out), the unit moves, and the page maps of flat caches.
+    `threshold`: runs shorter than it are packed, the others read page to page (`auto`); 0 = strided."""
+    from hybrid_kv.staging.chunk import direct_runs, flat_chunk
+    from hybrid_kv.staging.pagemap import PageMap
+    from hybrid_kv.staging.template import PlanCache
+
+    lp, ld = plan.prefill[0], plan.decode[0]
+    cache = PlanCache(plan.spec, lp.conv_layout, lp.kv_layout, max_unit_bytes or plan.max_unit_bytes)
+    sizes = (lp.cache_block_size, ld.cache_block_size)
+    bs = (lp.block_size, ld.block_size)
+    n_layers = len(plan.spec.layers)
+    pmap = PageMap.flat(n_layers, b.prefill_geom.num_blocks, b.prefill_geom.page_bytes)
+    dmap = PageMap.flat(n_layers, b.decode_geom.num_blocks, b.decode_geom.page_bytes)
+    jobs_p: list[list] = [[] for _ in range(plan.prefill_tp)]
+    jobs_d: list[list] = [[] for _ in range(plan.decode_tp)]
+    moves, stage_end, recv_end = [], [0] * plan.prefill_tp, [0] * plan.decode_tp
+    direct = []  # (prefill rank, decode rank, runs)
+    small = ("all", 0) if threshold is None else ("small", threshold)
+    for i, t in enumerate(tokens):
+        for d, sources in cache.sources(plan.prefill_tp, plan.decode_tp, sizes).items():
+            for p in sources:
+                pb, db = b.prefill_blocks[i], b.decode_blocks[i]
+                if threshold is not None:
+                    big = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, ("large", threshold))
+                    xp = flat_chunk(cache.shapes, big, pmap, "prefill", t, pb.state, pb.kv, bs)
+                    xd = flat_chunk(cache.shapes, big, dmap, "decode", t, db.state, db.kv, bs)
+                    direct.append((p, d, direct_runs(xp, xd)))
+                pair = cache.pair(plan.prefill_tp, plan.decode_tp, p, d, sizes, small)
+                cp = flat_chunk(cache.shapes, pair, pmap, "prefill", t, pb.state, pb.kv, bs)
+                cd = flat_chunk(cache.shapes, pair, dmap, "decode", t, db.state, db.kv, bs)
+                up, ud = [], []
+                for n in cp.unit_bytes:
+                    up.append(stage_end[p])
+                    ud.append(recv_end[d])
+                    moves.append((p, d, stage_end[p], recv_end[d], n))
+                    stage_end[p] += -(-n // 16) * 16
+                    recv_end[d] += -(-n // 16) * 16
+                jobs_p[p].append((cp, up))
+                jobs_d[d].append((cd, ud))
+    return {"cache": cache, "pmap": pmap, "dmap": dmap, "jobs_p": jobs_p, "jobs_d": jobs_d, "moves": moves,
+            "direct": direct, "stage_end": stage_end, "recv_end": recv_end}  # fmt: skip
 
 
 def _now(device: str) -> float:
