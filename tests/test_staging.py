@@ -19,7 +19,6 @@ from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache, Shapes
 from hybrid_kv.testing.harness import Harness
 
-DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 8), (8, 1), (2, 3), (3, 2), (4, 6), (6, 4)]
 
 
