@@ -42,11 +42,16 @@ def specs():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Tiers by file (README, Tests): `engines` for the real-engine scenarios, `vllm` for the tests on vLLM's
+    objects in process; `cuda` tests are skipped without a GPU."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "cuda" in item.keywords:
+        name = item.path.name
+        if name == "test_vllm_e2e.py":
+            item.add_marker(pytest.mark.engines)
+        elif name.startswith("test_vllm_"):
+            item.add_marker(pytest.mark.vllm)
+        if skip is not None and "cuda" in item.keywords:
             item.add_marker(skip)
 
 
