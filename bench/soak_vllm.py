@@ -94,6 +94,7 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
     lens = lengths(n, seed=ptp * 10 + dtp + (100 if push else 0))
     done, failures, checked, problems = 0, [], 0, {}
     mem: dict[str, dict[str, int]] = {}
+    trajectory: list[dict] = []  # resident MiB per engine every 5 batches
     t0 = time.monotonic()
     for start in range(0, n, conc):
         batch = [[rng.randrange(1, 1000) for _ in range(k)] for k in lens[start : start + conc]]
@@ -105,7 +106,7 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
         params = [o.kv_transfer_params for o in p_outs]
         sampled = []
         for i, kv in enumerate(params):
-            if (start + i) % sample == 0 and kv and kv.get("remote_block_ids"):
+            if sample and (start + i) % sample == 0 and kv and kv.get("remote_block_ids"):
                 prefill.collective_rpc("hkv_dump", args=(out, kv["remote_request_id"], kv["remote_block_ids"]))
                 sampled.append(kv["remote_request_id"])
         d_outs = decode.generate(
@@ -131,6 +132,8 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
             os.remove(f)
         if start == 0:
             mem["first_batch"] = {side: rss(ps) for side, ps in procs.items()}
+        if (start // conc) % 5 == 4:  # the trajectory tells growth that levels off from a leak
+            trajectory.append({"requests": start + len(batch), **{s: rss(ps) >> 20 for s, ps in procs.items()}})
     wall = time.monotonic() - t0
     mem["end"] = {side: rss(ps) for side, ps in procs.items()}
     deadline = time.monotonic() + SETTLE_S  # the last notifications (pull) and WRITE ends (push) settle
@@ -168,6 +171,7 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
         "held_after": held,
         "agents": {side: [r["remote_agents"] for r in ranks] for side, ranks in state.items()},
         "rss_mib": {k: {s: round(v / 2**20) for s, v in m.items()} for k, m in mem.items()},
+        "rss_trajectory_mib": trajectory,
         "processes_left": [c for c in survivors if "resource_tracker" not in c],
         "helpers_left": [c for c in survivors if "resource_tracker" in c],  # Python's, shared by the engines
     }
@@ -179,15 +183,18 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--flows", nargs="+", default=["pull", "push"], choices=["pull", "push"])
     ap.add_argument("--pairs", nargs="+", default=["1:2", "2:1"])
-    ap.add_argument("--sample", type=int, default=10, help="byte-check every N-th request")
+    ap.add_argument("--sample", type=int, default=10, help="byte-check every N-th request (0: none, no probe files)")
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is (made if missing)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--title", default="", help="a label stored with the report")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="hkv-soak-")
     model = a.model_dir or os.path.join(work, "tiny-qwen3-next")
     if not os.path.exists(os.path.join(model, "model.safetensors")):
         E.make_checkpoint(model, 0)
-    os.environ["HKV_PROBE_DIR"] = out = os.path.join(work, "probe")
+    out = os.path.join(work, "probe")
+    if a.sample:  # the probe records only where a check will read it
+        os.environ["HKV_PROBE_DIR"] = out
     os.makedirs(out, exist_ok=True)
     import torch
     import vllm
@@ -207,6 +214,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB, no GPU",
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "hybrid_kv": hybrid_kv.__version__},
+        "title": a.title,
+        "sample": a.sample,
         "rows": rows,
     }
     if a.json:
