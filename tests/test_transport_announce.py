@@ -243,14 +243,15 @@ def test_page_to_page_reads_use_the_sources_own_block_count(tmp_path, monkeypatc
 
 def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
     """P TP 2 -> D TP 1 (the decode rank reads both sources): prefill rank 1 sends 3 header bytes and
-    stalls. Prefill rank 0's units are still READ as soon as they are announced (its slots free within
-    100 ms, median of the requests; the blocking read this replaced held the loop 10 s), and rank 1 alone
-    is dropped once its message is overdue, failing the requests that needed it, naming why."""
+    stalls. Prefill rank 0's units are still READ as they are announced: every one of them is READ and its
+    slot freed while rank 1's message is still pending (the decode rank's run has not ended, which it does
+    only once rank 1 is dropped; the blocking read this replaced held the loop until that deadline). Then
+    rank 1 alone is dropped once its message is overdue, failing the requests that needed it, naming why."""
     import threading
 
     import hybrid_kv.transport.request as recv_mod
 
-    monkeypatch.setattr(recv_mod, "MSG_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(recv_mod, "MSG_TIMEOUT_S", 10.0)  # rank 0's five READs end well inside it, loaded too
     pcfg, dcfg, reqs = sides(tmp_path, 2, 1, 5, 700, SEED)
     srcs = [Source(pcfg, rank=r) for r in range(2)]
     try:
@@ -267,21 +268,19 @@ def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
             worker = threading.Thread(target=lambda: out.extend(dec.run("packed", reqs, len(reqs))), daemon=True)
             worker.start()
             time.sleep(0.2)  # the decode loop has seen rank 1's bytes
-            lag = []
             for r in reqs:  # one request at a time: announced by rank 0, READ, its slot freed
                 packed = srcs[0].ep.stats["packed_units"]
                 t = time.monotonic()
                 srcs[0].call(lambda r=r: srcs[0].ep.prefilled([r]))
                 while srcs[0].ep.stats["packed_units"] == packed or srcs[0].ep.pool.live:
-                    assert time.monotonic() - t < 20, srcs[0].ep.counts()
+                    assert time.monotonic() - t < 60, srcs[0].ep.counts()
                     time.sleep(0.001)
-                lag.append(time.monotonic() - t)
-            assert sorted(lag)[len(lag) // 2] < 0.1, lag
-            worker.join(30)
+            assert worker.is_alive(), "rank 0's units were READ only once rank 1's overdue message was dropped"
+            worker.join(60)
             assert not worker.is_alive()
             assert len(out) == len(reqs)
             for r in out:
-                assert r.error is not None and "prefill rank 1 lost (a message incomplete after 2 s)" in r.error
+                assert r.error is not None and "prefill rank 1 lost (a message incomplete after 10 s)" in r.error
             assert dec.pool.live == 0 and dec.counts()["in_flight_reads"] == 0
         finally:
             dec.close()

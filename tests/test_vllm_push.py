@@ -398,9 +398,9 @@ def test_dead_prefill_fails_its_requests(pairs, caplog):
     pair.p.shutdown()
     pair.engines.remove(pair.p)
     t0 = time.monotonic()
-    _, failed, _ = S.run_until([], pair.d.conns, ids, set(), timeout=30)
+    _, failed, _ = S.run_until([], pair.d.conns, ids, set(), timeout=90)
     assert all(f == ids for f in failed)
-    assert time.monotonic() - t0 < 20  # the lost link, not the grant's end (180 s)
+    assert time.monotonic() - t0 < 90  # the lost link, not the grant's end (180 s)
     assert "link was lost" in caplog.text
     assert_untouched(pair)
     pair.wait_no_leaks()
