@@ -125,3 +125,67 @@ def test_link_keeps_at_most_max_staged_pushes(monkeypatch):
         link.close()
         srv.close()
         t.join(10)
+
+
+def test_announcements_kept_before_a_request_starts(monkeypatch):
+    """A source's `ready` for a request this decode rank has not started is kept for it, at most
+    MAX_EARLY_UNITS per (request, source) (3 here): the first ones kept, the rest dropped."""
+    import types
+
+    from hybrid_kv.transport import receive as R
+
+    monkeypatch.setattr(R, "MAX_EARLY_UNITS", 3)
+    rx = object.__new__(R.Receiver)
+    rx._early = {}
+    for i in range(4):
+        rx._on_message(types.SimpleNamespace(rank=1), {"type": M.READY, "req": "r", "n": i}, {})
+    rx._on_message(types.SimpleNamespace(rank=0), {"type": M.READY, "req": "r", "n": 9}, {})
+    assert [m["n"] for m in rx._early[("r", 1)]] == [0, 1, 2] and len(rx._early[("r", 0)]) == 1
+
+
+def test_interpreter_size_guard(monkeypatch):
+    """`repack --backend triton` under the interpreter: a run of exactly the limit passes the guard (the
+    harness is reached), one request more is refused before any work, naming the limit."""
+    import argparse
+
+    from hybrid_kv import repack
+    from hybrid_kv.plan import TransferPlan
+    from hybrid_kv.spec_hf import load_spec
+
+    plan = TransferPlan.build(load_spec("falcon-h1-0.5b").truncated(1, 1), 1, 1, 20)
+    monkeypatch.setattr(repack, "INTERPRETER_MAX_BYTES", 2 * plan.bytes_moved())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    args = argparse.Namespace(requests=2, repeats=1, device="cpu", backend="triton", seed=0, verify=False)
+
+    class Reached(Exception):
+        pass
+
+    def harness(*a, **kw):
+        raise Reached
+
+    import hybrid_kv.testing.harness as H
+
+    monkeypatch.setattr(H, "Harness", harness)
+    with pytest.raises(Reached):
+        repack.run_repack(plan, args)
+    args.requests = 3
+    with pytest.raises(ValueError, match=r"limit 0 MiB|limit \d+ MiB"):
+        repack.run_repack(plan, args)
+
+
+def test_copier_row_memo_is_bounded(monkeypatch):
+    """The copier keeps the slot rows of at most MAX_SHAPES chunk shapes (2 here), then starts over."""
+    from hybrid_kv.plan import TransferPlan
+    from hybrid_kv.spec_hf import load_spec
+    from hybrid_kv.staging import copier as C
+    from hybrid_kv.testing.harness import Harness
+
+    monkeypatch.setattr(C, "MAX_SHAPES", 2)
+    plan = TransferPlan.build(load_spec("falcon-h1-0.5b").truncated(1, 1), 1, 1, 10, decode_block_size=16)
+    h = Harness(plan, [1, 20, 40, 60])  # 1, 2, 3 and 4 KV blocks: four chunk shapes
+    h.run_staged(backend="torch")
+    assert h.mismatches() == []
+    copier = h.staged("torch")["pack"][0]
+    assert 1 <= len(copier._rows) <= 2
+    h.run_staged(backend="torch")  # rebuilt rows after the clear are the same rows
+    assert h.mismatches() == []
