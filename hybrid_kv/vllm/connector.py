@@ -29,12 +29,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPu
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_scheduler import NixlPushConnectorScheduler
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPushConnectorWorker
 
+from hybrid_kv.vllm.compat import check_vllm_version
 from hybrid_kv.vllm.config import PUSH_MODES, PackedConfig, refuse_unsafe_serving, transfer_mode
 
 
 def _checked_mode(vllm_config, push: bool) -> str:
-    """The transfer mode, and every start-up refusal that needs no NIXL agent (invalid flag or extra keys,
-    serving features that would give wrong tokens)."""
+    """The transfer mode, and every start-up refusal that needs no NIXL agent (an unsupported vLLM release,
+    invalid flag or extra keys, serving features that would give wrong tokens)."""
+    check_vllm_version()
     mode = transfer_mode(push=push)
     PackedConfig.from_transfer_config(vllm_config.kv_transfer_config)
     refuse_unsafe_serving(vllm_config)  # any mode
