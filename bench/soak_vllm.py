@@ -63,12 +63,13 @@ def new_processes(before: set[int]) -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
 
 
-def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc: int, sample: int) -> dict:
+def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc: int, sample: int,
+               mode: str = "packed") -> dict:  # fmt: skip
     from pd_check import check_request
     from vllm import SamplingParams
 
     push = flow == "push"
-    os.environ["HYBRID_KV_TRANSFER"] = "packed"
+    os.environ["HYBRID_KV_TRANSFER"] = mode  # strided: vLLM's stock worker, the baseline
     common = dict(
         skip_tokenizer_init=True,
         max_model_len=2048,
@@ -156,6 +157,7 @@ def run_config(model: str, out: str, flow: str, ptp: int, dtp: int, n: int, conc
             pass
     return {
         "flow": flow,
+        "mode": mode,
         "prefill_tp": ptp,
         "decode_tp": dtp,
         "requests": n,
@@ -187,6 +189,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default=None, help="where the checkpoint is (made if missing)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--title", default="", help="a label stored with the report")
+    ap.add_argument("--mode", default="packed", choices=["packed", "strided"], help="HYBRID_KV_TRANSFER")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="hkv-soak-")
     model = a.model_dir or os.path.join(work, "tiny-qwen3-next")
@@ -207,7 +210,7 @@ def main() -> None:
             ptp, dtp = (int(x) for x in pair.split(":"))
             for f in glob.glob(os.path.join(out, "*")):
                 os.remove(f)
-            row = run_config(model, out, flow, ptp, dtp, a.requests, a.concurrency, a.sample)
+            row = run_config(model, out, flow, ptp, dtp, a.requests, a.concurrency, a.sample, a.mode)
             rows.append(row)
             print(json.dumps(row), flush=True)
     report = {
