@@ -198,7 +198,7 @@ class ProbeWorker:
         w = _worker()
         return {
             "tp_rank": w.tp_rank,
-            **w.hkv_leaks(),
+            **getattr(w, "hkv_leaks", dict)(),  # (vLLM's stock worker, HYBRID_KV_TRANSFER=strided: none)
             "recving_transfers": sum(len(h) for h in w._recving_transfers.values()),
             "sending_transfers": sum(len(h) for h in getattr(w, "_sending_transfers", {}).values()),
             "reqs_to_send": len(w._reqs_to_send),
