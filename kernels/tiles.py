@@ -44,7 +44,8 @@ def _lowbit(g: int) -> int:
 class TileTable:
     """Every template of one side's pairs, on one device: appended on first use (warm-up), never rebuilt
     per request. `lo[key]`/`n[key]` locate a template's tiles; `offset_gcd`/`length_gcd` summarize every
-    tile for the element-size choice."""
+    tile for the element-size choice, `mean_tile_bytes` for the launch configuration (kept as tiles are
+    added, so a launch does not scan the table)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -54,6 +55,7 @@ class TileTable:
         self.n: dict[object, int] = {}
         self.offset_gcd = 0
         self.length_gcd = 0
+        self.mean_tile_bytes = 0
 
     @property
     def host(self) -> np.ndarray:
@@ -67,6 +69,7 @@ class TileTable:
             self.offset_gcd = int(np.gcd.reduce(np.append(tiles[:, :2].reshape(-1), self.offset_gcd)))
             self.length_gcd = int(np.gcd.reduce(np.append(tiles[:, 2], self.length_gcd)))
             self._host = np.concatenate([self._host, tiles])
+            self.mean_tile_bytes = int(self._host[:, 2].mean())
             self.tiles = torch.from_numpy(self._host.copy()).to(self.device)
         return self.lo[key], self.n[key]
 
