@@ -45,6 +45,9 @@ def pytest_collection_modifyitems(config, items):
     """Tiers by file (README, Tests): `engines` for the real-engine scenarios, `vllm` for the tests on vLLM's
     objects in process; `cuda` tests are skipped without a GPU."""
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
+    # the real-engine runs first: they are the longest, so under xdist they start while the short tests
+    # fill the other worker (longest first keeps the workers' ends close)
+    items.sort(key=lambda item: item.path.name != "test_vllm_e2e.py")
     for item in items:
         name = item.path.name
         if name == "test_vllm_e2e.py":

@@ -17,7 +17,6 @@ many KV blocks each decode already held."""
 
 from __future__ import annotations
 
-import os
 import random
 
 from pd_check import check_request, group_ids, load
@@ -42,44 +41,45 @@ def _held_kv_blocks(p_rec: dict, d_rec: dict) -> int:
     return len(p_rec["block_ids"][g]) - len(group_ids(d_rec["local_block_ids"], g))
 
 
-def run(a, make, shutdown, greedy, tokens, run_pd, n_new: int) -> dict:
+def step(out: str, pool, keys, run_pd, n_new: int) -> dict:
+    """One mode's requests on its P/D engines (`keys`: decode, prefill): the prompts alone, then the batch."""
     alone, batch = prompts()
-    ref = make(None, 1)
-    try:
-        want = [tokens(ref.generate([{"prompt_token_ids": p}], greedy(n_new), use_tqdm=False))[0] for p in alone]
-        want_batch = tokens(ref.generate([{"prompt_token_ids": p} for p in batch], greedy(n_new), use_tqdm=False))
-    finally:
-        shutdown(ref)
-    result = {"want": want, "want_batch": want_batch, "modes": {}}
-    for mode in a.modes.split(","):
-        os.environ["HYBRID_KV_TRANSFER"] = mode
-        engines = [make("kv_consumer", 1), make("kv_producer", 1)]
-        decode, prefill = engines
-        res: dict = {"requests": [], "got": []}
+    decode, prefill = (pool(k) for k in keys)
+    res: dict = {"requests": [], "got": []}
+    for p in alone:
+        toks, info = run_pd(out, prefill, decode, [p], n_new, "alone")
+        res["got"] += toks
+        res["requests"] += info
+    res["got_batch"], info = run_pd(out, prefill, decode, batch, n_new, "concurrent")
+    res["requests"] += info
+    return res
+
+
+def check(model: str, out: str, res: dict) -> None:
+    """Per received request: whether it loaded anything, the KV blocks the decode cache held, the byte check."""
+    for rec in res["requests"]:
+        if "error" in rec:
+            continue
+        p_recs, d_recs = load(out, rec["remote_request_id"])
+        # a full local hit: vLLM's scheduler keeps the request running and binds no receive to report
+        rec["loaded"] = bool(d_recs) and any(d_recs[0]["local_block_ids"])
+        rec["problems"] = []
+        if not d_recs:
+            continue
         try:
-            for p in alone:
-                toks, info = run_pd(prefill, decode, [p], n_new, "alone")
-                res["got"] += toks
-                res["requests"] += info
-            res["got_batch"], info = run_pd(prefill, decode, batch, n_new, "concurrent")
-            res["requests"] += info
-        finally:
-            shutdown(*engines)
-        for rec in res["requests"]:
-            if "error" in rec:
-                continue
-            p_recs, d_recs = load(a.out, rec["remote_request_id"])
-            # a full local hit: vLLM's scheduler keeps the request running and binds no receive to report
-            rec["loaded"] = bool(d_recs) and any(d_recs[0]["local_block_ids"])
-            rec["problems"] = []
-            if not d_recs:
-                continue
-            try:
-                rec["held_kv_blocks"] = _held_kv_blocks(p_recs[0], d_recs[0])
-                rec["problems"] = check_request(
-                    a.model, a.out, rec["remote_request_id"], rec["tag"] == "alone", prefix_hits=True
-                )
-            except (AssertionError, IndexError) as e:
-                rec["problems"] = [f"{type(e).__name__}: {e}"]
-        result["modes"][mode] = res
-    return result
+            rec["held_kv_blocks"] = _held_kv_blocks(p_recs[0], d_recs[0])
+            rec["problems"] = check_request(
+                model, out, rec["remote_request_id"], rec["tag"] == "alone", prefix_hits=True
+            )
+        except (AssertionError, IndexError) as e:
+            rec["problems"] = [f"{type(e).__name__}: {e}"]
+
+
+def reference(llm, n_new: int) -> dict:
+    """One plain engine with prefix caching (`llm`), the same requests in the same order and batches."""
+    from e2e_runs import greedy, tokens
+
+    alone, batch = prompts()
+    want = [tokens(llm.generate([{"prompt_token_ids": p}], greedy(n_new), use_tqdm=False))[0] for p in alone]
+    want_batch = tokens(llm.generate([{"prompt_token_ids": p} for p in batch], greedy(n_new), use_tqdm=False))
+    return {"want": want, "want_batch": want_batch}

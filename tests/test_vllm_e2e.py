@@ -9,6 +9,7 @@ changes them. A failed request fails the test with the connector's log lines abo
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,33 +21,58 @@ pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 pytest.importorskip("nixl", reason="needs the nixl extra (CI installs it)")
 pytest.importorskip("transformers", reason="vllm brings transformers")
 
+# the first test of a run waits for the whole run (the pull run: ~8 min quiet on CI's 2 cores)
+pytestmark = pytest.mark.timeout(3000)
 SCRIPT = Path(__file__).with_name("e2e_pd.py")
+# One driver run per engine family (e2e_pd.py): its scenarios share engines. Each test asks for its scenario's
+# run, which runs once per session (xdist: each run's tests are one group, on one worker).
+RUNS = {"pull": "tp1,1-2,2-1,lease,push-1-2", "prefix": "prefix", "spec-ngram": "spec-ngram", "spec-mtp": "spec-mtp"}
+_done: dict[str, tuple[dict[str, dict], str, Path]] = {}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model(tmp_path_factory):
     return tmp_path_factory.mktemp("e2e") / "tiny-qwen3-next"
 
 
-def run(model: Path, out: Path, scenario: str, modes: str) -> tuple[dict, str]:
+def run(model: Path, out: Path, scenarios: str) -> tuple[dict[str, dict], str]:
+    """One driver run: {scenario: its result}, and its output."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    env = {**os.environ, "HKV_E2E_FIRST_CORE": str(int(worker.removeprefix("gw") or 0) % (os.cpu_count() or 1))}
     # own session, so that a timeout can kill the engines' processes too
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(model), "--scenario", scenario, "--out", str(out), "--modes", modes],
+        [sys.executable, str(SCRIPT), str(model), "--scenarios", scenarios, "--out", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
     try:
-        text, _ = proc.communicate(timeout=1800)
+        text, _ = proc.communicate(timeout=2400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         subprocess.run(["pkill", "-9", "-s", str(proc.pid)], check=False)  # orphans of its session
-    lines = [ln for ln in text.splitlines() if ln.startswith('{"scenario"')]
+    lines = [json.loads(ln) for ln in text.splitlines() if ln.startswith('{"scenario"')]
     assert proc.returncode == 0 and lines, text[-6000:]
-    return json.loads(lines[-1]), text
+    return {r["scenario"]: r for r in lines}, text
+
+
+@pytest.fixture
+def scenario(model, tmp_path_factory):
+    """scenario name -> (its result, the run's output, the run's probe directory); each run once."""
+
+    def get(name: str) -> tuple[dict, str, Path]:
+        group = next(g for g, s in RUNS.items() if name in s.split(","))
+        if group not in _done:
+            out = tmp_path_factory.mktemp(f"e2e-{group}")
+            _done[group] = (*run(model, out, RUNS[group]), out)
+        results, text, out = _done[group]
+        return results[name], text, out
+
+    return get
 
 
 def check_requests(res: dict, n_alone: int, n_concurrent: int) -> None:
@@ -61,8 +87,9 @@ def check_requests(res: dict, n_alone: int, n_concurrent: int) -> None:
         assert not bad, f"{mode}: decode pages differ from the oracle: {bad}"
 
 
-def test_tp1_both_modes_match_reference_and_oracle(model, tmp_path):
-    res, text = run(model, tmp_path, "tp1", "packed,strided")
+@pytest.mark.xdist_group("e2e-pull")
+def test_tp1_both_modes_match_reference_and_oracle(model, scenario, tmp_path):
+    res, text, out = scenario("tp1")
     n = len(res["prompt_tokens"])
     check_requests(res, n_alone=n, n_concurrent=n - 1)
     assert "hybrid-kv packed state transfer: 3 Mamba layers in 3 groups" in text  # README's start-up line
@@ -78,6 +105,8 @@ def test_tp1_both_modes_match_reference_and_oracle(model, tmp_path):
     from pd_check import check_request
 
     q = next(q for q in res["modes"]["packed"]["requests"] if q["tag"] == "alone" and q["prompt_tokens"] > 1)
+    for rec in out.glob(f"*-{q['remote_request_id']}.pt"):  # a copy: the run's records stay as recorded
+        shutil.copy(rec, tmp_path)
     path = next(tmp_path.glob(f"D0-{q['remote_request_id']}.pt"))
     rec = torch.load(path, weights_only=False)
     key = next(iter(rec["after"]))
@@ -87,22 +116,24 @@ def test_tp1_both_modes_match_reference_and_oracle(model, tmp_path):
     assert any("1 byte(s) differ from the oracle, first at page offset 17" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("scenario", ["1-2", "2-1"])
-def test_hetero_tp_packed_matches_oracle(model, tmp_path, scenario):
+@pytest.mark.xdist_group("e2e-pull")
+@pytest.mark.parametrize("pair", ["1-2", "2-1"])
+def test_hetero_tp_packed_matches_oracle(scenario, pair):
     """Engines at different TP sizes (vLLM's CPU backend: one worker process per rank, one core each)."""
-    res, _ = run(model, tmp_path, scenario, "packed")
+    res, _, _ = scenario(pair)
     n = len(res["prompt_tokens"])
     check_requests(res, n_alone=n, n_concurrent=n - 1)
-    p_tp, d_tp = (int(x) for x in scenario.split("-"))
+    p_tp, d_tp = (int(x) for x in pair.split("-"))
     assert {q["remote_tp"] for q in res["modes"]["packed"]["requests"] if q["remote_tp"]} == {p_tp}
     assert (res["prefill_tp"], res["decode_tp"]) == (p_tp, d_tp)
 
 
-def test_push_both_modes_match_oracle_and_each_other(model, tmp_path):
+@pytest.mark.xdist_group("e2e-pull")
+def test_push_both_modes_match_oracle_and_each_other(scenario):
     """HybridKVPushConnector (the prefill engine WRITEs) at TP 1 -> 2, both modes: every receive byte-exact
     (whole decode rank unchanged elsewhere for requests received alone), and the greedy tokens of the two
     modes equal (the decode engines start from the same bytes)."""
-    res, _ = run(model, tmp_path, "push-1-2", "packed,strided")
+    res, _, _ = scenario("push-1-2")
     n = len(res["prompt_tokens"])
     check_requests(res, n_alone=n, n_concurrent=n - 1)
     got = {mode: m["got"] for mode, m in res["modes"].items()}
@@ -110,25 +141,27 @@ def test_push_both_modes_match_oracle_and_each_other(model, tmp_path):
     assert all(len(t) == 16 for t in got["packed"])
 
 
-def test_late_decode_request_fails_naming_the_expired_lease(model, tmp_path):
+@pytest.mark.xdist_group("e2e-pull")
+def test_late_decode_request_fails_naming_the_expired_lease(scenario):
     """The first symptom of the clean-machine failure, on purpose: the prefill engine's lease on a request's
     blocks (vLLM's kv_lease_duration, renewed only by a decode engine that holds the request) runs out
     before the decode request arrives. The request fails, and the log says which limit and which key."""
-    res, _ = run(model, tmp_path, "lease", "packed")
+    res, _, _ = scenario("lease")
     late = res["late"]
     assert late["tokens"] == [], f"a request whose prefill state was released produced tokens: {late}"
     want = "its KV lease expired (kv_lease_duration=2 s in the prefill engine's kv_connector_extra_config)"
     assert any(want in ln for ln in late["log"]), late["log"]
 
 
-def test_prefix_caching_both_modes_match_reference_and_oracle(model, tmp_path):
+@pytest.mark.xdist_group("e2e-prefix")
+def test_prefix_caching_both_modes_match_reference_and_oracle(scenario):
     """Prefix caching on in every engine (vLLM's default for hybrid models, mamba_cache_mode 'align';
     e2e_prefix.py): the decode engine's own cache holds a shared prefix (it receives only the blocks after
     it, plus the state), or a whole block-aligned prompt (it loads nothing). Tokens of the requests sent
     alone equal one engine's with the same caching and requests, in both modes; every receive byte-exact
     (the batched ones too), and for the requests received alone no other page changed (nothing written into
     a block another request shares)."""
-    res, _ = run(model, tmp_path, "prefix", "packed,strided")
+    res, _, _ = scenario("prefix")
     for mode, m in res["modes"].items():
         reqs = m["requests"]
         failed = [(q["prompt_tokens"], q["tag"], q["error"]) for q in reqs if "error" in q]
@@ -149,7 +182,8 @@ def test_prefix_caching_both_modes_match_reference_and_oracle(model, tmp_path):
         assert max(held) >= 1, f"{mode}: no prefix-sharing request hit the decode cache: {held}"
 
 
-def test_speculative_decoding_state_both_modes(model, tmp_path):
+@pytest.mark.xdist_group("e2e-spec-ngram")
+def test_speculative_decoding_state_both_modes(scenario):
     """Every engine serves with n-gram speculative decoding (2 draft tokens): vLLM allocates K-1+2 conv rows,
     and after each receive the decode pages equal the oracle's, rows included, in both modes. On a GPU the
     greedy tokens must also equal one engine's with the same speculative decoding and split, with drafts
@@ -158,10 +192,10 @@ def test_speculative_decoding_state_both_modes(model, tmp_path):
     tokens are compared between the modes, whose states were checked byte for byte."""
     import torch
 
-    res, _ = run(model, tmp_path, "spec-ngram", "packed,strided")
+    res, _, out = scenario("spec-ngram")
     n = len(res["prompt_tokens"])
     check_requests(res, n_alone=n, n_concurrent=n - 1)
-    rows = {torch.load(p, weights_only=False)["conv_rows"] for p in tmp_path.glob("D0-*.pt")}
+    rows = {torch.load(p, weights_only=False)["conv_rows"] for p in out.glob("D0-*.pt")}
     assert rows == {3 + 2}, rows  # linear_conv_kernel_dim 4: K-1 rows + 2 speculative
     got = {mode: m["got"] for mode, m in res["modes"].items()}
     assert got["packed"] == got["strided"], got
@@ -171,11 +205,12 @@ def test_speculative_decoding_state_both_modes(model, tmp_path):
 
 
 @pytest.mark.cuda
-def test_mtp_speculative_decoding_matches_one_engine(model, tmp_path):
+@pytest.mark.xdist_group("e2e-spec-mtp")
+def test_mtp_speculative_decoding_matches_one_engine(scenario):
     """Qwen3-Next MTP (1 draft token, vLLM's seeded dummy weights in every engine): bytes and tokens against
     one engine with the same MTP and split. GPU only: MTP drafts every step, and vLLM's CPU P/D decode fails
     verifying drafts (test_speculative_decoding_state_both_modes)."""
-    res, _ = run(model, tmp_path, "spec-mtp", "packed,strided")
+    res, _, _ = scenario("spec-mtp")
     n = len(res["prompt_tokens"])
     check_requests(res, n_alone=n, n_concurrent=n - 1)
     for m in res["modes"].values():
