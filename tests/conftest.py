@@ -9,6 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # One thread per worker (and per process it starts): with a pool per worker on the same cores, OpenMP's
+    # spin-waiting threads contend and the torch-heavy tests ran 3.5x slower under `-n 2` than alone.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 import pytest
 

@@ -21,7 +21,11 @@ from hybrid_kv.spec import LayerKind, ModelSpec
 
 
 def random_bytes(n: int, gen: np.random.Generator) -> torch.Tensor:
-    return torch.frombuffer(bytearray(gen.bytes(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+    """`n` random bytes: the bit generator's raw 64-bit words (~10x faster than `gen.bytes`, which the
+    oracle's gigabyte-scale backgrounds made the largest cost of the round-trip tests)."""
+    if not n:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.from_numpy(gen.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n])
 
 
 def random_tensor(shape: tuple[int, ...], dtype: str, gen: np.random.Generator) -> torch.Tensor:
