@@ -25,7 +25,9 @@ pytest.importorskip("transformers", reason="vllm brings transformers")
 pytestmark = pytest.mark.timeout(3000)
 SCRIPT = Path(__file__).with_name("e2e_pd.py")
 # One driver run per engine family (e2e_pd.py): its scenarios share engines. Each test asks for its scenario's
-# run, which runs once per session (xdist: each run's tests are one group, on one worker).
+# run, which runs once per session. Under xdist all of them are one group, on one worker, one run at a time:
+# two runs at once put four engines' threads on two cores (the prefix run took 23 min beside the pull run,
+# 4 min after it), while the other worker's tests are single-threaded (conftest.py).
 RUNS = {"pull": "tp1,1-2,2-1,lease,push-1-2", "prefix": "prefix", "spec-ngram": "spec-ngram", "spec-mtp": "spec-mtp"}
 _done: dict[str, tuple[dict[str, dict], str, Path]] = {}
 
@@ -87,7 +89,7 @@ def check_requests(res: dict, n_alone: int, n_concurrent: int) -> None:
         assert not bad, f"{mode}: decode pages differ from the oracle: {bad}"
 
 
-@pytest.mark.xdist_group("e2e-pull")
+@pytest.mark.xdist_group("e2e")
 def test_tp1_both_modes_match_reference_and_oracle(model, scenario, tmp_path):
     res, text, out = scenario("tp1")
     n = len(res["prompt_tokens"])
@@ -116,7 +118,7 @@ def test_tp1_both_modes_match_reference_and_oracle(model, scenario, tmp_path):
     assert any("1 byte(s) differ from the oracle, first at page offset 17" in p for p in problems), problems
 
 
-@pytest.mark.xdist_group("e2e-pull")
+@pytest.mark.xdist_group("e2e")
 @pytest.mark.parametrize("pair", ["1-2", "2-1"])
 def test_hetero_tp_packed_matches_oracle(scenario, pair):
     """Engines at different TP sizes (vLLM's CPU backend: one worker process per rank, one core each)."""
@@ -128,7 +130,7 @@ def test_hetero_tp_packed_matches_oracle(scenario, pair):
     assert (res["prefill_tp"], res["decode_tp"]) == (p_tp, d_tp)
 
 
-@pytest.mark.xdist_group("e2e-pull")
+@pytest.mark.xdist_group("e2e")
 def test_push_both_modes_match_oracle_and_each_other(scenario):
     """HybridKVPushConnector (the prefill engine WRITEs) at TP 1 -> 2, both modes: every receive byte-exact
     (whole decode rank unchanged elsewhere for requests received alone), and the greedy tokens of the two
@@ -141,7 +143,7 @@ def test_push_both_modes_match_oracle_and_each_other(scenario):
     assert all(len(t) == 16 for t in got["packed"])
 
 
-@pytest.mark.xdist_group("e2e-pull")
+@pytest.mark.xdist_group("e2e")
 def test_late_decode_request_fails_naming_the_expired_lease(scenario):
     """The first symptom of the clean-machine failure, on purpose: the prefill engine's lease on a request's
     blocks (vLLM's kv_lease_duration, renewed only by a decode engine that holds the request) runs out
@@ -153,7 +155,7 @@ def test_late_decode_request_fails_naming_the_expired_lease(scenario):
     assert any(want in ln for ln in late["log"]), late["log"]
 
 
-@pytest.mark.xdist_group("e2e-prefix")
+@pytest.mark.xdist_group("e2e")
 def test_prefix_caching_both_modes_match_reference_and_oracle(scenario):
     """Prefix caching on in every engine (vLLM's default for hybrid models, mamba_cache_mode 'align';
     e2e_prefix.py): the decode engine's own cache holds a shared prefix (it receives only the blocks after
@@ -182,7 +184,7 @@ def test_prefix_caching_both_modes_match_reference_and_oracle(scenario):
         assert max(held) >= 1, f"{mode}: no prefix-sharing request hit the decode cache: {held}"
 
 
-@pytest.mark.xdist_group("e2e-spec-ngram")
+@pytest.mark.xdist_group("e2e")
 def test_speculative_decoding_state_both_modes(scenario):
     """Every engine serves with n-gram speculative decoding (2 draft tokens): vLLM allocates K-1+2 conv rows,
     and after each receive the decode pages equal the oracle's, rows included, in both modes. On a GPU the
@@ -205,7 +207,7 @@ def test_speculative_decoding_state_both_modes(scenario):
 
 
 @pytest.mark.cuda
-@pytest.mark.xdist_group("e2e-spec-mtp")
+@pytest.mark.xdist_group("e2e")
 def test_mtp_speculative_decoding_matches_one_engine(scenario):
     """Qwen3-Next MTP (1 draft token, vLLM's seeded dummy weights in every engine): bytes and tokens against
     one engine with the same MTP and split. GPU only: MTP drafts every step, and vLLM's CPU P/D decode fails
