@@ -97,8 +97,9 @@ class PackedWorker:
             for m, name, _ in saved[:2]:
                 setattr(m, name, lambda: True)
             # its conv split reads the (dim, rows) shape: hand it the DS view of the same state
-            base_worker.derive_mamba_conv_split = lambda spec, tp: split(
-                dataclasses.replace(spec, shapes=(tuple(reversed(spec.shapes[0])), *spec.shapes[1:])), tp
+            # (later releases add keyword parameters, e.g. 0.34's require_dim_first: passed on)
+            base_worker.derive_mamba_conv_split = lambda spec, tp, *a, **k: split(
+                dataclasses.replace(spec, shapes=(tuple(reversed(spec.shapes[0])), *spec.shapes[1:])), tp, *a, **k
             )
         try:
             super().__init__(vllm_config, engine_id, kv_cache_config)

@@ -43,8 +43,17 @@ def _checked_mode(vllm_config, push: bool) -> str:
     return mode
 
 
+def _no_sleep_mode(cls, kv_transfer_config) -> bool:
+    """vLLM >= 0.33 asks a connector whether it follows sleep mode's KV-cache remap, and refuses
+    `enable_sleep_mode` when it does not: hybrid-kv's staging registrations and plans, made at start-up,
+    do not follow it."""
+    return False
+
+
 class HybridKVConnector(NixlPullConnector):
     """Drop-in for `NixlConnector`; the transfer mode is read once, at start-up."""
+
+    supports_sleep_mode = classmethod(_no_sleep_mode)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
         self.transfer_mode = _checked_mode(vllm_config, push=False)
@@ -75,6 +84,8 @@ class HybridKVConnector(NixlPullConnector):
 
 class HybridKVPushConnector(NixlPushConnector):
     """Drop-in for `NixlPushConnector` (the prefill WRITEs); `HYBRID_KV_TRANSFER` is packed or strided."""
+
+    supports_sleep_mode = classmethod(_no_sleep_mode)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
         self.transfer_mode = _checked_mode(vllm_config, push=True)
