@@ -109,7 +109,9 @@ def project(
     for model, p, d, tokens in CASES:
         nbytes, n_s, n_p = busiest(model, p, d, tokens)
         bw, bw_guess = _lookup(rates, (model, p, d), lambda v: {s: statistics.median(x[s] for x in v) for s in v[0]})
-        h, h_guess = _lookup(hosts, (model, p, d), lambda v: tuple(statistics.median(x[i] for x in v) for i in range(3)))
+        h, h_guess = _lookup(
+            hosts, (model, p, d), lambda v: tuple(statistics.median(x[i] for x in v) for i in range(3))
+        )
         if host_us is not None:
             h = (host_us, host_us, h[2])
         copy_s = nbytes / bw["pack"] + nbytes / bw["unpack"]
@@ -118,10 +120,21 @@ def project(
             ts = h[2] * 1e-6 + n_s * c * 1e-6 + nbytes / link
             tp = (h[0] + h[1]) * 1e-6 + n_p * c * 1e-6 + nbytes / link + copy_s
             rows.append(
-                dict(model=model, p=p, d=d, tokens=tokens, mb=nbytes / 1e6, n_strided=n_s, n_packed=n_p, c_desc_us=c,
-                     strided_ms=ts * 1e3, packed_ms=tp * 1e3, speedup=ts / tp,
-                     c_even_us=extra_us / (n_s - n_p) if n_s > n_p else float("inf"),
-                     measured=("~k" if bw_guess else "") + ("~h" if h_guess and host_us is None else ""))  # fmt: skip
+                dict(
+                    model=model,
+                    p=p,
+                    d=d,
+                    tokens=tokens,
+                    mb=nbytes / 1e6,
+                    n_strided=n_s,
+                    n_packed=n_p,
+                    c_desc_us=c,
+                    strided_ms=ts * 1e3,
+                    packed_ms=tp * 1e3,
+                    speedup=ts / tp,
+                    c_even_us=extra_us / (n_s - n_p) if n_s > n_p else float("inf"),
+                    measured=("~k" if bw_guess else "") + ("~h" if h_guess and host_us is None else ""),
+                )
             )
     return rows
 
@@ -149,7 +162,7 @@ def main(argv=None) -> int:
             f"{r['n_packed']} | {r['c_desc_us']} | {r['strided_ms']:.3f} | {r['packed_ms']:.3f} | "
             f"{r['speedup']:.2f}x | {r['c_even_us']:.2f} µs |"
         )
-    print("~k / ~h: the GPU files lack this configuration's kernel / host rows; the median of the measured ones stands in")
+    print("~k / ~h: the GPU files lack this configuration's kernel / host rows; the median of the measured ones")
     return 0
 
 

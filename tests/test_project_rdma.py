@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import project_rdma as P  # noqa: E402
+import project_rdma as P
 
 FIELDS = ["model", "prefill_tp", "decode_tp", "requests", "stage", "bytes_rw", "median_us", "variant"]
 
@@ -18,16 +18,13 @@ def _inputs(tmp_path: Path) -> tuple[Path, Path]:
     with open(kernels, "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
         w.writeheader()
+        q = dict(model="qwen3.5-27b", prefill_tp=2, decode_tp=4, requests=1, variant="triton")
         # moved = bytes_rw / 2: pack 1e9 B in 1000 us (1e12 B/s), unpack 1e9 B in 2000 us (5e11 B/s)
-        w.writerow(dict(model="qwen3.5-27b", prefill_tp=2, decode_tp=4, requests=1, stage="pack", bytes_rw=2_000_000_000,
-                        median_us=1000, variant="triton"))  # fmt: skip
-        w.writerow(dict(model="qwen3.5-27b", prefill_tp=2, decode_tp=4, requests=1, stage="unpack", bytes_rw=2_000_000_000,
-                        median_us=2000, variant="triton"))  # fmt: skip
+        w.writerow({**q, "stage": "pack", "bytes_rw": 2_000_000_000, "median_us": 1000})
+        w.writerow({**q, "stage": "unpack", "bytes_rw": 2_000_000_000, "median_us": 2000})
         # rows the projection must ignore: other variants and batch sizes
-        w.writerow(dict(model="qwen3.5-27b", prefill_tp=2, decode_tp=4, requests=8, stage="pack", bytes_rw=2,
-                        median_us=1e9, variant="triton"))  # fmt: skip
-        w.writerow(dict(model="qwen3.5-27b", prefill_tp=2, decode_tp=4, requests=1, stage="pack", bytes_rw=2,
-                        median_us=1e9, variant="roofline"))  # fmt: skip
+        w.writerow({**q, "requests": 8, "stage": "pack", "bytes_rw": 2, "median_us": 1e9})
+        w.writerow({**q, "variant": "roofline", "stage": "pack", "bytes_rw": 2, "median_us": 1e9})
     host = tmp_path / "host.json"
     host.write_text(json.dumps({"rows": [
         {"model": "qwen3.5-27b", "prefill_tp": 2, "decode_tp": 4, "path": "transport",
