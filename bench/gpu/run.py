@@ -6,16 +6,16 @@ Steps, each bounded in time and recorded in OUT/summary.json (status ok | failed
 seconds, files):
 
   env             device, driver, Python / torch / Triton / NIXL versions, git sha, date
-  kernels         first, the most valuable: the kernel both shells launch (the staging copier's slot copy),
-                  pack / unpack bandwidth against torch copy_ and an SM copy of the same bytes (L2 flushed),
-                  qwen3.5-27b 2->4 and 1->8, qwen3.5-397b-a17b 8->4, nemotron-h-8b 2->4, falcon-h1-0.5b 2->4
-                  (replicated B/C), 1 / 8 / 64 requests (the 1-request rows are the single-request latency)
-  cuda-tests      the `cuda`-marked tests: the kernel natively, byte-exact against the oracle
-  host            host time per request, block ids -> launch call (bench/bench_host.py, real launches on CUDA)
-  vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU, packed and strided in one
-                  run, every byte verified against the oracle; then the timed transfer sweep
-  memcheck        one kernel test under compute-sanitizer memcheck (where it is installed); last, as the
-                  slowest and the one the others do not depend on
+  cuda-tests      first: the `cuda`-marked tests, the kernel natively, byte-exact against the oracle
+  host            host time per request, block ids -> launch call, real launches, against the stock
+                  descriptor lists of the same requests (bench/bench_host.py)
+  vram-transfer   VRAM -> VRAM over NIXL between rank processes on the one GPU: contiguous, packed and
+                  strided READs, p50/p99 per request, every byte of every run verified against the oracle;
+                  UCX set for cuda_ipc (TRANSFER_ENV), its protocol tables saved (ucx_proto.txt) and the
+                  GPU-to-GPU paths it chose, and whether any is software emulation, in the summary
+  kernels         the kernel both shells launch (the staging copier's slot copy), pack / unpack bandwidth
+                  against torch copy_ and an SM copy of the same bytes, 1 / 8 / 64 requests
+  memcheck        one kernel test under compute-sanitizer memcheck (where it is installed)
 The steps share one time budget (--budget, 480 s): a step gets at most what is left.
 
 Without a GPU (or with --dry-run) every step that needs one is reported as skipped by name, and runs a
@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ucx_proto  # noqa: E402  (this folder's module, not a package)
+
 PY = sys.executable
 
 
@@ -53,34 +56,83 @@ def _have(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# UCX settings of the VRAM transfer: GET zero-copy over cuda_ipc is off where UCX detects no NVLink
+# (UCX_CUDA_IPC_ENABLE_GET_ZCOPY=auto), and memory from PyTorch's expandable segments (VMM) cannot be exported
+# without a fabric handle: either makes UCX fall back to software emulation over TCP. UCX_PROTO_INFO=y prints
+# the protocol tables the step saves (ucx_proto.txt) and checks for emulation.
+TRANSFER_ENV = {
+    "UCX_CUDA_IPC_ENABLE_GET_ZCOPY": "y",
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False",
+    "UCX_PROTO_INFO": "y",
+}
+# issue #31: these configurations, 8192 tokens, concurrency 1 and 16 (a timeout keeps the rows so far)
+TRANSFER_CASES = ",".join(
+    f"{m}:{p}:{d}:8192:{c}"
+    for m, p, d in [("nemotron-h-8b", 1, 2), ("qwen3.5-27b", 2, 4), ("qwen3.5-27b", 1, 8), ("falcon-h1-0.5b", 2, 4)]
+    for c in (1, 16)
+)
+
+
 def steps(out: Path, gpu: bool) -> list[dict]:
-    """(name, command on GPU, CPU smoke command, limit in seconds, what it needs)."""
+    """(name, command on GPU, CPU smoke command, limit in seconds, what it needs, environment)."""
     kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,qwen3.5-397b-a17b:8:4,nemotron-h-8b:2:4,falcon-h1-0.5b:2:4"
     one = "tests/test_kernels.py::test_slot_copy_non_integer_ratios_random_ids[cuda]"
     # the kernels and the staging pool (its stream/event ordering is only real on a GPU); no vLLM there
     ctests = ["tests/test_kernels.py", "tests/test_staging.py"]
+    bench = [PY, "bench/bench_repack.py", "--requests", "1", "8", "64"]
+    tbench = [PY, "bench/bench_transfer.py", "--verify", "--modes", "contiguous,packed,strided"]
     return [
         dict(
-            name="kernels",
+            name="cuda-tests",  # first: numbers of a wrong kernel are worth nothing
             needs=["gpu"],
-            limit=240,
+            limit=90,
+            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", *ctests, f"--junitxml={out}/cuda-tests.xml"],
+            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", *ctests],
+        ),
+        dict(
+            name="host",  # host time per request with real launches vs the stock descriptor lists
+            needs=["gpu"],
+            limit=90,
+            gpu=[PY, "bench/bench_host.py", "--json", "--device", "cuda", "--out", f"{out}/host.json"],
+            cpu=[PY, "bench/bench_host.py", "--json", "--iters", "5", "--out", f"{out}/host-cpu.json"],
+        ),
+        dict(
+            name="vram-transfer",  # packed vs strided between rank processes, every byte verified
+            needs=["gpu", "nixl"],
+            limit=270,
+            env=TRANSFER_ENV,
             gpu=[
-                PY,
-                "bench/bench_repack.py",
+                *tbench,
                 "--device",
                 "cuda",
-                "--cases",
-                kcases,
-                "--requests",
-                "1",
-                "8",
-                "64",
+                "--repeats",
+                "3",
                 "--csv",
-                f"{out}/kernels.csv",
+                f"{out}/transfer.csv",
+                "--cases",
+                TRANSFER_CASES,
             ],
             cpu=[
-                PY,
-                "bench/bench_repack.py",
+                *tbench,
+                "--device",
+                "cpu",
+                "--repeats",
+                "1",
+                "--layers",
+                "2,1",
+                "--cases",
+                "falcon-h1-0.5b:1:2:64:1",
+                "--csv",
+                f"{out}/transfer-cpu.csv",
+            ],
+        ),
+        dict(
+            name="kernels",  # the copier's slot copy vs torch copy_ and an SM copy of the same bytes
+            needs=["gpu"],
+            limit=120,
+            gpu=[*bench, "--device", "cuda", "--cases", kcases, "--csv", f"{out}/kernels.csv"],
+            cpu=[
+                *bench[:2],
                 "--device",
                 "cpu",
                 "--cases",
@@ -98,57 +150,9 @@ def steps(out: Path, gpu: bool) -> list[dict]:
             ],
         ),
         dict(
-            name="cuda-tests",
-            needs=["gpu"],
-            limit=240,
-            gpu=[PY, "-m", "pytest", "-q", "-m", "cuda", *ctests, f"--junitxml={out}/cuda-tests.xml"],
-            cpu=[PY, "-m", "pytest", "-q", "--co", "-m", "cuda", *ctests],
-        ),
-        dict(
-            name="host",
-            needs=["gpu"],
-            limit=240,
-            gpu=[PY, "bench/bench_host.py", "--json", "--device", "cuda", "--out", f"{out}/host.json"],
-            cpu=[PY, "bench/bench_host.py", "--json", "--iters", "5", "--out", f"{out}/host-cpu.json"],
-        ),
-        dict(
-            name="vram-transfer",
-            needs=["gpu", "nixl"],
-            limit=300,
-            gpu=[
-                "bash",
-                "-c",
-                f"{PY} -m hybrid_kv.cli transfer --model nemotron-h-8b --prefill-tp 1 --decode-tp 2 --device cuda "
-                f"--mode both "
-                f"--verify --json > {out}/transfer-verified.json && "
-                f"{PY} bench/bench_transfer.py --device cuda --repeats 3 --csv {out}/transfer.csv "
-                "--cases nemotron-h-8b:1:2:8192:8,falcon-h1-0.5b:2:4:8192:8,qwen3.5-27b:1:8:8192:8",
-            ],
-            cpu=[
-                PY,
-                "-m",
-                "hybrid_kv.cli",
-                "transfer",
-                "--model",
-                "falcon-h1-0.5b",
-                "--prefill-tp",
-                "1",
-                "--decode-tp",
-                "1",
-                "--requests",
-                "2",
-                "--tokens",
-                "64",
-                "--mode",
-                "both",
-                "--verify",
-                "--json",
-            ],
-        ),
-        dict(
             name="memcheck",
             needs=["gpu", "compute-sanitizer"],
-            limit=180,
+            limit=90,
             gpu=[
                 "compute-sanitizer",
                 "--tool",
@@ -215,13 +219,21 @@ def run_step(step: dict, gpu: bool, out: Path) -> dict:
         rec.update(status="skipped", reason=f"needs {', '.join(missing)}", smoke=True)
     log = out / f"{step['name']}.log"
     t0 = time.monotonic()
+    env = {**os.environ, **step.get("env", {})}
     try:
         with open(log, "w") as f:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=step["limit"]).returncode
+            rc = subprocess.run(
+                cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=step["limit"], env=env
+            ).returncode
     except subprocess.TimeoutExpired:
         rc = f"timeout after {step['limit']:.0f} s"
     rec["seconds"] = round(time.monotonic() - t0, 1)
     rec["log"] = log.name
+    if step.get("env", {}).get("UCX_PROTO_INFO"):
+        found = ucx_proto.paths(log.read_text(errors="replace"))
+        (out / "ucx_proto.txt").write_text("\n".join(found) + "\n")
+        rec["ucx_vram_paths"] = ucx_proto.vram(found)
+        rec["ucx_emulation"] = ucx_proto.emulated(rec["ucx_vram_paths"])
     if rc != 0:
         # a failing smoke run is a failure too: it means the GPU command has rotted
         rec.update(status="failed", reason=f"{'smoke ' if missing else ''}exit {rc} (see {log.name})")
