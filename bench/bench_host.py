@@ -98,13 +98,13 @@ def _instrument(copier: Copier) -> Copier:
     the copier's stream); the time is taken when the launch call returns, before the copy completes."""
     real = copier.run
 
-    def rows_only(jobs):
-        copier.rows(jobs)
+    def rows_only(jobs, after=()):
+        copier.slot_rows(jobs)  # what `Copier.run` builds before its launch
         _LAUNCH_AT[0] = time.thread_time_ns()
         return Done()
 
-    def launched(jobs):
-        done = real(jobs)
+    def launched(jobs, after=()):
+        done = real(jobs, after)
         _LAUNCH_AT[0] = time.thread_time_ns()
         return done
 

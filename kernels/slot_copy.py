@@ -27,7 +27,10 @@ from hybrid_kv.kernels.tiles import TileTable
 CONFIGS = ((4096, 1024, 2), (1 << 62, 4096, 4))
 
 
-@triton.jit
+# The slot count and search depth change every step: specializing on them (Triton folds an int equal to 1 and
+# hints one divisible by 16) would compile a new variant, tens of ms, in the serving path the first time a
+# step hits such a count.
+@triton.jit(do_not_specialize=["n_slots", "steps"])
 def _slot_copy_kernel(
     page_ptr,
     stage_ptr,

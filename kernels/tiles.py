@@ -82,10 +82,14 @@ def element_size(*gcds: int) -> tuple[int, int]:
 
 
 def with_first(rows: np.ndarray) -> tuple[np.ndarray, int]:
-    """Slot rows (4 columns) with their flat grid start appended, and the launch's program count."""
+    """Slot rows with each slot's flat grid start in column 4 (appended to 4-column rows; filled in place in
+    5-column ones, so a caller that builds them wide copies nothing), and the launch's program count."""
+    if rows.shape[1] == 4:
+        rows = np.concatenate([rows, np.zeros((len(rows), 1), dtype=np.int64)], axis=1)
     n = rows[:, 3]
-    first = np.cumsum(n) - n
-    return np.concatenate([rows, first[:, None]], axis=1), int(n.sum())
+    np.cumsum(n, out=rows[:, 4])
+    rows[:, 4] -= n
+    return rows, int(rows[-1, 4] + rows[-1, 3]) if len(rows) else 0
 
 
 def copy_reference(page: torch.Tensor, stage: torch.Tensor, tiles: np.ndarray, slots: np.ndarray, pack: bool) -> None:

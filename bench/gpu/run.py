@@ -78,7 +78,7 @@ def steps(out: Path, gpu: bool) -> list[dict]:
     kcases = "qwen3.5-27b:2:4,qwen3.5-27b:1:8,qwen3.5-397b-a17b:8:4,nemotron-h-8b:2:4,falcon-h1-0.5b:2:4"
     one = "tests/test_kernels.py::test_slot_copy_non_integer_ratios_random_ids[cuda]"
     # the kernels and the staging pool (its stream/event ordering is only real on a GPU); no vLLM there
-    ctests = ["tests/test_kernels.py", "tests/test_staging.py"]
+    ctests = ["tests/test_kernels.py", "tests/test_staging.py", "tests/test_upload.py"]
     bench = [PY, "bench/bench_repack.py", "--requests", "1", "8", "64"]
     tbench = [PY, "bench/bench_transfer.py", "--verify", "--modes", "contiguous,packed,strided"]
     return [

@@ -23,6 +23,7 @@ from hybrid_kv.ops import as_bytes, resolve_backend
 from hybrid_kv.staging.chunk import Chunk
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PairPlan
+from hybrid_kv.staging.upload import RowUpload
 
 Job = tuple[Chunk, Sequence[int]]  # a chunk and the staging offset of each of its units
 MAX_SHAPES = 1024  # template rows kept per copier (rebuilt after a clear: microseconds each)
@@ -62,10 +63,13 @@ class Copier:
         self._rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(tpl) -> (tpl, template rows)
         self._table = None
         self._stream = None
+        self._upload: RowUpload | None = None
+        self._elem: tuple[tuple[int, int], tuple[int, int]] | None = None  # (table gcds, element size)
         if self.backend == "triton":
             self._table = TileTable(self.storage.device)
             if self.storage.is_cuda:
                 self._stream = torch.cuda.Stream(self.storage.device)
+                self._upload = RowUpload(self.storage.device, self._stream)
 
     # ---- static, once per pair ----------------------------------------------------------------------------
 
@@ -81,6 +85,8 @@ class Copier:
                 )
         lo = np.zeros(len(pair.templates), dtype=np.int64)
         n = np.zeros(len(pair.templates), dtype=np.int64)
+        if self._stream is not None:  # adding tiles replaces the table's tensor: launches queued may read it
+            self._table.tiles.record_stream(self._stream)
         if self._table is not None:
             for i, t in enumerate(pair.templates):
                 lo[i], n[i] = self._table.add((id(pair), i), t.side_tiles(self.side))
@@ -88,44 +94,59 @@ class Copier:
 
     # ---- per step -------------------------------------------------------------------------------------------
 
-    def _template_rows(self, chunk: Chunk) -> np.ndarray:
-        """(-, stage rel, tile lo, tile count) per slot, static per chunk shape: chunks of one shape share
-        their `tpl` array, so it keys the memo (held, so its id stays unique)."""
+    def _template_rows(self, chunk: Chunk) -> tuple[np.ndarray, int]:
+        """(-, stage rel, tile lo, tile count, first program within the chunk) per slot and the chunk's
+        program count, static per chunk shape: chunks of one shape share their `tpl` array, so it keys the
+        memo (held, so its id stays unique)."""
         hit = self._rows.get(id(chunk.tpl))
         if hit is not None and hit[0] is chunk.tpl:
-            return hit[1]
+            return hit[1], hit[2]
         entry = self._pairs.get(id(chunk.pair))
         if entry is None:
             self.register(chunk.pair)
             entry = self._pairs[id(chunk.pair)]
         rows = np.stack([np.zeros_like(chunk.rel), chunk.rel, entry[1][chunk.tpl], entry[2][chunk.tpl]], axis=1)
+        rows, programs = with_first(rows)
         if len(self._rows) >= MAX_SHAPES:
             self._rows.clear()
-        self._rows[id(chunk.tpl)] = (chunk.tpl, rows)
-        return rows
+        self._rows[id(chunk.tpl)] = (chunk.tpl, rows, programs)
+        return rows, programs
 
     def rows(self, jobs: Sequence[Job]) -> np.ndarray:
-        """The kernel's slot rows for `jobs`. Every unit's staging range is checked against the staging
-        buffer (a slot lies inside its unit by construction, and its page was checked through its block
-        id), so nothing here is proportional to the bytes or pieces moved."""
+        """The kernel's slot rows for `jobs` (4 columns; see `slot_rows`)."""
+        return self.slot_rows(jobs)[0][:, :4]
+
+    def slot_rows(self, jobs: Sequence[Job]) -> tuple[np.ndarray, int]:
+        """The launch's slot rows for `jobs`, each with its first program (`tiles.with_first`), and the
+        program count. Every unit's staging range is checked against the staging buffer (a slot lies inside
+        its unit by construction, and its page was checked through its block id), so nothing here is
+        proportional to the bytes or pieces moved."""
         size = self.staging.numel()
-        parts = []
+        picked, total, programs = [], 0, 0
         for chunk, offsets in jobs:
             if len(offsets) != len(chunk.units):
                 raise ValueError(f"{len(offsets)} unit offsets for a chunk of {len(chunk.units)} units")
             for off, (a, b) in zip(offsets, chunk.units.tolist()):
                 if off < 0 or off + b - a > size:
                     raise ValueError(f"staging range [{off}, {off + b - a}) outside the {size}-byte staging buffer")
-            rows = self._template_rows(chunk).copy()
-            rows[:, 0] = chunk.page
+            tpl, n = self._template_rows(chunk)
+            picked.append((tpl, n, chunk, offsets))
+            total += len(tpl)
+        out = np.empty((total, 5), dtype=np.int64)  # no concatenation, no running sum per launch
+        i = 0
+        for tpl, n, chunk, offsets in picked:
+            j = i + len(tpl)
+            out[i:j] = tpl
+            out[i:j, 0] = chunk.page
+            if programs:
+                out[i:j, 4] += programs  # the chunk's programs follow the jobs' before it
+            programs += n
             if len(offsets) == 1:
-                rows[:, 1] += offsets[0]
+                out[i:j, 1] += offsets[0]
             else:
-                rows[:, 1] += np.asarray(offsets, dtype=np.int64)[chunk.unit_of]
-            parts.append(rows)
-        if len(parts) == 1:
-            return parts[0]
-        return np.concatenate(parts) if parts else np.zeros((0, 4), dtype=np.int64)
+                out[i:j, 1] += np.asarray(offsets, dtype=np.int64)[chunk.unit_of]
+            i = j
+        return out, programs
 
     def run(self, jobs: Sequence[Job], after: Sequence = ()) -> Done:
         """Copy every slot of `jobs` in one launch; nothing is written unless every job is valid. `after`:
@@ -135,7 +156,7 @@ class Copier:
             return self._run(jobs, [e for e in after if e is not None])
 
     def _run(self, jobs: Sequence[Job], after: list) -> Done:
-        rows = self.rows(jobs)
+        rows, programs = self.slot_rows(jobs)
         if not len(rows):
             return Done()
         self.launches += 1
@@ -147,17 +168,7 @@ class Copier:
             return Done()
         from hybrid_kv.kernels.slot_copy import launch
 
-        elem, align = element_size(
-            self._table.offset_gcd,
-            self._table.length_gcd,
-            self.pages.gcd,
-            16,
-            self.storage.data_ptr(),
-            self.staging.data_ptr(),
-            self.storage.numel(),
-            self.staging.numel(),
-        )
-        rows, programs = with_first(rows)
+        elem, align = self._element_size()
         if self._stream is None:
             launch(self.storage, self.staging, self._table, torch.from_numpy(rows), programs,
                    pack=self.pack, elem=elem, align=align)  # fmt: skip
@@ -166,12 +177,27 @@ class Copier:
         for ev in after:
             self._stream.wait_event(ev)
         with torch.cuda.stream(self._stream):
-            dev_rows = torch.from_numpy(rows).pin_memory().to(self.storage.device, non_blocking=True)
+            dev_rows = self._upload(rows)  # no allocation per launch (staging/upload.py)
             launch(self.storage, self.staging, self._table, dev_rows, programs, pack=self.pack, elem=elem, align=align)
-            dev_rows.record_stream(self._stream)
             event = torch.cuda.Event()
             event.record(self._stream)
         return Done(event)
+
+    def _element_size(self) -> tuple[int, int]:
+        """`tiles.element_size` of this copier's buffers and tiles, recomputed only when tiles were added."""
+        key = (self._table.offset_gcd, self._table.length_gcd)
+        if self._elem is None or self._elem[0] != key:
+            size = element_size(
+                *key,
+                self.pages.gcd,
+                16,
+                self.storage.data_ptr(),
+                self.staging.data_ptr(),
+                self.storage.numel(),
+                self.staging.numel(),
+            )
+            self._elem = (key, size)
+        return self._elem[1]
 
     def _run_torch(self, jobs: Sequence[Job], rows: np.ndarray) -> None:
         s, d = self.storage, self.staging
