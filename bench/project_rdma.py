@@ -162,7 +162,7 @@ def main(argv=None) -> int:
             f"{r['n_packed']} | {r['c_desc_us']} | {r['strided_ms']:.3f} | {r['packed_ms']:.3f} | "
             f"{r['speedup']:.2f}x | {r['c_even_us']:.2f} µs |"
         )
-    print("~k / ~h: the GPU files lack this configuration's kernel / host rows; the median of the measured ones")
+    print("~k / ~h: no kernel / host row of this configuration in the GPU files: the median of the measured ones")
     return 0
 
 
