@@ -57,6 +57,12 @@ class RequestBlocks:
     kv: tuple[int, ...] = ()
 
 
+def blocks_from(obj) -> RequestBlocks:
+    """A request's blocks from their wire / JSON form `[state, [kv, ...]]`."""
+    state, kv = obj
+    return RequestBlocks(None if state is None else int(state), tuple(int(b) for b in kv))
+
+
 @dataclass(frozen=True)
 class Transfer:
     """One transfer unit: one descriptor, `nbytes` from prefill staging to decode receive staging."""

@@ -10,9 +10,9 @@ from transport_util import LoopSource
 from transport_util import sides as transport_sides
 
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ClientAuth, ServerAuth, _proof, check_bind, load_secret
+from hybrid_kv.staging.wire import recv_msg, send_msg
 from hybrid_kv.transport.common import hello_fields
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
-from hybrid_kv.transport.wire import recv_msg, send_msg
 
 pytestmark = pytest.mark.timeout(240)
 K, OTHER = b"k" * 32, b"o" * 32

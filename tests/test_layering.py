@@ -1,8 +1,12 @@
-"""Module layering: the kernels are leaves (torch, numpy, triton only), and no production module imports
-the test-only package (oracle, harness, fills) at module level."""
+"""Module layering: the kernels are leaves (torch, numpy, triton only); the core (`staging`) imports neither
+shell and the shells (`transport`: the CLI rank processes; `vllm`: the connector) not each other, lazily or
+not; no module-level import cycle; the test-only package (oracle, harness, fills) is imported at module level
+by no production module, and lazily only by the CLI's verification tools."""
 
 import ast
 from pathlib import Path
+
+import pytest
 
 import hybrid_kv
 
@@ -38,3 +42,79 @@ def test_production_modules_do_not_import_the_testing_package():
         assert not {m for m in mods if m.startswith("hybrid_kv.testing")}, path
         checked += 1
     assert checked > 30  # the walk found the package
+
+
+# The CLI's verification tools: `transfer --verify` fills prefill pages and checks decode pages against the
+# oracle, `repack` runs the harness. Only these may import the test-only package, and only lazily.
+ORACLE_USERS = {"transport/prefill.py", "transport/decode.py", "transport/jobs.py", "repack.py"}
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every hybrid_kv module `path` imports, at module level or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+    return {m for m in out if m.startswith("hybrid_kv")}
+
+
+def _part(module: str) -> str:
+    return module.split(".")[1] if module.count(".") else ""
+
+
+@pytest.mark.parametrize(
+    "part,forbidden",
+    [("staging", {"transport", "vllm", "testing"}), ("transport", {"vllm"}), ("vllm", {"transport"})],
+)
+def test_the_core_and_the_shells_keep_their_folders(part, forbidden):
+    files = list((PKG / part).glob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        bad = {m for m in _all_imports(path) if _part(m) in forbidden}
+        assert not bad, f"{part}/{path.name} imports {sorted(bad)}"
+
+
+def test_only_the_verification_tools_import_the_testing_package_lazily():
+    users = set()
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG).as_posix()
+        if not rel.startswith("testing/") and any(_part(m) == "testing" for m in _all_imports(path)):
+            users.add(rel)
+    assert users == ORACLE_USERS
+
+
+def _module_level(path: Path) -> set[str]:
+    """hybrid_kv modules imported when `path` is imported (not those under `if TYPE_CHECKING:`)."""
+    out = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from pkg import module`
+    return {m for m in out if m.startswith("hybrid_kv")}
+
+
+def test_no_module_level_import_cycle():
+    mods = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        mods[name] = path
+    graph = {n: {m for m in _module_level(p) if m in mods and m != n} for n, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(n: str, stack: list[str]) -> None:
+        state[n] = 1
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(stack[stack.index(m) :] + [n, m])}")
+            if m not in state:
+                visit(m, stack + [n])
+        state[n] = 2
+
+    for n in sorted(mods):
+        if n not in state:
+            visit(n, [])

@@ -11,8 +11,8 @@ import pytest
 
 from hybrid_kv.spec_fields import MAX_DIM, MAX_LAYERS, as_int, layer_list
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging import wire
 from hybrid_kv.staging.auth import MIN_SECRET, SECRET_ENV, load_secret
-from hybrid_kv.transport import wire
 
 
 def test_secret_length():

@@ -73,6 +73,18 @@ def test_lease_clock_maps_deadlines_never_late():
             clock.local(bad)
 
 
+def test_one_lease_fence_for_both_shells():
+    """A READ of bytes leased until the peer's 130.0 (our 35.0) counts only if it completes by a quarter of
+    the lease before that: 30 s of a 120 s lease, 0.05 s of a 0.2 s one."""
+    clock = M.LeaseClock(100.0, 5.0, 5.2)
+    assert clock.read_by(130.0, 120.0) == 5.0
+    assert clock.read_by(130.0, 0.2) == pytest.approx(34.95)
+    assert M.lease_seconds(86400, "w") == 86400.0 and M.lease_seconds(1e-3, "w") == 1e-3  # the limits kept
+    for bad in (0, -1, 86400.001, True, "30", None, float("nan")):
+        with pytest.raises(ValueError, match=r"w: lease_s=.* \(accepted: seconds in \(0, 86400\]\)"):
+            M.lease_seconds(bad, "w")
+
+
 def test_wait_readable_past_descriptor_1024():
     """A serving process holds thousands of descriptors (every NIXL agent's UCX endpoints); select() refuses
     any numbered 1024 or more ("filedescriptor out of range"), which failed a 4 -> 6 handshake once. The
@@ -81,7 +93,7 @@ def test_wait_readable_past_descriptor_1024():
     import resource
     import socket
 
-    from hybrid_kv.transport.wire import wait_readable
+    from hybrid_kv.staging.wire import wait_readable
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1100:

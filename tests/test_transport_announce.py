@@ -12,8 +12,8 @@ from transport_util import LoopSource as Source
 from transport_util import sides
 
 import hybrid_kv.transport.prefill as prefill_mod
+from hybrid_kv.staging.wire import send_msg
 from hybrid_kv.transport.decode import DecodeEndpoint, DecodeOptions
-from hybrid_kv.transport.wire import send_msg
 
 pytestmark = pytest.mark.timeout(240)
 SEED = 5
@@ -130,7 +130,7 @@ def test_a_partial_frame_delays_no_other_peer(pair, monkeypatch):
     import socket
 
     import hybrid_kv.transport.prefill_channel as chan
-    from hybrid_kv.transport.wire import recv_msg
+    from hybrid_kv.staging.wire import recv_msg
 
     src, dec, reqs = pair
     monkeypatch.setattr(chan, "MSG_TIMEOUT_S", 0.5)
@@ -157,9 +157,9 @@ def test_lease_race_never_delivers_wrong_bytes(tmp_path):
     source packs B into the same slot. A READ of A's announcement would deliver B's bytes as A's: the
     fence fails A instead, naming the lease, and B arrives byte-exact. (Without the fence A is
     "received" with B's state: the oracle check below fails.)"""
+    from hybrid_kv.batch import blocks_from
     from hybrid_kv.staging.pool import LeasedPool
     from hybrid_kv.staging.template import ALL
-    from hybrid_kv.transport.common import blocks_from
 
     pcfg, dcfg, reqs = sides(tmp_path, 1, 2, 2, 300, SEED)
     src = Source(pcfg, lease_s=0.2)

@@ -9,12 +9,12 @@ import pytest
 from transport_util import assert_no_leaks, small_config
 
 from hybrid_kv.staging.pool import StagingPool
+from hybrid_kv.staging.wire import MAGIC, PeerClosed, ProtocolError, recv_msg, send_msg
 from hybrid_kv.transport import resolve_mode
 from hybrid_kv.transport.common import SideConfig, hello_fields
 from hybrid_kv.transport.decode import DecodeOptions
 from hybrid_kv.transport.launch import Cluster, TransferJob
 from hybrid_kv.transport.prefill import PrefillEndpoint, PrefillOptions
-from hybrid_kv.transport.wire import MAGIC, PeerClosed, ProtocolError, recv_msg, send_msg
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -124,7 +124,7 @@ def test_prefill_refuses_kv_blocks_a_pair_does_not_move(pairs):
     the value, and nothing is staged."""
     import socket
 
-    from hybrid_kv.transport.wire import recv_msg, send_msg
+    from hybrid_kv.staging.wire import recv_msg, send_msg
 
     pair = pairs(MODEL, 2, 3, "packed", edit=sixes, n=1)
     q = pair.reqs[0]

@@ -17,7 +17,7 @@ import vllm_steps as S
 import vllm_util as U
 from vllm_pair import _hello, _server, assert_exact, assert_untouched
 
-from hybrid_kv.transport.wire import recv_msg, send_msg
+from hybrid_kv.staging.wire import recv_msg, send_msg
 from hybrid_kv.vllm.worker import HybridKVWorker
 
 pytestmark = pytest.mark.usefixtures("ds_layout")
@@ -206,9 +206,9 @@ def test_read_that_ends_after_the_lease_is_not_used(pairs, monkeypatch, caplog):
     """The fence after the READ: bytes whose READ completed once the source's lease could have ended are
     discarded (a margin larger than any lease makes every READ late): the requests fail, no page is
     written, nothing leaks."""
-    import hybrid_kv.vllm.receive as R
+    from hybrid_kv.staging import messages as M
 
-    monkeypatch.setattr(R, "LEASE_MARGIN_S", 1e9)
+    monkeypatch.setattr(M, "LEASE_MARGIN", 1e9)
     pair = pairs("jamba-v0.1", 1, 1, "packed")
     failed = pair.run_failing()
     assert all(f == {q.req_id for q in pair.reqs} for f in failed)
@@ -273,7 +273,8 @@ def test_connection_cap_and_message_deadline(pairs, monkeypatch):
 
 def test_link_refuses_a_welcome_it_cannot_use():
     """A hostile or broken prefill side channel (a raw socket server here) whose welcome names a staging
-    region that is not [addr, nbytes, dev] integers, lacks a fingerprint, or whose state layers differ from
+    region that is not [addr, nbytes, dev] integers, lacks a fingerprint or a usable lease (the fence's
+    margin is a quarter of it), or whose state layers differ from
     this rank's (bug caught: the link's comparison dropping the connector's `state_layers` field): the decode
     rank's link refuses it at the handshake, naming the value, before anything is READ."""
     import threading
@@ -290,6 +291,8 @@ def test_link_refuses_a_welcome_it_cannot_use():
         ({"fingerprint": fp, "staging": [-1, 10, 0]}, r"staging=\[-1, 10, 0\]"),
         ({"fingerprint": fp, "staging": {"addr": 1}}, r"staging=\{'addr': 1\}"),
         ({"staging": [4096, 10, 0]}, r"welcome lacks a fingerprint object"),
+        ({"fingerprint": fp, "staging": [4096, 10, 0]}, r"welcome: lease_s=None \(accepted: seconds in \(0, 86400\]"),
+        ({"fingerprint": fp, "staging": [4096, 10, 0], "lease_s": 0}, r"welcome: lease_s=0 \(accepted"),
     ]:
         srv = socket.create_server(("127.0.0.1", 0))
 

@@ -71,7 +71,7 @@ def test_pushes_nobody_takes_go_when_their_lease_ends():
     """A push for a request this decode rank never READs (one that came after the request was handled,
     or an aborted one) must not stay until 4096 others evict it: it goes once its lease has ended."""
     from hybrid_kv.staging import messages as M
-    from hybrid_kv.transport.wire import send_msg
+    from hybrid_kv.staging.wire import send_msg
     from hybrid_kv.vllm.link import PrefillLink
 
     with socket.create_server(("127.0.0.1", 0)) as srv:

@@ -10,7 +10,10 @@
 * `mode`     - the one `HYBRID_KV_TRANSFER` / `--mode` parser;
 * `handshake`- the page-fingerprint comparison both shells run before any descriptor exists;
 * `messages` - the one side-channel vocabulary and the checks of every value a peer sends;
+* `wire`     - the side channel's framing: bounded, deadline-checked reads and writes of one message;
+* `auth`     - the side channel's shared-secret handshake;
 * `cost`     - the `auto` mode's cost model and its calibration helpers.
 
-Nothing here does I/O: the shells move messages and post NIXL READs.
+Beyond `wire`'s framing of one message on a socket it is handed, nothing here does I/O: the shells own
+their sockets and threads and post the NIXL transfers.
 """

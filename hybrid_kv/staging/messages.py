@@ -1,4 +1,4 @@
-"""The one side-channel vocabulary of both shells (framing: `hybrid_kv.transport.wire`).
+"""The one side-channel vocabulary of both shells (framing: `hybrid_kv.staging.wire`).
 
 Decode rank -> prefill rank:
 
@@ -189,6 +189,17 @@ def clock_by_ping(ping, tries: int = 3) -> LeaseClock:
     return best
 
 
+LEASE_MARGIN = 0.25  # of the source's staging lease: a READ must be over this long before the lease ends
+MAX_LEASE_S = 86400.0
+
+
+def lease_seconds(v, where: str) -> float:
+    """A peer's staging lease (its welcome's `lease_s`), checked: seconds in (0, 1 day]."""
+    if not _seconds(v) or not 0 < v <= MAX_LEASE_S:
+        raise ValueError(f"{where}: lease_s={v!r:.40} (accepted: seconds in (0, {MAX_LEASE_S:g}])")
+    return float(v)
+
+
 def _seconds(v) -> bool:
     """A finite number of seconds (JSON as Python parses it admits NaN and Infinity)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -214,3 +225,8 @@ class LeaseClock:
         if not _seconds(t):
             raise ValueError(f"lease deadline {t!r:.40} (accepted: the peer's monotonic seconds)")
         return float(t) - self.offset
+
+    def read_by(self, until, lease_s: float) -> float:
+        """The latest local time a READ of bytes the peer leased until `until` (its clock) may complete and
+        still count: the lease's end here less `LEASE_MARGIN` of the lease. The one fence both shells use."""
+        return self.local(until) - lease_s * LEASE_MARGIN

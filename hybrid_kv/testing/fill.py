@@ -12,10 +12,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from hybrid_kv.batch import CacheGeometry, RequestBlocks
+from hybrid_kv.batch import CacheGeometry, RequestBlocks, blocks_from
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.testing.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
-from hybrid_kv.transport.common import blocks_from
 
 
 def _rng(*key: int | str) -> np.random.Generator:

@@ -1,7 +1,7 @@
 """P -> D transport over NIXL: per-rank endpoints, side-channel handshake, staging pool, packed and
 strided modes. Each TP rank runs in its own process with its own NIXL agent (UCX)."""
 
-from hybrid_kv.transport.wire import ProtocolError
+from hybrid_kv.staging.wire import ProtocolError
 
 MODES = ("packed", "strided", "auto")
 ENV_MODE = "HYBRID_KV_TRANSFER"

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from hybrid_kv.batch import CacheGeometry, RequestBlocks
+from hybrid_kv.batch import CacheGeometry
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.spec import ModelSpec
 from hybrid_kv.spec_hf import load_spec
@@ -73,11 +73,6 @@ def hello_fields(layout: RankLayout, cfg: SideConfig) -> dict:
 
 
 check_peer = peer_layout  # the CLI's hello check (hybrid_kv.staging.handshake)
-
-
-def blocks_from(obj) -> RequestBlocks:
-    state, kv = obj
-    return RequestBlocks(None if state is None else int(state), tuple(int(b) for b in kv))
 
 
 def monotonic() -> float:

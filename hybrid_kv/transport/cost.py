@@ -20,7 +20,7 @@ from hybrid_kv.staging.cost import CAL_DESCS, CAL_REPEATS, CAL_SIZE, packing_pay
 from hybrid_kv.staging.cost import copy_gbps as measure_copy_gbps
 from hybrid_kv.staging.cost import desc_cost_us as measure_desc_cost_us
 from hybrid_kv.staging.cost import median as _median
-from hybrid_kv.transport.wire import expect, send_msg
+from hybrid_kv.staging.wire import expect, send_msg
 
 
 def calibrate(ep, src) -> dict:

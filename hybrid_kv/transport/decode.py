@@ -28,6 +28,7 @@ from hybrid_kv.staging.auth import ClientAuth, load_secret
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
+from hybrid_kv.staging.wire import expect, recv_msg, send_msg
 from hybrid_kv.transport.common import (
     RankMemory,
     SideConfig,
@@ -39,7 +40,6 @@ from hybrid_kv.transport.common import (
 from hybrid_kv.transport.cost import calibrate, pack_pays
 from hybrid_kv.transport.receive import Receiver
 from hybrid_kv.transport.request import Request, Source, result_row
-from hybrid_kv.transport.wire import expect, recv_msg, send_msg
 
 
 @dataclass
@@ -229,9 +229,7 @@ def _welcome_values(msg: dict, p: int, layout, num_layers: int) -> tuple[int, fl
     unit = msg.get("max_unit_bytes")
     if not M.int_in(unit, 4096, 1 << 40):
         raise ValueError(f"{where}: max_unit_bytes={unit!r:.40} (accepted: an integer in [4096, 2**40])")
-    lease = msg.get("lease_s")
-    if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 < lease <= 86400:
-        raise ValueError(f"{where}: lease_s={lease!r:.40} (accepted: seconds in (0, 86400])")
+    lease = M.lease_seconds(msg.get("lease_s"), where)
     for key in ("cache", "staging"):
         M.region_record(msg.get(key), where, key)
     nb = msg.get("num_blocks")

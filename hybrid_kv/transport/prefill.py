@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from hybrid_kv.batch import blocks_from
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import check_bind, load_secret
@@ -34,15 +35,9 @@ from hybrid_kv.staging.chunk import Chunk, flat_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
-from hybrid_kv.transport.common import (
-    RankMemory,
-    SideConfig,
-    blocks_from,
-    init_rank_process,
-    peak_rss,
-)
+from hybrid_kv.staging.wire import send_msg
+from hybrid_kv.transport.common import RankMemory, SideConfig, init_rank_process, peak_rss
 from hybrid_kv.transport.prefill_channel import Peer, SideChannel
-from hybrid_kv.transport.wire import send_msg
 
 MAX_TOKENS = 1 << 24  # a request's token count beyond this is refused before any plan is built
 IDLE_WAIT_S = 0.01  # longest sleep in select when no unit waits for a slot

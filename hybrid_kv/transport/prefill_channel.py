@@ -14,8 +14,8 @@ from hybrid_kv.layout import RankLayout
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth
+from hybrid_kv.staging.wire import FrameReader, PeerClosed, ProtocolError, send_msg
 from hybrid_kv.transport.common import check_peer, hello_fields
-from hybrid_kv.transport.wire import FrameReader, PeerClosed, ProtocolError, send_msg
 
 MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
 SEND_TIMEOUT_S = 5.0  # replies are small: a peer whose receive buffer stays full is gone

@@ -11,17 +11,16 @@ from collections import deque
 
 import numpy as np
 
+from hybrid_kv.batch import blocks_from
 from hybrid_kv.layout import cdiv
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
 from hybrid_kv.staging.template import ALL
-from hybrid_kv.transport.common import blocks_from
+from hybrid_kv.staging.wire import PeerClosed, ProtocolError, send_msg
 from hybrid_kv.transport.request import Request, Source
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, send_msg
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
 MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
-LEASE_MARGIN = 0.25  # of a source's staging lease: a READ must be over this long before the lease ends
 
 
 class Receiver:
@@ -320,7 +319,7 @@ class Receiver:
                 raise ValueError(f"prefill rank {p} announced units {stale} again, which this rank already holds")
             # the fence: bytes count only if their READ completed before the lease could end here
             src = self.sources[p]
-            read_by = src.clock.local(msg.get("until")) - src.lease_s * LEASE_MARGIN
+            read_by = src.clock.read_by(msg.get("until"), src.lease_s)
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return

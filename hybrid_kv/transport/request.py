@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.pagemap import PageMap
-from hybrid_kv.transport.wire import FrameReader
+from hybrid_kv.staging.wire import FrameReader
 
 MSG_TIMEOUT_S = 10.0  # a source's message must be whole this long after its first byte arrived
 

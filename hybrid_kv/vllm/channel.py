@@ -37,7 +37,7 @@ from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.handshake import check_fingerprints
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
-from hybrid_kv.transport.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable
+from hybrid_kv.staging.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable
 from hybrid_kv.vllm.grants import GrantDesk
 from hybrid_kv.vllm.prepack import PackAtFinish, units
 from hybrid_kv.vllm.state import StateGeometry, state_chunk
@@ -280,6 +280,7 @@ class PrefillServer(PackAtFinish, GrantDesk):
             "tp_rank": lay.tp_rank,
             "staging": list(self.staging_desc),
             "agent": self.agent_name,
+            "lease_s": self.lease_s,  # the decode rank's fence (messages.LeaseClock.read_by)
         }
 
     def _pack(self, head: dict, cid: int) -> None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from hybrid_kv.staging import messages as M
-from hybrid_kv.transport.wire import ProtocolError, send_msg
+from hybrid_kv.staging.wire import ProtocolError, send_msg
 from hybrid_kv.vllm.state import state_chunk
 
 MAX_GRANTS = 4096  # grants kept for requests this rank has not pushed yet

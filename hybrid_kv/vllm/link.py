@@ -10,7 +10,7 @@ import time
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
 from hybrid_kv.staging.handshake import check_fingerprints
-from hybrid_kv.transport.wire import ProtocolError, expect, recv_msg, send_msg, wait_readable
+from hybrid_kv.staging.wire import ProtocolError, expect, recv_msg, send_msg, wait_readable
 
 
 class PrefillLink:
@@ -136,6 +136,7 @@ class PrefillLink:
             raise ValueError(f"prefill side channel {self.address} welcome lacks a fingerprint object")
         check_fingerprints(reply["fingerprint"], fingerprint)
         reply["staging"] = M.region(reply.get("staging"), f"prefill side channel {self.address} welcome")
+        reply["lease_s"] = M.lease_seconds(reply.get("lease_s"), f"prefill side channel {self.address} welcome")
         self.peer = reply
         self.clock = M.clock_by_ping(lambda: self.call({"type": M.PING}, M.PONG))  # for the lease fence
         return self.peer

@@ -12,7 +12,7 @@ import time
 from vllm.logger import init_logger
 
 from hybrid_kv.staging import messages as M
-from hybrid_kv.transport.wire import send_msg
+from hybrid_kv.staging.wire import send_msg
 from hybrid_kv.vllm.state import only_moved, pair_groups, state_chunk
 
 log = init_logger("vllm.hybrid_kv")

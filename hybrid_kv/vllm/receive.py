@@ -21,7 +21,6 @@ from hybrid_kv.vllm.held import holding, send_held
 from hybrid_kv.vllm.state import only_moved, pair_attention, pair_tail, state_chunk
 
 log = init_logger("vllm.hybrid_kv")
-LEASE_MARGIN_S = 1.0  # a READ counts only if it completed this long before the source's lease ends
 
 
 @dataclass
@@ -235,7 +234,7 @@ class PackedReceive(StateReceive):
         and its lease's end on this rank's clock, which the READ must beat (the fence)."""
         link = self._hkv_links[(recv.engine_id, p)]
         size = int(link.peer["staging"][1])
-        recv.read_by[p] = link.clock.local(push.get("until")) - LEASE_MARGIN_S
+        recv.read_by[p] = link.clock.read_by(push.get("until"), link.peer["lease_s"])
         units = M.ready_units(push, recv.units[p], size, f"prefill rank {p}")
         if len(units) != len(recv.units[p]) or not self._same_blocks(push, recv.blocks_of(p)):
             raise ValueError(
