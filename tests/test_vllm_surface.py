@@ -137,3 +137,28 @@ def test_connectors_refuse_sleep_mode():
 
     assert HybridKVConnector.supports_sleep_mode(None) is False
     assert HybridKVPushConnector.supports_sleep_mode(None) is False
+
+
+def test_connectors_declare_how_they_reach_the_kv_cache(monkeypatch):
+    """vLLM >= 0.34 asks `kv_cache_access` (in the surface); vLLM 0.32 has no `KVCacheAccess`, so its 0.34
+    definition stands in (config/kv_transfer.py: IN_PROCESS = 0, then REGISTERS, EXPORTS_FD, EXPORTS_FABRIC,
+    LEGACY_IPC as auto flags). The cache is registered and exported over cuda_ipc unless it lives on the CPU."""
+    import enum
+    import types
+
+    import vllm.config.kv_transfer as kvt
+
+    from hybrid_kv.vllm import HybridKVConnector, HybridKVPushConnector
+
+    class KVCacheAccess(enum.IntFlag):
+        IN_PROCESS = 0
+        REGISTERS = enum.auto()
+        EXPORTS_FD = enum.auto()
+        EXPORTS_FABRIC = enum.auto()
+        LEGACY_IPC = enum.auto()
+
+    monkeypatch.setattr(kvt, "KVCacheAccess", KVCacheAccess, raising=False)
+    for cls in (HybridKVConnector, HybridKVPushConnector):
+        gpu = cls.kv_cache_access(types.SimpleNamespace(kv_buffer_device="cuda"))
+        assert gpu == KVCacheAccess.REGISTERS | KVCacheAccess.EXPORTS_FABRIC
+        assert cls.kv_cache_access(types.SimpleNamespace(kv_buffer_device="cpu")) == KVCacheAccess.IN_PROCESS

@@ -50,10 +50,24 @@ def _no_sleep_mode(cls, kv_transfer_config) -> bool:
     return False
 
 
+def _kv_cache_access(cls, kv_transfer_config):
+    """vLLM >= 0.34 allocates the KV cache by what the connector declares; the base's default (IN_PROCESS)
+    may give a VMM-backed cache that UCX's cuda_ipc cannot map. hybrid-kv registers the cache with NIXL and
+    its peers on the host READ it over cuda_ipc (one physical allocation per segment, FABRIC export), as
+    vLLM's NIXL connector declares for itself; with a CPU `kv_buffer_device` NIXL registers host buffers.
+    Stated here, not inherited, so a change of the base's answer cannot silently break the transfers."""
+    from vllm.config.kv_transfer import KVCacheAccess  # vLLM >= 0.34 (only it asks)
+
+    if kv_transfer_config.kv_buffer_device == "cpu":
+        return KVCacheAccess.IN_PROCESS
+    return KVCacheAccess.REGISTERS | KVCacheAccess.EXPORTS_FABRIC
+
+
 class HybridKVConnector(NixlPullConnector):
     """Drop-in for `NixlConnector`; the transfer mode is read once, at start-up."""
 
     supports_sleep_mode = classmethod(_no_sleep_mode)
+    kv_cache_access = classmethod(_kv_cache_access)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
         self.transfer_mode = _checked_mode(vllm_config, push=False)
@@ -86,6 +100,7 @@ class HybridKVPushConnector(NixlPushConnector):
     """Drop-in for `NixlPushConnector` (the prefill WRITEs); `HYBRID_KV_TRANSFER` is packed or strided."""
 
     supports_sleep_mode = classmethod(_no_sleep_mode)
+    kv_cache_access = classmethod(_kv_cache_access)
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config) -> None:
         self.transfer_mode = _checked_mode(vllm_config, push=True)

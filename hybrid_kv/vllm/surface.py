@@ -110,6 +110,16 @@ SURFACE: tuple[Owner, ...] = (
         override={"supports_sleep_mode": "cls kv_transfer_config"},
         since="0.33.0",
     ),
+    # vLLM >= 0.34 allocates the KV cache by the connector's declared access: ours register it with NIXL and
+    # export it to peers over cuda_ipc, as the stock NIXL connector does (connector.py)
+    Owner(
+        "vllm.distributed.kv_transfer.kv_connector.v1.base",
+        "KVConnectorBase_V1",
+        override={"kv_cache_access": "cls kv_transfer_config"},
+        since="0.34.0",
+    ),
+    Owner("vllm.config.kv_transfer", "KVCacheAccess", read="IN_PROCESS REGISTERS EXPORTS_FABRIC", since="0.34.0"),
+    Owner("vllm.config.kv_transfer", "KVTransferConfig", read="kv_buffer_device"),
     Owner(
         UTILS,
         "TransferTopology",
