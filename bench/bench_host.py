@@ -1,7 +1,7 @@
 """Host cost per request of the packed path: thread CPU time from block ids to the kernel launch call.
 
 For each (model, prefill TP -> decode TP, tokens) and each shell, the per-request host work is timed on
-the code the shells run, with the copy itself replaced by building its launch arguments (`Copier.rows`:
+the code the shells run, with the copy itself replaced by building its launch arguments (`Copier.slot_rows`:
 the slot rows the kernel receives, every range checked):
 
 * ``vllm``, prefill: `PrefillServer._prepack` (what the connector runs when a prefill finishes: block-id

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                 # contiguous reads stand-in bytes (the NIXL floor): nothing of it to verify
                 cl.job = replace(job, verify=args.verify and mode != "contiguous")
                 reps = [cl.run(mode) for _ in range(args.repeats + 1)][1:]  # first run: warm-up
-                if cl.job.verify and not all(r["verified"] for r in reps):
+                verified = cl.job.verify and all(r["verified"] for r in reps)
+                if cl.job.verify and not verified:
                     bad.append(
                         f"{model} {p}->{d} c={conc} {mode}: {[r['mismatches'][:3] or r['failures'][:1] for r in reps]}"
                     )
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
                     "ready_ms": ph["ready_s"],
                     "read_ms": ph["read_s"],
                     "scatter_ms": ph["scatter_s"],
-                    "verified": cl.job.verify and all(r["verified"] for r in reps),
+                    "verified": verified,
                     "ucx_tls": os.environ.get("UCX_TLS", "default"),
                     **env,
                 }

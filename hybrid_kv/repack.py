@@ -56,7 +56,7 @@ def run_repack(plan: TransferPlan, args: argparse.Namespace) -> dict:
         return {
             "bytes": 2 * moved,
             "slots": sum(len(chunk.tpl) for js in jobs for chunk, _ in js),
-            "tiles": sum(int(c.rows(js)[:, 3].sum()) for c, js in zip(copiers, jobs) if js) if triton else None,
+            "tiles": sum(c.slot_rows(js)[1] for c, js in zip(copiers, jobs) if js) if triton else None,
             "launches": sum(bool(js) for js in jobs),
             **_stats(seconds, 2 * moved),
         }

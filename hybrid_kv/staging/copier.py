@@ -112,10 +112,6 @@ class Copier:
         self._rows[id(chunk.tpl)] = (chunk.tpl, rows, programs)
         return rows, programs
 
-    def rows(self, jobs: Sequence[Job]) -> np.ndarray:
-        """The kernel's slot rows for `jobs` (4 columns; see `slot_rows`)."""
-        return self.slot_rows(jobs)[0][:, :4]
-
     def slot_rows(self, jobs: Sequence[Job]) -> tuple[np.ndarray, int]:
         """The launch's slot rows for `jobs`, each with its first program (`tiles.with_first`), and the
         program count. Every unit's staging range is checked against the staging buffer (a slot lies inside

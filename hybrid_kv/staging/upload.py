@@ -18,7 +18,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-COLUMNS = 5  # kernels.tiles.with_first's slot rows
+from hybrid_kv.kernels.tiles import SLOT_COLUMNS
+
+COLUMNS = len(SLOT_COLUMNS)
 
 
 class RowUpload:
@@ -36,8 +38,7 @@ class RowUpload:
         self.device, self.stream, self._pin = device, stream, pin
         make = event or torch.cuda.Event
         self._host = [self._alloc_host(rows) for _ in range(buffers)]
-        self._events = [make() for _ in range(buffers)]
-        self._used = [False] * buffers  # an event never recorded says nothing
+        self._events = [make() for _ in range(buffers)]  # one never recorded queries done
         self._next = 0
         self._dev = torch.empty((rows, COLUMNS), dtype=torch.int64, device=device)
         self.fallbacks = 0  # launches that found every host buffer still being read
@@ -55,7 +56,7 @@ class RowUpload:
             self._dev = torch.empty((max(n, 2 * len(self._dev)), COLUMNS), dtype=torch.int64, device=self.device)
         dev = self._dev[:n]
         i = self._next
-        if self._used[i] and not self._events[i].query():
+        if not self._events[i].query():
             self.fallbacks += 1
             one_off = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
             dev.copy_(one_off.pin_memory() if self._pin else one_off, non_blocking=True)
@@ -67,5 +68,4 @@ class RowUpload:
         view[:n] = rows
         dev.copy_(host[:n], non_blocking=True)
         self._events[i].record(self.stream)
-        self._used[i] = True
         return dev

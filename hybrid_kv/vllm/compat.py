@@ -1,9 +1,10 @@
 """Which vLLM releases the connectors support, checked at start-up.
 
 The connectors subclass vLLM's NIXL connector and workers and use members of them that vLLM does not
-promise to keep (issue #32 read 0.33 and 0.34: the private NIXL worker methods change every release; not
-yet checked here). So each supported release is named here, and any other is refused at start-up, naming both,
-unless the operator accepts the risk with ``HYBRID_KV_ALLOW_UNSUPPORTED_VLLM=1`` (then a warning is logged).
+promise to keep (the private NIXL worker methods change every release). So each supported release is named
+here, and any other is refused at start-up, naming both, unless the operator accepts the risk with
+``HYBRID_KV_ALLOW_UNSUPPORTED_VLLM=1`` (then a warning is logged). `check_source` (``python -m
+hybrid_kv.vllm.compat SOURCE...``) checks a release's sources against the version surface (`surface.py`).
 """
 
 from __future__ import annotations
