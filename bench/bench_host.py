@@ -123,7 +123,7 @@ def _settle() -> None:
 def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
     """A `StateGeometry` over one backing buffer laid out as vLLM 0.32 does (groups of state layers, slot
     k of each group at k * num_blocks * page)."""
-    from hybrid_kv.vllm.state import StateGeometry
+    from hybrid_kv.mover.geometry import StateGeometry
 
     lay = RankLayout(spec, tp, rank)
     page = lay.page_bytes
@@ -146,8 +146,9 @@ def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
 
 
 def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
-    from hybrid_kv.vllm.channel import PrefillServer
-    from hybrid_kv.vllm.state import state_chunk
+    from hybrid_kv.mover.geometry import state_chunk
+    from hybrid_kv.mover.sender import Sender
+    from hybrid_kv.mover.server import PrefillServer
 
     spec = load_spec(name)
     blocks = 8
@@ -157,20 +158,16 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     sources = plans.sources(ptp, dtp)[0]
     src = sources[0]
     staging = _empty(STAGING)
+    sender = Sender(_vllm_geometry(spec, ptp, src, blocks), plans, staging, _backend(), 180.0, 60.0)
     server = PrefillServer(
         host="127.0.0.1",
         port=0,
-        geometry=_vllm_geometry(spec, ptp, src, blocks),
-        plans=plans,
-        staging=staging,
+        sender=sender,
         staging_desc=(staging.data_ptr(), staging.numel(), 0),
         agent_name="bench",
         not_held=lambda r: None,
-        lease_s=180.0,
-        timeout_s=60.0,
-        backend=_backend(),
     )
-    _instrument(server.copier)
+    _instrument(sender.copier)
     # one decode rank connected (a socket pair stands in for its link): what the prefill worker runs
     # when the request's prefill finishes (`PrefillServer._prepack`: checks, chunk, slots, launch
     # arguments, and the `staged` push)
@@ -185,7 +182,7 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
         server._prepack(finished[next(turn) % VARIANTS])
 
     def done() -> None:  # the READ's 'done' (not timed); drain the push
-        server._free_where(lambda k: True)
+        sender.free_where(lambda k: True)
         try:
             while theirs.recv(1 << 16):
                 pass

@@ -194,11 +194,11 @@ class ProbeWorker:
 
     def hkv_state(self) -> dict:
         """What must be zero once every request ended (the soak's leak check): hybrid-kv's slots and
-        requests (`hkv_leaks`), vLLM's transfers and held requests, and the NIXL agents this rank knows."""
+        requests (`hkv.leaks()`), vLLM's transfers and held requests, and the NIXL agents this rank knows."""
         w = _worker()
         return {
             "tp_rank": w.tp_rank,
-            **getattr(w, "hkv_leaks", dict)(),  # (vLLM's stock worker, HYBRID_KV_TRANSFER=strided: none)
+            **(w.hkv.leaks() if hasattr(w, "hkv") else {}),  # (vLLM's stock worker, HYBRID_KV_TRANSFER=strided: none)
             "recving_transfers": sum(len(h) for h in w._recving_transfers.values()),
             "sending_transfers": sum(len(h) for h in getattr(w, "_sending_transfers", {}).values()),
             "reqs_to_send": len(w._reqs_to_send),

@@ -1,7 +1,8 @@
-"""Module layering: the kernels are leaves (torch, numpy, triton only); the core (`staging`) imports neither
-shell and the shells (`transport`: the CLI rank processes; `vllm`: the connector) not each other, lazily or
-not; no module-level import cycle; the test-only package (oracle, harness, fills) is imported at module level
-by no production module, and lazily only by the CLI's verification tools."""
+"""Module layering: the kernels are leaves (torch, numpy, triton only); the core (`staging`, and above it the
+state mover `mover`) imports neither shell, nor vLLM, and the shells (`transport`: the CLI rank processes;
+`vllm`: the connector) not each other, lazily or not; no module-level import cycle; the test-only package
+(oracle, harness, fills) is imported at module level by no production module, and lazily only by the CLI's
+verification tools."""
 
 import ast
 from pathlib import Path
@@ -66,7 +67,12 @@ def _part(module: str) -> str:
 
 @pytest.mark.parametrize(
     "part,forbidden",
-    [("staging", {"transport", "vllm", "testing"}), ("transport", {"vllm"}), ("vllm", {"transport"})],
+    [
+        ("staging", {"mover", "transport", "vllm", "testing"}),
+        ("mover", {"transport", "vllm", "testing"}),
+        ("transport", {"vllm"}),
+        ("vllm", {"transport"}),
+    ],
 )
 def test_the_core_and_the_shells_keep_their_folders(part, forbidden):
     files = list((PKG / part).glob("*.py"))
@@ -74,6 +80,17 @@ def test_the_core_and_the_shells_keep_their_folders(part, forbidden):
     for path in files:
         bad = {m for m in _all_imports(path) if _part(m) in forbidden}
         assert not bad, f"{part}/{path.name} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("part", ["staging", "mover"])
+def test_the_core_imports_no_engine(part):
+    """The core runs without vLLM installed (the CLI transport, the GPU machine): no import of it, lazily
+    or not."""
+    for path in (PKG / part).glob("*.py"):
+        tree = ast.parse(path.read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in mods if m.split(".")[0] == "vllm"}, f"{part}/{path.name} imports vLLM"
 
 
 def test_only_the_verification_tools_import_the_testing_package_lazily():

@@ -96,7 +96,7 @@ def test_request_id_length():
 def test_link_keeps_at_most_max_staged_pushes(monkeypatch):
     """A prefill rank that announces more requests than the decode rank has reached: the link keeps the
     newest MAX_STAGED (3 here) and forgets the oldest; with exactly MAX_STAGED, all are kept."""
-    from hybrid_kv.vllm.link import PrefillLink
+    from hybrid_kv.mover.link import PrefillLink
 
     monkeypatch.setattr(PrefillLink, "MAX_STAGED", 3)
     srv = socket.create_server(("127.0.0.1", 0))

@@ -54,10 +54,10 @@ def test_packed_moves_pairs_that_do_not_divide(pairs, caplog, ptp, dtp):
         w = c.connector_worker
         src = sources_of(ptp, dtp, r)
         assert sorted(w._remote_agents["prefill"]) == [(0, p) for p in src]
-        assert w.hkv_descriptors == {q.req_id: len(src) for q in pair.reqs}
+        assert w.hkv.descriptors == {q.req_id: len(src) for q in pair.reqs}
         assert sum(w.xfer_stats.data["num_descriptors"]) == len(pair.reqs) * len(src)
     readers = {p: sum(p in sources_of(ptp, dtp, d) for d in range(dtp)) for p in range(ptp)}
-    plans = pair.d.conns[0].connector_worker._hkv_plans
+    plans = pair.d.conns[0].connector_worker.hkv.plans
     assert {p: plans.consumers(ptp, dtp, p) for p in range(ptp)} == readers
     for c in pair.p.conns:  # every consumer notification arrived, and no request is still held
         w = c.connector_worker
@@ -130,8 +130,8 @@ def test_prefill_refuses_kv_blocks_a_pair_does_not_move(pairs):
     q = pair.reqs[0]
     for c in pair.p.conns:
         step(c, send_meta(pair.reqs, prefilled=False))
-    srv = pair.p.conns[0].connector_worker._hkv_server
-    fp = pair.d.conns[0].connector_worker._hkv_geom.fingerprint()
+    srv = pair.p.conns[0].connector_worker.hkv.server
+    fp = pair.d.conns[0].connector_worker.hkv.geom.fingerprint()
     attn = next(g for g, _, kind in pair.p.groups() if kind == "attn")
     mamba = [g for g, _, kind in pair.p.groups() if kind == "mamba"]
     req = f"{q.req_id}-0000beef"
@@ -153,4 +153,4 @@ def test_prefill_refuses_kv_blocks_a_pair_does_not_move(pairs):
                 send_msg(s, {"type": "pack", "req": req, "blocks": blocks})
                 head, _ = recv_msg(s, 5)
                 assert head["type"] == "error" and why in head["message"], (blocks, head)
-    assert srv.live_slots == 0
+    assert srv.sender.live_slots == 0

@@ -91,30 +91,30 @@ def test_staged_slots_freed_on_disconnect_and_lease(pairs):
         send_msg(s, msg)
         ready, _ = recv_msg(s, 10)
         assert ready["type"] == "ready" and ready["req"] == msg["req"] and len(ready["units"]) == 1
-        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
+        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.sender.live_slots == 1
 
     with socket.create_connection(srv.address, timeout=5) as s:
         pack(s)
     deadline = time.monotonic() + 5
-    while srv.live_slots and time.monotonic() < deadline:
+    while srv.sender.live_slots and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert srv.live_slots == 0  # disconnect
+    assert srv.sender.live_slots == 0  # disconnect
     s = socket.create_connection(srv.address, timeout=5)
     try:
         pack(s)
         deadline = time.monotonic() + 10
-        while srv.live_slots and time.monotonic() < deadline:
+        while srv.sender.live_slots and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert srv.live_slots == 0  # lease expiry with the connection still open
+        assert srv.sender.live_slots == 0  # lease expiry with the connection still open
         send_msg(s, {"type": "release", "req": msg["req"]})  # late: nothing left to free, no reply
         send_msg(s, msg)  # and the connection still serves
         assert recv_msg(s, 10)[0]["type"] == "ready"
-        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.live_slots == 1
+        assert recv_msg(s, 10)[0]["type"] == "ok" and srv.sender.live_slots == 1
         send_msg(s, {"type": "release", "req": msg["req"]})
         deadline = time.monotonic() + 5
-        while srv.live_slots and time.monotonic() < deadline:
+        while srv.sender.live_slots and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert srv.live_slots == 0  # released
+        assert srv.sender.live_slots == 0  # released
     finally:
         s.close()
 
@@ -166,11 +166,10 @@ def test_bad_secret_and_open_bind_refused_at_startup(tmp_path, monkeypatch):
         HybridKVWorker(vc, "e", None)
     from types import SimpleNamespace
 
-    from hybrid_kv.vllm.channel import PrefillServer
+    from hybrid_kv.mover.server import PrefillServer
 
-    geom = SimpleNamespace(layout=SimpleNamespace(tp_rank=0))  # refused before it is used
-    kw = dict(port=0, geometry=geom, plans=None, staging=None, staging_desc=(0, 0, 0), agent_name="a")
-    kw.update(not_held=lambda r: None, lease_s=1.0, timeout_s=1.0, backend="torch")
+    sender = SimpleNamespace(geom=SimpleNamespace(layout=SimpleNamespace(tp_rank=0)))  # refused before it is used
+    kw = dict(port=0, sender=sender, staging_desc=(0, 0, 0), agent_name="a", not_held=lambda r: None)
     with pytest.raises(ValueError, match=r"would listen on '0.0.0.0'.*HYBRID_KV_SECRET"):
         PrefillServer(host="0.0.0.0", secret=None, **kw)
 
@@ -187,17 +186,17 @@ def test_push_near_its_lease_end_is_not_used(pairs):
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
     S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
-    srv = pair.p.conns[0].connector_worker._hkv_server
+    srv = pair.p.conns[0].connector_worker.hkv.server
     for c in pair.p.conns:
         S.step(c, S.send_meta(rest))
     srv._prepacker.submit(lambda: None).result(timeout=30)
-    assert len(srv._staged) == 1  # pushed, but with 120 s of lease, under the decode's 2 x 60 s
+    assert len(srv.sender._staged) == 1  # pushed, but with 120 s of lease, under the decode's 2 x 60 s
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
     ids = {q.req_id for q in rest}
     _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
     assert not any(failed)
-    assert pair.d.conns[0].connector_worker.hkv_round_trips[rest[0].req_id] == 1
+    assert pair.d.conns[0].connector_worker.hkv.round_trips[rest[0].req_id] == 1
     assert_exact(pair)
     pair.wait_no_leaks()
 
@@ -215,7 +214,7 @@ def test_read_that_ends_after_the_lease_is_not_used(pairs, monkeypatch, caplog):
     assert "completed after the source's staging lease could have ended" in caplog.text
     want = pair.expected()  # attention came by vLLM's own READ (the failed request's blocks are recomputed)
     for r, c in enumerate(pair.d.conns):
-        geom = c.connector_worker._hkv_geom
+        geom = c.connector_worker.hkv.geom
         got, bg, exp = pair.d.storage(r), pair.background[r], want[r].clone()
         for q in pair.reqs:  # the requests' state pages: no byte was scattered
             for s in geom.layers:
@@ -231,7 +230,7 @@ def test_connection_cap_and_message_deadline(pairs, monkeypatch):
     """Connections past the cap are told why and closed, and one is served again once another closes; a
     connection that sends part of a message and stalls is closed when its deadline passes, while a
     decode rank's ping on another connection is answered at once (one thread per connection)."""
-    import hybrid_kv.vllm.channel as chan
+    import hybrid_kv.mover.server as chan
 
     pair = pairs("jamba-v0.1", 1, 1, "packed")
     _, srv = _server(pair)
@@ -280,8 +279,8 @@ def test_link_refuses_a_welcome_it_cannot_use():
     import threading
 
     from hybrid_kv.layout import RankLayout
+    from hybrid_kv.mover.link import PrefillLink
     from hybrid_kv.spec_hf import load_spec
-    from hybrid_kv.vllm.link import PrefillLink
 
     fp = {**RankLayout(load_spec("jamba-v0.1"), 1, 0).fingerprint(), "state_layers": [[1, "model.layers.1.mamba"]]}
     moved = {**fp, "state_layers": [[1, "model.layers.2.mamba"]]}  # another layer holds the state

@@ -117,7 +117,7 @@ def test_packed_and_strided(pairs, name, ptp, dtp):
         w = c.connector_worker
         sources = range(max(1, ptp // dtp))  # integer ratios: the prefill ranks whose shards overlap rank r's
         # one descriptor per (transfer unit, source rank): the default unit budget holds a request's state
-        assert w.hkv_descriptors == {q.req_id: len(sources) for q in packed.reqs}
+        assert w.hkv.descriptors == {q.req_id: len(sources) for q in packed.reqs}
         # the stock path: 3 conv + 1 SSM (Mamba1: 1 + 1) per layer per block per SSM source rank
         stock_ssm_sources = max(1, ptp // dtp)
         attention = tel_strided - n * state_layers * parts * stock_ssm_sources
@@ -145,7 +145,7 @@ def test_triton_backend_under_the_interpreter(pairs):
     """The Triton pack/scatter kernels (interpreted on CPU, native on GPU) give the same bytes."""
     extra = {"hybrid_kv_backend": "triton", "hybrid_kv_timeout_s": 600, "hybrid_kv_staging_lease_s": 1200}
     pair = pairs("jamba-v0.1", 2, 1, "packed", n=1, p_extra=extra, d_extra=extra)
-    assert pair.p.conns[0].connector_worker._hkv_backend == "triton"
+    assert pair.p.conns[0].connector_worker.hkv.backend == "triton"
     _, failed, _ = pair.run(timeout=600)
     assert not any(failed)
     assert_exact(pair)
@@ -158,7 +158,7 @@ def test_sd_conv_layout(pairs, monkeypatch, name, ptp, dtp):
     monkeypatch.setenv("VLLM_SSM_CONV_STATE_LAYOUT", "SD")
     mamba_utils.get_conv_state_layout.cache_clear()
     pair = pairs(name, ptp, dtp, "packed")
-    assert pair.d.conns[0].connector_worker._hkv_geom.layout.conv_layout == "SD"
+    assert pair.d.conns[0].connector_worker.hkv.geom.layout.conv_layout == "SD"
     _, failed, _ = pair.run()
     assert not any(failed)
     assert_exact(pair)
@@ -178,7 +178,7 @@ def test_large_request_split_into_units(pairs):
     lay = U.layouts(pair.p, 0)
     least = -(-len(pair.d.spec.state_layers) * lay.state_bytes // (3 << 20))
     assert least > 1
-    assert all(w.hkv_descriptors[q.req_id] >= 2 * least for q in pair.reqs)
+    assert all(w.hkv.descriptors[q.req_id] >= 2 * least for q in pair.reqs)
     pair.wait_no_leaks()
 
 
@@ -191,16 +191,16 @@ def test_no_round_trip_after_warm_up(pairs):
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
     S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
-    servers = [c.connector_worker._hkv_server for c in pair.p.conns]
+    servers = [c.connector_worker.hkv.server for c in pair.p.conns]
     asked = sum(s.received.get("pack", 0) for s in servers)
     assert asked == 2  # warm-up: one per source rank
     for c in pair.p.conns:  # the prefills of the other requests finish
         S.step(c, S.send_meta(rest))
-    links = [link for c in pair.d.conns for link in c.connector_worker._hkv_links.values()]
+    links = [link for c in pair.d.conns for link in c.connector_worker.hkv.links.values()]
     deadline = time.monotonic() + 30
     while not all(all(S.p_id(q.req_id) in link._staged for q in rest) for link in links):
         # (the decode ranks' readers hold the pushes: a busy machine must not turn this into a race)
-        assert time.monotonic() < deadline, [len(s._staged) for s in servers]
+        assert time.monotonic() < deadline, [len(s.sender._staged) for s in servers]
         time.sleep(0.01)
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
@@ -209,8 +209,8 @@ def test_no_round_trip_after_warm_up(pairs):
     assert not any(failed)
     assert sum(s.received.get("pack", 0) for s in servers) == asked  # no request asked
     w = pair.d.conns[0].connector_worker
-    assert {r: w.hkv_round_trips[r] for r in ids} == dict.fromkeys(ids, 0)
-    assert w.hkv_round_trips[warm[0].req_id] == 2
+    assert {r: w.hkv.round_trips[r] for r in ids} == dict.fromkeys(ids, 0)
+    assert w.hkv.round_trips[warm[0].req_id] == 2
     assert_exact(pair)
     pair.wait_no_leaks()
 
@@ -233,7 +233,7 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     ids = {q.req_id for q in warm}
     S.submit(pair.p, pair.d, warm)
     S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})
-    choices = [c.connector_worker.hkv_auto for c in pair.d.conns]
+    choices = [c.connector_worker.hkv.auto for c in pair.d.conns]
     assert all(list(ch) == [pair.p.engine_id] for ch in choices), choices
     got = [ch[pair.p.engine_id]["reads"] for ch in choices]
     # each rank decides on its own inputs: measured ones may differ between ranks (both choices are exact),
@@ -242,15 +242,15 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     if desc_us is None:
         for ch in choices:
             assert ch[pair.p.engine_id]["copy_gbps"] > 0 and ch[pair.p.engine_id]["desc_cost_us"] >= 0, ch
-    servers = [c.connector_worker._hkv_server for c in pair.p.conns]
-    links = [len(c.connector_worker._hkv_links) for c in pair.d.conns]
+    servers = [c.connector_worker.hkv.server for c in pair.p.conns]
+    links = [len(c.connector_worker.hkv.links) for c in pair.d.conns]
     stock_links = sum(n for n, r in zip(links, got) if r == "stock")
     assert sum(s.received.get("mode", 0) for s in servers) == stock_links
     for c in pair.p.conns:  # the prefills of the other requests finish
         S.step(c, S.send_meta(rest))
     for s in servers:  # the prepacker has run
         s._prepacker.submit(lambda: None).result(timeout=30)
-    staged = sum(len(s._staged) for s in servers)
+    staged = sum(len(s.sender._staged) for s in servers)
     assert staged == (sum(links) - stock_links) * len(rest)
     for c in pair.d.conns:
         S.step(c, S.recv_meta(rest, pair.p))
@@ -261,7 +261,7 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
     pair.wait_no_leaks()
     for c, r in zip(pair.d.conns, got):
         w = c.connector_worker
-        assert (w.hkv_descriptors == {}) == (r == "stock"), (r, w.hkv_descriptors)
+        assert (w.hkv.descriptors == {}) == (r == "stock"), (r, w.hkv.descriptors)
     if set(got) == {"stock"}:
         assert sum(s.received.get("pack", 0) for s in servers) == 0
 
@@ -298,7 +298,7 @@ def test_received_only_once_the_scatter_completed(pairs, monkeypatch):
     pair = pairs("nemotron-h-8b", 1, 2, "packed", n=1)
     late = []
     for c in pair.d.conns:
-        cop = c.connector_worker._hkv_copier
+        cop = c.connector_worker.hkv.rx.copier
         real = cop.run
 
         def run(jobs, real=real):
@@ -355,6 +355,6 @@ def test_speculative_decoding_extra_conv_rows(pairs, name, ptp, dtp):
         assert_exact(pair)
         if mode == "packed":
             for c in pair.d.conns:
-                assert c.connector_worker._hkv_geom.layout.conv_rows == k - 1 + 2
+                assert c.connector_worker.hkv.geom.layout.conv_rows == k - 1 + 2
             pair.wait_no_leaks()
         pair.close()

@@ -82,12 +82,12 @@ def test_prefill_keeps_staging_until_every_read_completed(pairs, name, ptp, dtp)
 
     def reads_done() -> bool:
         handles = [h for w in workers for hs in w._recving_transfers.values() for h in hs]
-        posted = all(set(w._hkv_recv) == ids and all(r.posted for r in w._hkv_recv.values()) for w in workers)
+        posted = all(set(w.hkv.rx.recvs) == ids and all(r.posted for r in w.hkv.rx.recvs.values()) for w in workers)
         return posted and bool(handles) and all(states.get(h) == "DONE" for h in handles)
 
     wait(reads_done, "every READ of the decode ranks posted and completed (NIXL's state)")
-    servers = [c.connector_worker._hkv_server for c in pair.p.conns]
-    held = [s.live_slots for s in servers]
+    servers = [c.connector_worker.hkv.server for c in pair.p.conns]
+    held = [s.sender.live_slots for s in servers]
     assert all(n > 0 for n in held), held
     readers = dict.fromkeys(markers, 0)
     for w in workers:  # vLLM reads a heartbeat naming no request it holds as nothing
@@ -95,7 +95,7 @@ def test_prefill_keeps_staging_until_every_read_completed(pairs, name, ptp, dtp)
             w.nixl_wrapper.send_notif(agent, notif_msg=f"HB:hkv-marker-{w.tp_rank}".encode())
             readers[p] += 1
     wait(lambda: markers == readers, f"the decode ranks' markers at their sources ({readers})")
-    assert [s.live_slots for s in servers] == held
+    assert [s.sender.live_slots for s in servers] == held
     for w in workers:
         del w._pop_done_transfers  # the class's method again: completions are seen, the notifications go
     S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids})

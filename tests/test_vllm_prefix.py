@@ -46,7 +46,7 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
     S.run_until(pair.p.conns, pair.d.conns, {none.req_id}, {S.p_id(none.req_id)})
     for c in pair.p.conns:
         S.step(c, S.send_meta([full, part]))
-    links = [lk for c in pair.d.conns for lk in getattr(c.connector_worker, "_hkv_links", {}).values()]
+    links = [lk for c in pair.d.conns for lk in getattr(getattr(c.connector_worker, "hkv", None), "links", {}).values()]
     assert (mode == "packed") == bool(links)
     deadline = time.monotonic() + 30
     while not all(S.p_id(full.req_id) in lk._staged for lk in links):
@@ -70,9 +70,9 @@ def test_local_prefix_hits_move_only_what_is_missing(pairs, ds_layout, mode, nam
 def test_pushes_nobody_takes_go_when_their_lease_ends():
     """A push for a request this decode rank never READs (one that came after the request was handled,
     or an aborted one) must not stay until 4096 others evict it: it goes once its lease has ended."""
+    from hybrid_kv.mover.link import PrefillLink
     from hybrid_kv.staging import messages as M
     from hybrid_kv.staging.wire import send_msg
-    from hybrid_kv.vllm.link import PrefillLink
 
     with socket.create_server(("127.0.0.1", 0)) as srv:
         link = PrefillLink("127.0.0.1", srv.getsockname()[1], 5.0)

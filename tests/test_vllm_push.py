@@ -22,7 +22,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPu
 from vllm_pair import assert_exact, assert_untouched
 
 from hybrid_kv.vllm import HybridKVPushConnector
-from hybrid_kv.vllm.push_worker import HybridKVPushWorker
+from hybrid_kv.vllm.worker import HybridKVPushWorker
 
 pytestmark = pytest.mark.usefixtures("ds_layout")
 
@@ -105,9 +105,9 @@ def test_push_packed_and_strided(pairs, name, ptp, dtp):
     for c in packed.p.conns:
         w = c.connector_worker
         served = dtp // ptp if dtp > ptp else 1
-        assert w.hkv_push_descriptors == {S.p_id(q.req_id): served for q in packed.reqs}
-        assert w._hkv_server.received.get("pack", 0) == 0  # nobody asked: the grant came with the registration
-        assert w._hkv_server.received.get("grant", 0) == n * served
+        assert w.hkv.send.descriptors == {S.p_id(q.req_id): served for q in packed.reqs}
+        assert w.hkv.server.received.get("pack", 0) == 0  # nobody asked: the grant came with the registration
+        assert w.hkv.server.received.get("grant", 0) == n * served
     state_layers = len(packed.p.spec.state_layers)
     parts = 2 if packed.p.spec.state.kind.value == "mamba1" else 4
     attention = tel_strided - n * state_layers * parts * pairs_
@@ -155,14 +155,14 @@ def test_grant_after_the_match(pairs, order):
     pair = pairs("nemotron-h-8b", 2, 1, "packed", push=True)
     gate = threading.Event()
     w = pair.d.conns[0].connector_worker
-    real = w._hkv_send_grants
+    real = w.hkv.recv.send_grants
 
     def held(*a):
         assert gate.wait(60)
         real(*a)
 
     if order == "grant-late":
-        w._hkv_send_grants = held
+        w.hkv.recv.send_grants = held
         S.submit(pair.p, pair.d, pair.reqs, push=True)
     else:
         for c in pair.p.conns:
@@ -172,8 +172,8 @@ def test_grant_after_the_match(pairs, order):
     senders = [c.connector_worker for c in pair.p.conns]
     if order == "grant-late":
         deadline = time.monotonic() + 30
-        while not all(len(s._hkv_awaiting) == len(pair.reqs) for s in senders):  # matched, waiting for grants
-            assert time.monotonic() < deadline, [s._hkv_awaiting for s in senders]
+        while not all(len(s.hkv.send.awaiting) == len(pair.reqs) for s in senders):  # matched, waiting for grants
+            assert time.monotonic() < deadline, [s.hkv.send.awaiting for s in senders]
             for c in (*pair.p.conns, *pair.d.conns):
                 S.step(c, S.NixlConnectorMetadata())
                 c.connector_worker.get_transfer_results()
@@ -195,7 +195,7 @@ def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch
     nx, real, polls = w.nixl_wrapper, w.nixl_wrapper.check_xfer_state, {}
 
     def slow(handle):  # as a slow link would: our state WRITEs stay in flight for 20 polls
-        mine = any(handle is h for out in w._hkv_pushes.values() for h in out.handles.values())
+        mine = any(handle is h for out in w.hkv.send.pushes.values() for h in out.handles.values())
         if mine and polls.setdefault(id(handle), 0) < 20:
             polls[id(handle)] += 1
             return "PROC"
@@ -215,7 +215,7 @@ def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch
         res = w.get_transfer_results()
         if polls and min(polls.values()) < 20:  # a state WRITE still "in flight"
             assert not res.finished_sending, "reported sent while its state WRITE was in flight"
-            assert w._hkv_server.live_slots > 0, "staging freed while its state WRITE was in flight"
+            assert w.hkv.server.sender.live_slots > 0, "staging freed while its state WRITE was in flight"
         sent |= res.finished_sending
         time.sleep(0.002)
     assert polls and all(n == 20 for n in polls.values())
@@ -293,7 +293,7 @@ def test_no_write_starts_inside_the_grants_margin(pairs, monkeypatch, caplog):
     pair = pairs("nemotron-h-8b", 1, 1, "packed", push=True)
     late, ok = pair.reqs
     shift = {late.req_id: +0.01, ok.req_id: -0.01}
-    srv = pair.p.conns[0].connector_worker._hkv_server
+    srv = pair.p.conns[0].connector_worker.hkv.server.grants
     real_take, clock = srv.take_grants, {}
 
     def take(engine_id, ranks, req):
@@ -323,7 +323,7 @@ def test_grant_that_ends_before_the_prefill_fails_with_nothing_written(pairs, ca
     pair = pairs("qwen3-next-80b-a3b", 1, 2, "packed", push=True, d_extra=short)
     if withdrawal == "lost":
         for c in pair.d.conns:
-            c.connector_worker._hkv_release = lambda req, links: None
+            c.connector_worker.hkv.recv.release = lambda req, links: None
     ids = {q.req_id for q in pair.reqs}
     for c in pair.d.conns:
         S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))
@@ -364,13 +364,13 @@ def test_one_source_refusing_waits_for_the_others_writes(pairs, monkeypatch, cap
     pair = pairs("nemotron-h-8b", 2, 1, "packed", push=True, n=1, d_extra=short)
     req = pair.reqs[0]
     w = pair.d.conns[0].connector_worker
-    real = w._hkv_send_grants
+    real = w.hkv.recv.send_grants
 
     def lying(req, grants):  # the grant to prefill rank 0 names a unit 16 bytes too large
         link, m = grants[0]
         real(req, {**grants, 0: (link, {**m, "units": [[0, m["units"][0][1], m["units"][0][2] + 16]]})})
 
-    monkeypatch.setattr(w, "_hkv_send_grants", lying)
+    monkeypatch.setattr(w.hkv.recv, "send_grants", lying)
     t0 = time.monotonic()
     S.submit(pair.p, pair.d, pair.reqs, push=True)
     _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, {req.req_id}, {S.p_id(req.req_id)}, timeout=30)
@@ -378,7 +378,7 @@ def test_one_source_refusing_waits_for_the_others_writes(pairs, monkeypatch, cap
     assert time.monotonic() - t0 >= 7 - 1.5, "failed while prefill rank 1's WRITEs could be in flight"
     assert "prefill rank 0: grant refused" in caplog.text
     senders = [c.connector_worker for c in pair.p.conns]
-    assert [s.hkv_push_descriptors for s in senders] == [{}, {S.p_id(req.req_id): 1}]
+    assert [s.hkv.send.descriptors for s in senders] == [{}, {S.p_id(req.req_id): 1}]
     pair.wait_no_leaks()
 
 
@@ -389,7 +389,7 @@ def test_dead_prefill_fails_its_requests(pairs, caplog):
     ids = {q.req_id for q in pair.reqs}
     for c in pair.d.conns:
         S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))
-    deadline, server = time.monotonic() + 30, pair.p.conns[0].connector_worker._hkv_server
+    deadline, server = time.monotonic() + 30, pair.p.conns[0].connector_worker.hkv.server
     while server.received.get("grant", 0) < pair.d.tp * len(ids):
         assert time.monotonic() < deadline
         for c in pair.d.conns:
@@ -418,7 +418,7 @@ def test_dead_decode_engine_costs_another_decode_engine_nothing(pairs):
     dead, alive = pair.reqs
     for c in pair.d.conns:
         S.step(c, S.recv_meta([dead], pair.p, pair.d))
-    server = pair.p.conns[0].connector_worker._hkv_server
+    server = pair.p.conns[0].connector_worker.hkv.server
     deadline = time.monotonic() + 30
     while server.received.get("grant", 0) < 1:
         assert time.monotonic() < deadline
@@ -436,8 +436,8 @@ def test_dead_decode_engine_costs_another_decode_engine_nothing(pairs):
     S.run_until(pair.p.conns, [], set(), {S.p_id(dead.req_id)}, timeout=30)  # the lease frees the dead one's
     w = pair.p.conns[0].connector_worker
     deadline = time.monotonic() + 10
-    while any(w.hkv_leaks().values()):
-        assert time.monotonic() < deadline, w.hkv_leaks()
+    while any(w.hkv.leaks().values()):
+        assert time.monotonic() < deadline, w.hkv.leaks()
         S.step(pair.p.conns[0], S.NixlConnectorMetadata())
         w.get_transfer_results()
         time.sleep(0.01)

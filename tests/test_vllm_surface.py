@@ -98,17 +98,23 @@ def test_command_reads_an_sdist_and_exits_nonzero_on_a_problem(installed, tmp_pa
     assert f"  problem: {WHERE}._read_blocks_for_req: override target missing\n" in out, out
 
 
+def _on_vllm(v: ast.expr) -> bool:
+    """Whether an attribute's object may be one of vLLM's: `self`, a worker (`worker`, `w`, `self.w` in the
+    objects the workers hold), vLLM's implementation (`self.stock`, `super()`)."""
+    if isinstance(v, ast.Name):
+        return v.id in ("self", "worker", "w")
+    if isinstance(v, ast.Attribute):
+        return v.attr in ("w", "stock")
+    return isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super"
+
+
 def adapter_uses() -> set[str]:
-    """Names the adapter's worker, scheduler and connector code reaches on vLLM's objects: `self.X`,
-    `super().X`, `worker.X` (a worker handed to a helper), and the methods its classes define."""
+    """Names the adapter's code reaches on vLLM's objects (`_on_vllm`), and the methods its classes define."""
     out: set[str] = set()
     for p in ADAPTER.glob("*.py"):
         for n in ast.walk(ast.parse(p.read_text())):
             if isinstance(n, ast.Attribute):
-                v = n.value
-                if (isinstance(v, ast.Name) and v.id in ("self", "worker")) or (
-                    isinstance(v, ast.Call) and isinstance(v.func, ast.Name) and v.func.id == "super"
-                ):
+                if _on_vllm(n.value):
                     out.add(n.attr)
             elif isinstance(n, ast.ClassDef):
                 out.update(b.name for b in n.body if isinstance(b, ast.FunctionDef))

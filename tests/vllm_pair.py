@@ -78,7 +78,7 @@ class Pair:
     def wait_no_leaks(self, timeout=10.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            leaks = [c.connector_worker.hkv_leaks() for c in (*self.p.conns, *self.d.conns)]
+            leaks = [c.connector_worker.hkv.leaks() for c in (*self.p.conns, *self.d.conns)]
             if all(v == 0 for lk in leaks for v in lk.values()):
                 return
             if time.monotonic() > deadline:
@@ -97,11 +97,11 @@ def assert_exact(pair: Pair) -> None:
 
 def _server(pair: Pair):
     w = pair.p.conns[0].connector_worker
-    return w, w._hkv_server
+    return w, w.hkv.server
 
 
 def _hello(pair: Pair) -> dict:
-    fp = pair.d.conns[0].connector_worker._hkv_geom.fingerprint()
+    fp = pair.d.conns[0].connector_worker.hkv.geom.fingerprint()
     return {"type": "hello", "fingerprint": fp, "tp_size": 1, "tp_rank": 0}
 
 

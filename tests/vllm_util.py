@@ -234,7 +234,7 @@ class Engine:
         return self.vc.kv_transfer_config.engine_id
 
     def storage(self, rank: int) -> torch.Tensor:
-        from hybrid_kv.vllm.state import flat_storage
+        from hybrid_kv.mover.geometry import flat_storage
 
         return flat_storage(next(iter(self.caches[rank].values())))
 

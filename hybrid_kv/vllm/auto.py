@@ -17,9 +17,9 @@ from __future__ import annotations
 import time
 
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.mover.geometry import state_chunk
 from hybrid_kv.spec import ModelSpec
 from hybrid_kv.staging.cost import CAL_DESCS, CAL_SIZE, desc_cost_us, packing_pays
-from hybrid_kv.vllm.state import state_chunk
 
 CAL_BYTES = CAL_DESCS * CAL_SIZE  # the calibration area appended to the decode rank's staging
 CAL_TIMEOUT_S = 10.0
@@ -44,10 +44,10 @@ def stock_descriptors_per_layer(spec: ModelSpec) -> int:
     return 2 if spec.state.kind.value == "mamba1" else 4
 
 
-def measure_desc_cost_us(worker, agent_name: str, peer_staging: tuple[int, int, int]) -> float:
+def measure_desc_cost_us(path, agent_name: str, peer_staging: tuple[int, int, int]) -> float:
     """Per-descriptor cost of READs from the prefill rank's staging (`agent_name`) into the calibration area."""
-    nx, mem = worker.nixl_wrapper, worker.nixl_memory_type
-    base, dev = worker._hkv_cal_addr, worker._hkv_desc[2]
+    nx, mem = path.w.nixl_wrapper, path.w.nixl_memory_type
+    base, dev = path.cal_addr, path.desc[2]
     p_addr, p_size, p_dev = (int(x) for x in peer_staging)
     if p_size < CAL_BYTES:
         raise ValueError(f"prefill staging of {p_size} B is below the {CAL_BYTES}-byte calibration READ")
@@ -71,17 +71,18 @@ def measure_desc_cost_us(worker, agent_name: str, peer_staging: tuple[int, int, 
     return desc_cost_us(timed)
 
 
-def choose(worker, remote_tp: int, agent_name: str, peer_staging: tuple[int, int, int]) -> dict:
-    """The decode rank's choice for one prefill engine: {"reads": "packed" | "stock", "why", inputs}."""
-    geom, plans, cfg = worker._hkv_geom, worker._hkv_plans, worker.hkv
-    spec, world, rank = geom.layout.spec, worker.world_size, worker.tp_rank
+def choose(path, remote_tp: int, agent_name: str, peer_staging: tuple[int, int, int]) -> dict:
+    """The decode rank's choice for one prefill engine (`path`: its `PullPath`): {"reads": "packed" |
+    "stock", "why", inputs}."""
+    geom, plans, cfg = path.geom, path.plans, path.cfg
+    spec, world, rank = geom.layout.spec, geom.layout.tp_size, geom.layout.tp_rank
     problem = stock_problem(spec, geom.layout.conv_layout, remote_tp, world)
     if problem is not None:
         return {"reads": "packed", "why": problem}
     desc_us = cfg.desc_cost_us
     if desc_us is None:
-        desc_us = measure_desc_cost_us(worker, agent_name, peer_staging)
-    cost = {"desc_cost_us": float(desc_us), "copy_gbps": float(worker._hkv_copy_gbps)}
+        desc_us = measure_desc_cost_us(path, agent_name, peer_staging)
+    cost = {"desc_cost_us": float(desc_us), "copy_gbps": float(path.copy_gbps)}
     blocks = {g: [0] for g in geom.groups}  # a request's state: one block per Mamba group
     saved = nbytes = 0
     for p in plans.sources(remote_tp, world)[rank]:

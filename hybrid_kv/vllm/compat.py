@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 SUPPORTED = ("0.32.0",)
 ENV_ALLOW = "HYBRID_KV_ALLOW_UNSUPPORTED_VLLM"
@@ -50,6 +51,28 @@ def check_vllm_version(version: str | None = None, environ: Mapping[str, str] = 
 
 
 # ---- the version surface against a release's sources (python -m hybrid_kv.vllm.compat SOURCE...) ----
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A vLLM class (or, with `cls` empty, a module) and what the adapter uses of it.
+
+    override: methods the adapter's subclass defines, which vLLM must still call (name -> parameters);
+    call: methods the adapter calls (name -> parameters); read: attributes or properties it reads or sets;
+    fields: constructor fields or message fields it builds or reads; functions: module-level functions it
+    calls or swaps at run time (name -> parameters; a trailing `...`: later parameters with defaults are
+    fine, the adapter forwards them); env: environment settings of `vllm.envs` it reads."""
+
+    module: str
+    cls: str = ""
+    override: Mapping[str, str] = field(default_factory=dict)
+    call: Mapping[str, str] = field(default_factory=dict)
+    read: str = ""
+    fields: str = ""
+    functions: Mapping[str, str] = field(default_factory=dict)
+    env: str = ""
+    since: str = ""  # the first release that has these members (older ones are not checked for them)
+
 
 # where vLLM calls the connector's hooks: its KV-transfer code, the v1 engine and its config checks
 CALLERS = ("vllm.distributed", "vllm.v1", "vllm.config")

@@ -8,7 +8,7 @@ Select one with (one line)::
 
 (`HybridKVPushConnector` where vLLM would take `NixlPushConnector`: the prefill WRITEs). In both,
 `HYBRID_KV_TRANSFER=packed` (default) moves the Mamba/GDN state through hybrid-kv's gather -> one
-descriptor per unit -> scatter (`hybrid_kv.vllm.worker`, `hybrid_kv.vllm.push_worker`); `strided` runs
+descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs
 vLLM's stock worker unchanged. Pull also takes `auto`: the packed worker, and each decode rank chooses, per
 prefill engine at handshake, between packing and vLLM's stock descriptors with the cost model
 (`hybrid_kv.vllm.auto`; packed wherever the stock path would move wrong bytes). The pull scheduler is
@@ -114,7 +114,7 @@ class HybridKVPushConnector(NixlPushConnector):
             self.connector_scheduler = NixlPushConnectorScheduler(vllm_config, self.engine_id, kv_cache_config)
         elif role == KVConnectorRole.WORKER:
             if self.transfer_mode == "packed":
-                from hybrid_kv.vllm.push_worker import HybridKVPushWorker
+                from hybrid_kv.vllm.worker import HybridKVPushWorker
 
                 self.connector_worker = HybridKVPushWorker(vllm_config, self.engine_id, kv_cache_config)
             else:

@@ -21,10 +21,9 @@ import queue
 import time
 from dataclasses import dataclass, field
 
+from hybrid_kv.mover import log
+from hybrid_kv.mover.receiver import RecvState
 from hybrid_kv.staging import messages as M
-from hybrid_kv.vllm.base import log
-from hybrid_kv.vllm.receive import RecvState, StateReceive
-from hybrid_kv.vllm.state import state_chunk
 
 
 @dataclass
@@ -47,95 +46,83 @@ class Granted:
         return set(sources) <= gone or (self.stock_done and set(sources) <= self.landed | gone)
 
 
-class PushReceive(StateReceive):
-    """Decode side of `HybridKVPushWorker` (see the module docstring)."""
+class PushReceiver:
+    """Decode side of the push path (`hybrid_kv.vllm.push.PushPath` holds it as `recv`)."""
 
-    def _hkv_push_recv_init(self) -> None:
-        self._hkv_granting: list[str] = []  # requests waiting for slots or links, in arrival order
-        self._hkv_quarantine: dict[str, RecvState] = {}  # failed by vLLM while a source may still write
-        self._hkv_unsent: queue.SimpleQueue = queue.SimpleQueue()  # (request, source, why): a grant not sent
+    def __init__(self, rank) -> None:
+        self.rank, self.w, self.stock = rank, rank.w, rank.stock
+        self.granting: list[str] = []  # requests waiting for slots or links, in arrival order
+        self.quarantine: dict[str, RecvState] = {}  # failed by vLLM while a source may still write
+        self.unsent: queue.SimpleQueue = queue.SimpleQueue()  # (request, source, why): a grant not sent
 
-    def _hkv_register(self, metadata) -> None:
+    def register(self, metadata) -> None:
         """(engine thread, before vLLM sends the registrations) a receive per registered request."""
         regs = getattr(metadata, "push_registrations", None)
-        if self._hkv_geom is None or not regs:
+        if self.rank.geom is None or not regs:
             return
         now = time.monotonic()
         for req_id, reg in list(regs.items()):
+            ids = reg["local_block_ids"]
+            local = {g: list(ids[g]) for g in self.rank.geom.groups if g < len(ids) and ids[g]}
+            if not local:
+                continue
             try:
-                groups = self._hkv_geom.groups
-                ids = reg["local_block_ids"]
-                local = {g: list(ids[g]) for g in groups if g < len(ids) and ids[g]}
-                if not local:
-                    continue
-                self._hkv_geom.check_blocks(local, "decode")
-                remote_tp = int(reg["remote_tp_size"])
-                plans = self._hkv_plans
-                chunks = {
-                    p: state_chunk(
-                        plans.pair(remote_tp, self.world_size, p, self.tp_rank), self._hkv_geom, local, "decode",
-                        plans.shapes,
-                    )
-                    for p in plans.sources(remote_tp, self.world_size)[self.tp_rank]
-                }  # fmt: skip
-                meta = metadata.reqs_to_recv.get(req_id)
-                units = {p: c.unit_bytes for p, c in chunks.items()}
-                recv = RecvState(meta, reg["remote_engine_id"], remote_tp, local, {}, chunks, units)
-                recv.push = Granted(req_id, now)
+                meta, engine = metadata.reqs_to_recv.get(req_id), reg["remote_engine_id"]
+                recv = self.rank.rx.open(req_id, meta, engine, int(reg["remote_tp_size"]), local, {})
             except Exception as e:  # unregistered: the prefill side never writes it
                 del regs[req_id]
-                self._hkv_fail(req_id, e)
+                self.rank.fail(req_id, e)
                 continue
-            self._hkv_recv[req_id] = recv
-            self._hkv_granting.append(req_id)
+            recv.push = Granted(req_id, now)
+            self.granting.append(req_id)
 
-    def _hkv_grant(self) -> None:
+    def grant(self) -> None:
         """(engine thread) allocate receive slots in arrival order and grant them where every link is up."""
         now, still, full = time.monotonic(), [], False
-        for req_id in self._hkv_granting:
-            recv = self._hkv_recv.get(req_id)
+        for req_id in self.granting:
+            recv = self.rank.rx.recvs.get(req_id)
             if recv is None:
                 continue
-            late = now - recv.push.since > self.hkv.timeout_s
+            late = now - recv.push.since > self.rank.cfg.timeout_s
             if not recv.slots and not full:
                 try:
-                    self._alloc_recv(req_id, recv)
+                    self.rank.rx.alloc(req_id, recv)
                 except RuntimeError as e:
                     full = True  # later requests wait behind this one
                     err = e
                 except ValueError as e:  # can never fit
-                    self._hkv_push_fail(req_id, str(e))
+                    self.fail(req_id, str(e))
                     continue
-            links = [self._hkv_links.get((recv.engine_id, p)) for p in recv.units]
+            links = [self.rank.links.get((recv.engine_id, p)) for p in recv.units]
             if not recv.slots or not all(links):
                 if late:
                     why = err if not recv.slots and full else "no hybrid-kv link to every source prefill rank"
-                    wait = f"hybrid_kv_timeout_s={self.hkv.timeout_s:g} s"
-                    self._hkv_push_fail(req_id, f"not granted within {wait}: {why}")
+                    wait = f"hybrid_kv_timeout_s={self.rank.cfg.timeout_s:g} s"
+                    self.fail(req_id, f"not granted within {wait}: {why}")
                 else:
                     still.append(req_id)
                 continue
             g = recv.push
-            g.deadline = now + self.hkv.lease_s
+            g.deadline = now + self.rank.cfg.lease_s
             grants = {
                 p: (link, M.grant(g.req, [(u, s.offset, n) for u, (s, n) in enumerate(zip(recv.slots[p], sizes))],
                                   link.clock.remote(g.deadline), recv.local))
                 for (p, sizes), link in zip(recv.units.items(), links)
             }  # fmt: skip
-            self._hkv_client.submit(self._hkv_send_grants, g.req, grants)
-        self._hkv_granting = still
+            self.rank.client.submit(self.send_grants, g.req, grants)
+        self.granting = still
 
-    def _hkv_send_grants(self, req: str, grants: dict) -> None:
+    def send_grants(self, req: str, grants: dict) -> None:
         """(client thread) one grant per source; a grant that cannot be sent leaves nothing to write."""
         for p, (link, msg) in grants.items():
             try:
                 link.send(msg)
             except Exception as e:  # (the engine thread owns the request's state: it hears of this there)
-                self._hkv_unsent.put((req, p, f"grant not sent: {e}"))
+                self.unsent.put((req, p, f"grant not sent: {e}"))
 
-    def _get_new_notifs(self) -> set[str]:
+    def new_notifs(self) -> set[str]:
         """Take the state notifications out of vLLM's queue of forwarded notifications first."""
-        q, others = self._pending_completion_notifs, []
+        q, others = self.w._pending_completion_notifs, []
         while True:
             try:
                 notif = q.get_nowait()
@@ -150,78 +137,75 @@ class PushReceive(StateReceive):
                 others.append(notif)
                 continue
             p, req = hit
-            recv = self._hkv_recv.get(req) or self._hkv_quarantine.get(req)
+            recv = self.rank.rx.recvs.get(req) or self.quarantine.get(req)
             if recv is None or recv.push is None or p not in recv.units or not recv.push.deadline:
                 log.error("hybrid-kv: state notification of %s from prefill rank %d matches no grant", req, p)
                 continue
             recv.push.landed.add(p)
         for notif in others:
             q.put(notif)
-        return super()._get_new_notifs()
+        return self.stock._get_new_notifs()
 
-    def _pop_done_transfers(self, transfers):
-        done, failed = super()._pop_done_transfers(transfers)
-        if transfers is not self._recving_transfers:
+    def pop_done(self, transfers):
+        done, failed = self.stock._pop_done_transfers(transfers)
+        if transfers is not self.w._recving_transfers:
             return done, failed
         for req_id in list(done):  # vLLM's attention notifications all came (or it failed the request)
-            recv = self._hkv_recv.get(req_id)
+            recv = self.rank.rx.recvs.get(req_id)
             if recv is None or recv.push is None:
                 continue
-            if req_id in failed or req_id in self._recv_failures:
-                self._hkv_quarantine[req_id] = self._hkv_recv.pop(req_id)
-                self._hkv_withdraw(recv)
+            if req_id in failed or req_id in self.w._recv_failures:
+                self.quarantine[req_id] = self.rank.rx.recvs.pop(req_id)
+                self.withdraw(recv)
             else:
                 recv.push.stock_done = True
                 done.discard(req_id)  # reported once its state is scattered
-        while not self._hkv_unsent.empty():
-            req_id, p, why = self._hkv_unsent.get()
-            recv = self._hkv_recv.get(req_id) or self._hkv_quarantine.get(req_id)
+        while not self.unsent.empty():
+            req_id, p, why = self.unsent.get()
+            recv = self.rank.rx.recvs.get(req_id) or self.quarantine.get(req_id)
             if recv is not None:
                 recv.push.ended[p] = why
         now, landed = time.monotonic(), []
-        scattering = {r for _, reqs in self._hkv_scattering for r in reqs}
-        for req_id, recv in list(self._hkv_recv.items()):
+        for req_id, recv in list(self.rank.rx.recvs.items()):
             g = recv.push
-            if g is None or not g.deadline or req_id in scattering:
+            if g is None or not g.deadline or self.rank.rx.in_scatter(req_id):
                 continue
-            self._hkv_source_news(recv, now)
+            self.source_news(recv, now)
             if g.ended or g.lost or now >= g.deadline:
                 if g.quiet(recv.units, now):
                     why = "; ".join(f"prefill rank {p}: {w}" for p, w in g.ended.items()) or (
                         "a source's link was lost" if g.lost else "its grant ended before the state landed"
                     )
-                    self._hkv_push_fail(req_id, why)
+                    self.fail(req_id, why)
             elif set(recv.units) <= g.landed and g.stock_done:
                 landed.append(req_id)
-        if landed:
-            self._hkv_scatter(landed, failed)
-        self._hkv_scattered(done)
-        for req_id, recv in list(self._hkv_quarantine.items()):
-            self._hkv_source_news(recv, now)
+        self.rank.scatter(landed, done, failed)
+        for req_id, recv in list(self.quarantine.items()):
+            self.source_news(recv, now)
             if recv.push.quiet(recv.units, now) or set(recv.units) <= recv.push.landed | set(recv.push.ended):
-                self._free_recv(req_id, self._hkv_quarantine.pop(req_id))
+                self.rank.rx.free(self.quarantine.pop(req_id))
         return done, failed
 
-    def _hkv_failed_by_vllm(self, failed: set[str]) -> None:
+    def failed_by_vllm(self, failed: set[str]) -> None:
         """Requests vLLM failed itself (its handshake, its registration): slots not granted yet are free
         at once; granted ones wait in quarantine until no source can still write into them."""
         for req_id in failed:
-            recv = self._hkv_recv.get(req_id)
-            if recv is None or recv.push is None or req_id in {r for _, rs in self._hkv_scattering for r in rs}:
+            recv = self.rank.rx.recvs.get(req_id)
+            if recv is None or recv.push is None or self.rank.rx.in_scatter(req_id):
                 continue
-            del self._hkv_recv[req_id]
-            if req_id in self._hkv_granting:
-                self._hkv_granting.remove(req_id)
+            del self.rank.rx.recvs[req_id]
+            if req_id in self.granting:
+                self.granting.remove(req_id)
             if recv.push.deadline:
-                self._hkv_quarantine[req_id] = recv
-                self._hkv_withdraw(recv)
+                self.quarantine[req_id] = recv
+                self.withdraw(recv)
             else:
-                self._free_recv(req_id, recv)
+                self.rank.rx.free(recv)
 
-    def _hkv_source_news(self, recv: RecvState, now: float) -> None:
+    def source_news(self, recv: RecvState, now: float) -> None:
         g = recv.push
         for p in recv.units:
-            link = self._hkv_links.get((recv.engine_id, p))
+            link = self.rank.links.get((recv.engine_id, p))
             if link is None:
                 continue
             why = link.take_ended(g.req)
@@ -230,29 +214,23 @@ class PushReceive(StateReceive):
             if p not in g.landed and p not in g.lost and not link.alive:
                 g.lost[p] = now
 
-    def _hkv_push_fail(self, req_id: str, why: str) -> None:
+    def fail(self, req_id: str, why: str) -> None:
         """Nothing is in flight into this rank for the request: fail it (vLLM's failure policy) and free."""
-        recv = self._hkv_recv.get(req_id)
+        recv = self.rank.rx.recvs.get(req_id)
         if recv is not None:
-            self._hkv_withdraw(recv)
-        self._hkv_fail(req_id, RuntimeError(why))
+            self.withdraw(recv)
+        self.rank.fail(req_id, RuntimeError(why))
 
-    def _hkv_withdraw(self, recv: RecvState) -> None:
+    def withdraw(self, recv: RecvState) -> None:
         """Tell every source that this rank gave the request up: unused grants go, a source still waiting
         for other decode ranks' grants writes nothing and frees the request's blocks."""
-        links = {p: self._hkv_links.get((recv.engine_id, p)) for p in recv.units}
-        self._hkv_client.submit(
-            self._hkv_release, recv.push.req, {p: link for p, link in links.items() if link is not None}
-        )
+        links = {p: self.rank.links.get((recv.engine_id, p)) for p in recv.units}
+        self.rank.client.submit(self.release, recv.push.req, {p: k for p, k in links.items() if k is not None})
 
     @staticmethod
-    def _hkv_release(req: str, links: dict) -> None:
+    def release(req: str, links: dict) -> None:
         for p, link in links.items():
             try:
                 link.send({"type": M.RELEASE, "req": req})
             except Exception as e:
                 log.warning("hybrid-kv: could not withdraw the grant of %s from prefill rank %d: %s", req, p, e)
-
-    def _hkv_retire(self, req_id: str) -> None:
-        recv = self._hkv_recv.pop(req_id)
-        self._free_recv(req_id, recv)  # landed and scattered: the sources hold nothing of it

@@ -19,7 +19,6 @@ A mixin of `HybridKVPushWorker` (`hybrid_kv.vllm.push_worker`), before vLLM's `N
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import threading
 import time
@@ -27,9 +26,10 @@ from dataclasses import dataclass, field
 
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from hybrid_kv.mover import log
+from hybrid_kv.mover.geometry import pair_tail
 from hybrid_kv.staging import messages as M
-from hybrid_kv.vllm.base import log
-from hybrid_kv.vllm.state import pair_tail, state_chunk
+from hybrid_kv.vllm.rank import without_groups
 
 ALLOC_WAIT_S = 2.0  # the writer thread waits at most this long for staging (slots free as WRITEs end)
 
@@ -47,194 +47,176 @@ class PushOut:
     descriptors: int = 0
 
 
-def without_groups(meta, groups):
-    """A copy of a vLLM ReqMeta whose `groups` hold no blocks (on both sides): what the stock path moves."""
-    out = copy.copy(meta)
-    out.remote = copy.copy(meta.remote)
-    drop = set(groups)
+class PushSender:
+    """Prefill side of the push path (`hybrid_kv.vllm.push.PushPath` holds it as `send`)."""
 
-    def strip(ids):
-        return [[] if g in drop else list(b) for g, b in enumerate(ids)]
+    def __init__(self, rank) -> None:
+        self.rank, self.w, self.stock = rank, rank.w, rank.stock
+        self.lock = threading.Lock()
+        self.pushes: dict[str, PushOut] = {}  # request -> its state WRITEs
+        self.awaiting: dict[tuple[str, str], tuple] = {}  # (decode engine, its request) -> push args
+        self.withheld: set[str] = set()  # reported sent by vLLM while state WRITEs were in flight
+        self.given_up: set[str] = set()  # nothing will be written: to report sent (frees the blocks)
+        self.withdrawn: dict[tuple[str, str], bool] = {}  # given up by a decode rank before the match
+        self.stock_issued: set[str] = set()
+        self.dests: set[str] = set()  # decode engines this rank pushes to (no hello towards them)
+        self.descriptors: dict[str, int] = {}  # state WRITE descriptors per request (tests, bench)
+        self.current = None  # the request whose stock WRITEs the writer thread is issuing (stripped)
 
-    out.local_block_ids = strip(meta.local_block_ids)
-    out.local_physical_block_ids = strip(meta.local_physical_block_ids)
-    out.remote.block_ids = strip(meta.remote.block_ids)
-    return out
-
-
-class PushSend:
-    """Prefill side of `HybridKVPushWorker` (see the module docstring)."""
-
-    def _hkv_push_send_init(self) -> None:
-        self._hkv_push_lock = threading.Lock()
-        self._hkv_pushes: dict[str, PushOut] = {}  # request -> its state WRITEs
-        self._hkv_awaiting: dict[tuple[str, str], tuple] = {}  # (decode engine, its request) -> push args
-        self._hkv_withheld: set[str] = set()  # reported sent by vLLM while state WRITEs were in flight
-        self._hkv_given_up: set[str] = set()  # nothing will be written: to report sent (frees the blocks)
-        self._hkv_withdrawn: dict[tuple[str, str], bool] = {}  # given up by a decode rank before the match
-        self._hkv_stock_issued: set[str] = set()
-        self._hkv_dests: set[str] = set()  # decode engines this rank pushes to (no hello towards them)
-        self.hkv_push_descriptors: dict[str, int] = {}  # state WRITE descriptors per request (tests, bench)
-        self._hkv_current = None  # the request whose stock WRITEs the writer thread is issuing (stripped)
-
-    def _hkv_hook_server(self) -> None:
+    def hook(self) -> None:
         """Once the side-channel server exists (prefill roles): hear of grants and withdrawals."""
-        if self._hkv_server is not None:
-            self._hkv_server.on_grant = self._hkv_on_grant
-            self._hkv_server.on_withdraw = self._hkv_on_withdraw
+        if self.rank.server is not None:
+            self.rank.server.grants.on_grant = self.on_grant
+            self.rank.server.grants.on_withdraw = self.on_withdraw
 
-    def _hkv_targets(self, d_tp: int) -> list[int]:
+    def targets(self, d_tp: int) -> list[int]:
         """The decode ranks whose state this prefill rank holds a part of (hybrid-kv's plan)."""
-        sources = self._hkv_plans.sources(self.world_size, d_tp)
-        return [r for r in range(d_tp) if self.tp_rank in sources[r]]
+        sources = self.rank.plans.sources(self.w.world_size, d_tp)
+        return [r for r in range(d_tp) if self.w.tp_rank in sources[r]]
 
-    def _hkv_needs_state(self, local_block_ids, registration_data) -> bool:
-        if self._hkv_server is None:
+    def needs_state(self, local_block_ids, registration_data) -> bool:
+        if self.rank.server is None:
             return False
-        grouped = self._as_grouped_block_ids
+        grouped = self.w._as_grouped_block_ids
         theirs = grouped(registration_data["local_block_ids"])
-        return bool(pair_tail(grouped(local_block_ids), theirs, self._hkv_geom.groups)[0])
+        return bool(pair_tail(grouped(local_block_ids), theirs, self.rank.geom.groups)[0])
 
     # ---- the writer thread ---------------------------------------------------------------------------
 
-    def _do_start_push_kv(self, request_id: str, local_block_ids, registration_data: dict) -> None:
+    def start_push(self, request_id: str, local_block_ids, registration_data: dict) -> None:
         """vLLM matched a finished request with a decode registration: wait (without blocking) for every
         decode rank's grant, then let vLLM's handshake and `_xfer_blocks_for_req` run."""
         try:
             d_engine, d_req = registration_data["decode_engine_id"], registration_data["request_id"]
-            needs = self._hkv_needs_state(local_block_ids, registration_data)
-            ranks = self._hkv_targets(int(registration_data["decode_tp_size"])) if needs else []
+            needs = self.needs_state(local_block_ids, registration_data)
+            ranks = self.targets(int(registration_data["decode_tp_size"])) if needs else []
         except Exception as e:  # vLLM's own code names what is wrong with the registration
             log.warning("hybrid-kv: push registration of %s not understood: %s", request_id, e)
-            return super()._do_start_push_kv(request_id, local_block_ids, registration_data)
-        self._hkv_dests.add(d_engine)
+            return self.stock._do_start_push_kv(request_id, local_block_ids, registration_data)
+        self.dests.add(d_engine)
         if ranks:
-            with self._hkv_push_lock:
-                withdrawn = self._hkv_withdrawn.pop((d_engine, d_req), False)
+            with self.lock:
+                withdrawn = self.withdrawn.pop((d_engine, d_req), False)
                 if withdrawn:
-                    self._hkv_given_up.add(request_id)
-                elif not self._hkv_server.grants_ready(d_engine, ranks, d_req):
-                    self._hkv_awaiting[(d_engine, d_req)] = (request_id, local_block_ids, registration_data, ranks)
+                    self.given_up.add(request_id)
+                elif not self.rank.server.grants.grants_ready(d_engine, ranks, d_req):
+                    self.awaiting[(d_engine, d_req)] = (request_id, local_block_ids, registration_data, ranks)
                     return
                 else:
-                    self._hkv_awaiting.pop((d_engine, d_req), None)
+                    self.awaiting.pop((d_engine, d_req), None)
             if withdrawn:
-                self._hkv_end_grants(d_engine, d_req, "a decode rank gave the request up; nothing was written")
+                self.end_grants(d_engine, d_req, "a decode rank gave the request up; nothing was written")
                 return
-        super()._do_start_push_kv(request_id, local_block_ids, registration_data)
+        self.stock._do_start_push_kv(request_id, local_block_ids, registration_data)
 
-    def _hkv_on_grant(self, engine_id: str, d_req: str) -> None:
+    def on_grant(self, engine_id: str, d_req: str) -> None:
         """(a connection thread) a grant arrived: re-drive a push that waited for it."""
-        with self._hkv_push_lock:
-            entry = self._hkv_awaiting.get((engine_id, d_req))
-            if entry is None or not self._hkv_server.grants_ready(engine_id, entry[3], d_req):
+        with self.lock:
+            entry = self.awaiting.get((engine_id, d_req))
+            if entry is None or not self.rank.server.grants.grants_ready(engine_id, entry[3], d_req):
                 return
-            del self._hkv_awaiting[(engine_id, d_req)]
-        self._deferred_push_inbox.put(entry[:3])
-        self._push_writer_wake.set()
+            del self.awaiting[(engine_id, d_req)]
+        self.w._deferred_push_inbox.put(entry[:3])
+        self.w._push_writer_wake.set()
 
-    def _hkv_on_withdraw(self, engine_id: str, rank: int, d_req: str) -> None:
+    def on_withdraw(self, engine_id: str, rank: int, d_req: str) -> None:
         """(a connection thread) a decode rank failed the request: unless this rank already wrote it, give the
         push up (now, or when vLLM matches it: remembered); the decode ranks that granted hear so, and the
         blocks are freed."""
-        with self._hkv_push_lock:
-            entry = self._hkv_awaiting.pop((engine_id, d_req), None)
+        with self.lock:
+            entry = self.awaiting.pop((engine_id, d_req), None)
             if entry is None:
-                self._hkv_withdrawn[(engine_id, d_req)] = True
-                while len(self._hkv_withdrawn) > 4096:
-                    self._hkv_withdrawn.pop(next(iter(self._hkv_withdrawn)))
+                self.withdrawn[(engine_id, d_req)] = True
+                while len(self.withdrawn) > 4096:
+                    self.withdrawn.pop(next(iter(self.withdrawn)))
                 return
-            self._hkv_given_up.add(entry[0])
-        self._hkv_end_grants(engine_id, d_req, f"decode rank {rank} gave the request up; nothing was written")
+            self.given_up.add(entry[0])
+        self.end_grants(engine_id, d_req, f"decode rank {rank} gave the request up; nothing was written")
 
-    def _hkv_end_grants(self, engine_id: str, d_req: str, why: str) -> None:
-        for _, g in self._hkv_server.drop_grants(lambda k, g: k[0] == engine_id and k[2] == d_req):
-            self._hkv_server.push_end(g.cid, d_req, why)
+    def end_grants(self, engine_id: str, d_req: str, why: str) -> None:
+        desk = self.rank.server.grants
+        for _, g in desk.drop_grants(lambda k, g: k[0] == engine_id and k[2] == d_req):
+            desk.push_end(g.cid, d_req, why)
 
-    def _xfer_blocks_for_req(self, req_id: str, meta) -> None:
+    def xfer_for_req(self, req_id: str, meta) -> None:
         """Pack and WRITE the state (one descriptor per unit per decode rank), then the attention KV on
         vLLM's stock path; nothing at all if the state cannot go."""
-        if self._hkv_geom is None or self._hkv_server is None:
-            return super()._xfer_blocks_for_req(req_id, meta)
-        groups = self._hkv_geom.groups
+        if self.rank.geom is None or self.rank.server is None:
+            return self.stock._xfer_blocks_for_req(req_id, meta)
+        groups = self.rank.geom.groups
         mine, theirs = pair_tail(meta.local_block_ids, meta.remote.block_ids, groups)
         if not mine:
-            return super()._xfer_blocks_for_req(req_id, meta)
+            return self.stock._xfer_blocks_for_req(req_id, meta)
         d_engine, d_req = meta.remote.engine_id, meta.remote.request_id
-        d_tp = self.transfer_topo.get_engine_info(d_engine).remote_tp_size
-        ranks = self._hkv_targets(d_tp)
+        d_tp = self.w.transfer_topo.get_engine_info(d_engine).remote_tp_size
+        ranks = self.targets(d_tp)
         out = PushOut(d_engine, d_req)
-        with self._hkv_push_lock:
-            self._hkv_pushes[req_id] = out  # from now on vLLM's report of the request waits for it
+        with self.lock:
+            self.pushes[req_id] = out  # from now on vLLM's report of the request waits for it
         try:
-            self._hkv_write_state(req_id, out, ranks, d_tp, mine, theirs)
+            self.write_state(req_id, out, ranks, d_tp, mine, theirs)
         except Exception as e:
             log.error("hybrid-kv: state push of %s to engine %s refused: %s", req_id, d_engine, e)
-            with self._hkv_push_lock:
+            with self.lock:
                 out.failed.update((r, f"{type(e).__name__}: {e}") for r in ranks if r not in out.handles)
                 out.stock_pending = False
             return  # no attention WRITE either: the decode ranks fail the request with nothing in flight
-        self._hkv_current = without_groups(meta, groups)  # (writer thread) read by `_xfer_blocks`
+        self.current = without_groups(meta, groups)  # (writer thread) read by `xfer_blocks`
         try:
-            super()._xfer_blocks_for_req(req_id, self._hkv_current)
+            self.stock._xfer_blocks_for_req(req_id, self.current)
         finally:
-            self._hkv_current = None
-            with self._hkv_push_lock:
-                out.stock = req_id in self._hkv_stock_issued
-                self._hkv_stock_issued.discard(req_id)
+            self.current = None
+            with self.lock:
+                out.stock = req_id in self.stock_issued
+                self.stock_issued.discard(req_id)
                 out.stock_pending = False
 
-    def _hkv_write_state(self, req_id: str, out: PushOut, ranks, d_tp: int, mine, theirs) -> None:
-        server, geom, plans = self._hkv_server, self._hkv_geom, self._hkv_plans
-        grants = server.take_grants(out.d_engine, ranks, out.d_req)
+    def write_state(self, req_id: str, out: PushOut, ranks, d_tp: int, mine, theirs) -> None:
+        sender = self.rank.server.sender
+        grants = self.rank.server.grants.take_grants(out.d_engine, ranks, out.d_req)
         now = time.monotonic()
         for r, g in grants.items():
             if now > g.until - M.PUSH_MARGIN_S:
                 raise ValueError(f"decode rank {r}'s grant of {out.d_req} ends in {g.until - now:.1f} s (too late)")
             if g.blocks != theirs:
                 raise ValueError(f"decode rank {r} granted blocks {g.blocks}, its engine registered {theirs}")
-        geom.check_blocks(mine, "prefill")
-        chunks = {
-            r: state_chunk(plans.pair(self.world_size, d_tp, self.tp_rank, r), geom, mine, "prefill", plans.shapes)
-            for r in ranks
-        }
+        chunks = {r: sender.chunk(d_tp, r, mine) for r in ranks}
         for r, c in chunks.items():
             if [n for _, _, n in grants[r].units] != c.unit_bytes:
                 raise ValueError(f"decode rank {r} granted {grants[r].units}, the plan has units {c.unit_bytes}")
-        keys = [("push", req_id, r, u) for r in ranks for u in range(len(chunks[r].unit_bytes))]
-        sizes = [n for r in ranks for n in chunks[r].unit_bytes]
-        offsets = iter(server._alloc(keys, sizes, req_id, wait_s=ALLOC_WAIT_S, leased=False))
-        mine_at = {r: [next(offsets) for _ in chunks[r].unit_bytes] for r in ranks}
+        # one launch for every decode rank, behind the step that wrote the state; unleased: freed when the
+        # WRITEs end
+        staged = sender.stage([(("push", req_id, r), chunks[r]) for r in ranks], [req_id], wait_s=ALLOC_WAIT_S,
+                              leased=False)  # fmt: skip
+        mine_at = dict(zip(ranks, staged))
         try:
-            # one launch for every decode rank, behind the step that wrote the state
-            server.copier.run([(chunks[r], mine_at[r]) for r in ranks], after=[server._fences.get(req_id)]).wait()
-            with self._handshake_lock:
-                agents = {r: self._remote_agents[out.d_engine][(0, r)] for r in ranks}
+            with self.w._handshake_lock:
+                agents = {r: self.w._remote_agents[out.d_engine][(0, r)] for r in ranks}
         except BaseException:
-            server._free_where(lambda k: k[:2] == ("push", req_id))
+            sender.free_where(lambda k: k[:2] == ("push", req_id))
             raise
-        nx, mem, base = self.nixl_wrapper, self.nixl_memory_type, self._hkv_staging.data_ptr()
-        dev = self._hkv_desc[2]
+        nx, mem, base = self.w.nixl_wrapper, self.w.nixl_memory_type, self.rank.staging.data_ptr()
+        dev = self.rank.desc[2]
         for r in ranks:
             g = grants[r]
             local = nx.get_xfer_descs([(base + o, n, dev) for o, (_, _, n) in zip(mine_at[r], g.units)], mem)
             remote = nx.get_xfer_descs([(g.staging[0] + o, n, g.staging[2]) for _, o, n in g.units], mem)
-            handle = nx.initialize_xfer("WRITE", local, remote, agents[r], M.state_notif(self.tp_rank, out.d_req))
+            handle = nx.initialize_xfer("WRITE", local, remote, agents[r], M.state_notif(self.w.tp_rank, out.d_req))
             nx.transfer(handle)
-            with self._hkv_push_lock:
+            with self.lock:
                 out.handles[r] = handle
                 out.descriptors += len(g.units)
-        self.hkv_push_descriptors[req_id] = out.descriptors
+        self.descriptors[req_id] = out.descriptors
 
-    def _replicated_heads(self, read_spec, dst_engine_id: str):
+    def replicated_heads(self, read_spec, dst_engine_id: str):
         """vLLM's push writes attention only to the first decode rank of each KV head (its pull dedup, from
         the writer's side): a decode rank holding a replicated head (decode TP > KV heads) would get none.
         Give those ranks the request's attention ids: vLLM's local split for them is already that head's."""
-        cur, topo = self._hkv_current, self.transfer_topo
+        cur, topo = self.current, self.w.transfer_topo
         d_tp = topo.get_engine_info(dst_engine_id).remote_tp_size
-        if cur is None or self.use_mla or d_tp <= max(self.world_size, topo.total_num_kv_heads):
+        if cur is None or self.w.use_mla or d_tp <= max(self.w.world_size, topo.total_num_kv_heads):
             return read_spec
-        attn = {g for g, t in enumerate(self._group_spec_types) if issubclass(t, AttentionSpec)}
+        attn = {g for g, t in enumerate(self.w._group_spec_types) if issubclass(t, AttentionSpec)}
         if all(read_spec.local_block_ids[g] or not cur.local_physical_block_ids[g] for g in attn):
             return read_spec
         return dataclasses.replace(
@@ -245,31 +227,31 @@ class PushSend:
                               for g, ids in enumerate(read_spec.remote_block_ids)],
         )  # fmt: skip
 
-    def _xfer_blocks(self, read_spec, dst_engine_id: str, request_id: str, remote_request_id: str, *args, **kwargs):
-        if self._hkv_geom is not None:
-            read_spec = self._replicated_heads(read_spec, dst_engine_id)
-        if self._hkv_geom is not None and not any(read_spec.local_block_ids):
+    def xfer_blocks(self, read_spec, dst_engine_id: str, request_id: str, remote_request_id: str, *args, **kwargs):
+        if self.rank.geom is not None:
+            read_spec = self.replicated_heads(read_spec, dst_engine_id)
+        if self.rank.geom is not None and not any(read_spec.local_block_ids):
             # no attention KV for this decode rank (its state went packed): vLLM's notification alone
-            agent = self._remote_agents[dst_engine_id][(0, read_spec.remote_rank)]
+            agent = self.w._remote_agents[dst_engine_id][(0, read_spec.remote_rank)]
             try:
-                self.nixl_wrapper.send_notif(agent, notif_msg=f"{remote_request_id}:{self.world_size}".encode())
+                self.w.nixl_wrapper.send_notif(agent, notif_msg=f"{remote_request_id}:{self.w.world_size}".encode())
             except Exception as e:  # the decode rank fails the request at its grant's end
                 log.error("hybrid-kv: notifying decode rank %d of %s failed: %s", read_spec.remote_rank, request_id, e)
             return None
-        handle = super()._xfer_blocks(read_spec, dst_engine_id, request_id, remote_request_id, *args, **kwargs)
+        handle = self.stock._xfer_blocks(read_spec, dst_engine_id, request_id, remote_request_id, *args, **kwargs)
         if handle is not None:
-            with self._hkv_push_lock:
-                self._hkv_stock_issued.add(request_id)
+            with self.lock:
+                self.stock_issued.add(request_id)
         return handle
 
     # ---- the engine thread -----------------------------------------------------------------------------
 
-    def _hkv_poll_pushes(self, finished: set[str]) -> None:
+    def poll(self, finished: set[str]) -> None:
         """Retire ended state WRITEs; hold vLLM's report of a request back while its state is in flight."""
-        with self._hkv_push_lock:
-            pushes = list(self._hkv_pushes.items())
-            given_up, self._hkv_given_up = self._hkv_given_up, set()
-        nx = self.nixl_wrapper
+        with self.lock:
+            pushes = list(self.pushes.items())
+            given_up, self.given_up = self.given_up, set()
+        nx = self.w.nixl_wrapper
         for req_id, out in pushes:
             for r, handle in list(out.handles.items()):
                 try:
@@ -279,7 +261,7 @@ class PushSend:
                 if state == "PROC":
                     continue
                 if state == "DONE":
-                    self.xfer_stats.record_transfer(nx.get_xfer_telemetry(handle))
+                    self.w.xfer_stats.record_transfer(nx.get_xfer_telemetry(handle))
                 else:
                     out.failed[r] = f"state WRITE ended {state}"
                 try:
@@ -287,36 +269,37 @@ class PushSend:
                 except Exception as e:  # a status error does not prove the DMA stopped: keep the slots
                     log.error("hybrid-kv: releasing the state WRITE of %s failed: %s", req_id, e)
                     continue
-                with self._hkv_push_lock:
+                with self.lock:
                     del out.handles[r]
-            with self._hkv_push_lock:
-                busy = out.handles or out.stock_pending or (out.failed and req_id in self._sending_transfers)
+            with self.lock:
+                busy = out.handles or out.stock_pending or (out.failed and req_id in self.w._sending_transfers)
                 if busy:
                     continue
-                del self._hkv_pushes[req_id]
+                del self.pushes[req_id]
+            desk = self.rank.server.grants
             for r, why in out.failed.items():  # nothing of the request is in flight to them any more
-                cid = self._hkv_server.push_cid(out.d_engine, r)
+                cid = desk.push_cid(out.d_engine, r)
                 if cid is not None:
-                    self._hkv_server.push_end(cid, out.d_req, why)
-            self._hkv_server._free_where(lambda k, q=req_id: k[:2] == ("push", q))
-            if req_id in self._hkv_withheld:
-                self._hkv_withheld.discard(req_id)
+                    desk.push_end(cid, out.d_req, why)
+            self.rank.server.sender.free_where(lambda k, q=req_id: k[:2] == ("push", q))
+            if req_id in self.withheld:
+                self.withheld.discard(req_id)
                 finished.add(req_id)
             elif not out.stock:  # vLLM issued no WRITE for it, so it will not report it: done here
                 given_up.add(req_id)
         for req_id in given_up:
-            if req_id in self._reqs_to_send or req_id in self._reqs_to_process:
-                self._reqs_to_send.pop(req_id, None)
-                self._reqs_to_process.discard(req_id)
-                self.consumer_notification_counts_by_req.pop(req_id, None)
-                self._evict_finished_inbox.put(req_id)
-                self._push_writer_wake.set()
+            if req_id in self.w._reqs_to_send or req_id in self.w._reqs_to_process:
+                self.w._reqs_to_send.pop(req_id, None)
+                self.w._reqs_to_process.discard(req_id)
+                self.w.consumer_notification_counts_by_req.pop(req_id, None)
+                self.w._evict_finished_inbox.put(req_id)
+                self.w._push_writer_wake.set()
                 finished.add(req_id)
-        with self._hkv_push_lock:
-            live = set(self._hkv_pushes)
-            for key, entry in list(self._hkv_awaiting.items()):
+        with self.lock:
+            live = set(self.pushes)
+            for key, entry in list(self.awaiting.items()):
                 if entry[0] in finished:  # its lease ended before every grant came
-                    del self._hkv_awaiting[key]
+                    del self.awaiting[key]
         for req_id in finished & live:  # its blocks can go, its staging cannot yet
             finished.discard(req_id)
-            self._hkv_withheld.add(req_id)
+            self.withheld.add(req_id)

@@ -1,41 +1,29 @@
-"""The version surface: every member of vLLM the connectors read, call, construct, override or patch.
+"""The version surface: every member of vLLM the connectors read, call, construct, override or patch, and
+the three run-time patches themselves.
 
 vLLM promises none of the NIXL worker's private members, and they change every release (issue #32). This
 table is the one place that names them, with each method's parameters as vLLM 0.32.0 writes them.
 `hybrid_kv.vllm.compat` checks a vLLM release's sources against it without importing them, and
-`tests/test_vllm_surface.py` fails when the adapter touches a vLLM member that is not listed here.
+`tests/test_vllm_surface.py` fails when the adapter touches a vLLM member that is not listed here, and when
+a vLLM behaviour a patch relies on changes. Importable without vLLM (the checker's): the patches import it
+when they run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from hybrid_kv.mover import log
+from hybrid_kv.mover.plans import divides
+from hybrid_kv.vllm.compat import Owner
 
 NIXL = "vllm.distributed.kv_transfer.kv_connector.v1.nixl"
 UTILS = "vllm.distributed.kv_transfer.kv_connector.utils"
 SSM_CONV = "vllm.distributed.kv_transfer.kv_connector.v1.ssm_conv_transfer_utils"
 MAMBA_UTILS = "vllm.model_executor.layers.mamba.mamba_utils"
-
-
-@dataclass(frozen=True)
-class Owner:
-    """A vLLM class (or, with `cls` empty, a module) and what the adapter uses of it.
-
-    override: methods the adapter's subclass defines, which vLLM must still call (name -> parameters);
-    call: methods the adapter calls (name -> parameters); read: attributes or properties it reads or sets;
-    fields: constructor fields or message fields it builds or reads; functions: module-level functions it
-    calls or swaps at run time (name -> parameters; a trailing `...`: later parameters with defaults are
-    fine, the adapter forwards them); env: environment settings of `vllm.envs` it reads."""
-
-    module: str
-    cls: str = ""
-    override: Mapping[str, str] = field(default_factory=dict)
-    call: Mapping[str, str] = field(default_factory=dict)
-    read: str = ""
-    fields: str = ""
-    functions: Mapping[str, str] = field(default_factory=dict)
-    env: str = ""
-    since: str = ""  # the first release that has these members (older ones are not checked for them)
 
 
 _WORKER = {  # hooks both workers override
@@ -146,7 +134,7 @@ SURFACE: tuple[Owner, ...] = (
     Owner(f"{NIXL}.metadata", "RemoteMeta", fields="block_ids engine_id request_id"),
     Owner(f"{NIXL}.metadata", "NixlConnectorMetadata", read="reqs_to_recv push_finished_blocks"),
     Owner(f"{NIXL}.tp_mapping", "ReadSpec", fields="remote_rank local_block_ids remote_block_ids"),
-    # swapped during the stock worker's __init__ when the conv state is SD (base.py)
+    # swapped during the stock worker's __init__ when the conv state is SD (`dim_first_view` below)
     Owner(MAMBA_UTILS, functions={"is_conv_state_dim_first": ""}),
     Owner(SSM_CONV, functions={"is_conv_state_dim_first": ""}),
     Owner(f"{NIXL}.base_worker", functions={"derive_mamba_conv_split": "mamba_spec local_tp ..."}),
@@ -194,3 +182,112 @@ REVIEWED = {
     ("TransferTopology", "register_remote_engine"): "53ff39643194441a",
 }
 BYPASSED = {("NixlPullConnector", "__init__"), ("NixlPushConnector", "__init__")}
+
+
+# ---- the run-time patches, each with a test of the vLLM behaviour it relies on (test_vllm_surface.py) ----
+
+
+@contextmanager
+def dim_first_view() -> Iterator[None]:
+    """Within (the stock worker's `__init__`): vLLM's asserts of the DS conv layout see DS. Its 3-read needs
+    channel-contiguous x|B|C; packing addresses each channel slice itself, so SD works too (the stock Mamba
+    descriptors the asserts guard are registered but never used in packed mode). Relies on vLLM looking the
+    three functions up on their modules at call time."""
+    from vllm.distributed.kv_transfer.kv_connector.v1 import ssm_conv_transfer_utils
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+    from vllm.model_executor.layers.mamba import mamba_utils
+
+    if mamba_utils.is_conv_state_dim_first():
+        yield
+        return
+    swapped = ((mamba_utils, "is_conv_state_dim_first"), (ssm_conv_transfer_utils, "is_conv_state_dim_first"),
+               (base_worker, "derive_mamba_conv_split"))  # fmt: skip
+    saved = [(m, n, getattr(m, n)) for m, n in swapped]
+    split = base_worker.derive_mamba_conv_split
+    for m, name, _ in saved[:2]:
+        setattr(m, name, lambda: True)
+    # its conv split reads the (dim, rows) shape: hand it the DS view of the same state (later releases add
+    # keyword parameters, e.g. 0.34's require_dim_first: passed on)
+    base_worker.derive_mamba_conv_split = lambda spec, tp, *a, **k: split(
+        dataclasses.replace(spec, shapes=(tuple(reversed(spec.shapes[0])), *spec.shapes[1:])), tp, *a, **k
+    )
+    try:
+        yield
+    finally:
+        for m, name, f in saved:
+            setattr(m, name, f)
+
+
+def route_handshakes(topo, sources: Callable[[int], list[int]]) -> None:
+    """After vLLM built its topology: when the TP sizes do not divide, a decode rank handshakes with the
+    prefill ranks hybrid-kv's plan reads from, `sources(remote_tp)` (everything else that needs the ratio
+    still asserts: only the packed worker's own paths run for such an engine). Relies on vLLM asking
+    `handshake_target_ranks` of this object for its handshakes."""
+    from vllm.distributed.kv_transfer.kv_connector.utils import TransferTopology
+
+    if type(topo) is not TransferTopology:
+        return
+
+    class HybridTopology(TransferTopology):
+        def handshake_target_ranks(self, remote_tp_size: int, remote_dcp_size: int = 1) -> list[int]:
+            if remote_dcp_size == 1 and not divides(remote_tp_size, self.tp_size):
+                return sources(remote_tp_size)
+            return super().handshake_target_ranks(remote_tp_size, remote_dcp_size)
+
+    topo.__class__ = HybridTopology
+
+
+class _HeldNotifications:
+    """The NIXL wrapper as vLLM's read path sees it on the engine thread: notifications are kept in `held`
+    as (agent, message) instead of being attached or sent. Every other call, and any other thread's, passes
+    through unchanged."""
+
+    def __init__(self, nx, agents: dict[int, str], held: list[tuple[str, bytes]]) -> None:
+        self._nx, self._agents, self._held = nx, agents, held
+        self._owner = threading.get_ident()
+
+    def make_prepped_xfer(self, op, local, local_ids, remote, remote_ids, notif_msg=b"", *args, **kwargs):
+        if notif_msg and threading.get_ident() == self._owner:
+            self._held.append((self._agents[remote], notif_msg))
+            notif_msg = b""
+        return self._nx.make_prepped_xfer(op, local, local_ids, remote, remote_ids, notif_msg, *args, **kwargs)
+
+    def send_notif(self, agent: str, notif_msg: bytes, *args, **kwargs):
+        if threading.get_ident() == self._owner:
+            self._held.append((agent, notif_msg))
+            return None
+        return self._nx.send_notif(agent, notif_msg, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._nx, name)
+
+
+@contextmanager
+def holding(worker, engine_id: str, held: list[tuple[str, bytes]]) -> Iterator[None]:
+    """Within: `worker`'s stock READs to `engine_id` are posted without notifications, which land in `held`.
+
+    A prefill rank frees a request's blocks, and with them its staged state, when its decode consumers have
+    notified it. vLLM attaches the notification to its own READ (attention KV), or sends it at once when a
+    source has no blocks of its own to give; either can reach the prefill rank while the state READs from its
+    staging are still in flight, and a slot freed then can be packed over by the next request. So the stock
+    READ goes out without it, and `send_held` sends it once every READ of the request has completed. Relies on
+    vLLM posting through `make_prepped_xfer` / `send_notif` of `worker.nixl_wrapper`."""
+    nx = worker.nixl_wrapper
+    agents = {h: worker._remote_agents[engine_id][(0, r)] for r, h in worker.dst_xfer_side_handles[engine_id].items()}
+    worker.nixl_wrapper = _HeldNotifications(nx, agents, held)
+    try:
+        yield
+    finally:
+        worker.nixl_wrapper = nx
+
+
+def send_held(worker, req_id: str, held: list[tuple[str, bytes]]) -> None:
+    """Send a request's held notifications (every READ of it has completed). A failed send is logged and
+    counted as vLLM counts its own; the prefill rank then frees the blocks at its abort timeout."""
+    while held:
+        agent, msg = held.pop(0)
+        try:
+            worker.nixl_wrapper.send_notif(agent, notif_msg=msg)
+        except Exception as e:
+            log.warning("hybrid-kv: notifying %s that request %s was read failed: %s", agent, req_id, e)
+            worker.xfer_stats.record_failed_notification()

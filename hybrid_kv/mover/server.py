@@ -15,7 +15,8 @@ serves a small TCP side channel (hybrid-kv's framed wire format, every read boun
   so P stops staging for it (``"all"``: packed again); answered ``mode-ok``.
 - ``grant``  D -> P (push mode): receive slots for a request's units, which P WRITEs (`grants.GrantDesk`).
 
-Packing runs on the connection's thread, not the engine loop, so an idle prefill engine still answers.
+Packing runs on the connection's thread, not the engine loop, so an idle prefill engine still answers;
+packing at finish (`prepack`) on a thread of its own. What is staged, and how, is the `Sender`'s.
 """
 
 from __future__ import annotations
@@ -27,68 +28,51 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-from vllm.logger import init_logger
-
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.mover import log
+from hybrid_kv.mover.geometry import Blocks, only_moved, pair_groups
+from hybrid_kv.mover.grants import GrantDesk
+from hybrid_kv.mover.sender import Sender
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind
-from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.handshake import check_fingerprints
-from hybrid_kv.staging.pool import LeasedPool
-from hybrid_kv.staging.template import ALL, PlanCache
+from hybrid_kv.staging.template import ALL
 from hybrid_kv.staging.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable
-from hybrid_kv.vllm.grants import GrantDesk
-from hybrid_kv.vllm.prepack import PackAtFinish, units
-from hybrid_kv.vllm.state import StateGeometry, state_chunk
-
-# under vLLM's "vllm" logger, so that its handler prints these lines with the engine's own
-log = init_logger("vllm.hybrid_kv")
 
 IDLE_TIMEOUT_S = 3600.0  # a decode rank's connection may stay quiet between requests
 MSG_TIMEOUT_S = 10.0  # a message whose first byte arrived must be complete within this
 MAX_CONNECTIONS = 256  # decode-rank connections served at once (one thread each); more are refused
 
 
-class PrefillServer(PackAtFinish, GrantDesk):
-    """Serves hello/pack/done for one prefill rank; owns its staging pool's slots."""
+class PrefillServer:
+    """Serves hello/pack/release/grant for one prefill rank; stages through its `Sender`."""
 
     def __init__(
         self,
         *,
         host: str,
         port: int,
-        geometry: StateGeometry,
-        plans: PlanCache,
-        staging: torch.Tensor,
+        sender: Sender,
         staging_desc: tuple[int, int, int],
         agent_name: str,
         not_held: Callable[[str], str | None],
-        lease_s: float,
-        timeout_s: float,
-        backend: str | None,
         secret: bytes | None = None,
     ) -> None:
+        geometry = sender.geom
         check_bind(host, secret, f"hybrid-kv side channel of prefill rank {geometry.layout.tp_rank}")
         self.secret = secret
         self._auth: dict[int, tuple[ServerAuth, dict]] = {}  # connection -> its challenged hello
-        self.geom, self.plans, self.staging = geometry, plans, staging
-        self.staging_desc, self.agent_name = staging_desc, agent_name
-        self.not_held, self.lease_s, self.timeout_s, self.backend = not_held, lease_s, timeout_s, backend
-        self.pool = LeasedPool(staging.numel())
-        self._cv = threading.Condition()
+        self.sender, self.geom = sender, geometry
+        self.staging_desc, self.agent_name, self.not_held = staging_desc, agent_name, not_held
         self._ids = itertools.count()
         self._stop = threading.Event()
-        self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
         self._layouts: dict[tuple, RankLayout] = {}  # decode (tp_size, tp_rank) -> its layout
         # connections that said hello: cid -> (socket, send lock, decode layout); pushes go to them
         self._peers: dict[int, tuple[socket.socket, threading.Lock, RankLayout]] = {}
-        self._staged: dict[tuple, tuple] = {}  # (cid, request, decode rank) -> (blocks, offsets, sizes)
-        self._fences: dict[str, object] = {}  # request -> CUDA event after the step that wrote its state
         self._no_push: set[int] = set()  # connections whose decode rank reads the state the stock way
         self._prepacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid-kv-prepack")
         self.received: dict[str, int] = {}  # messages received, by type (tests count round trips)
-        self._init_grants()
+        self.grants = GrantDesk(sender, self.send)
         self._sock = socket.create_server((host, port), reuse_port=False)
         self._sock.settimeout(0.2)
         self.address = self._sock.getsockname()[:2]
@@ -105,11 +89,6 @@ class PrefillServer(PackAtFinish, GrantDesk):
         for t in self._threads:
             t.join(timeout=5)
         self._sock.close()
-
-    @property
-    def live_slots(self) -> int:
-        with self._cv:
-            return self.pool.live
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -131,22 +110,9 @@ class PrefillServer(PackAtFinish, GrantDesk):
             t.start()
 
     def _reap(self) -> None:
-        with self._cv:
-            expired = self.pool.expire(time.monotonic())
-            if expired:
-                self._staged = {k: v for k, v in self._staged.items() if self.pool.held((*k, 0))}
-                self._cv.notify_all()
+        expired = self.sender.reap()
         if expired:
             log.warning("hybrid-kv: %d staging slot(s) freed on lease expiry", expired)
-
-    def _free_where(self, pred) -> int:
-        """Free every leased slot whose key satisfies `pred` (and wake waiters); returns how many."""
-        with self._cv:
-            n = self.pool.free_where(pred)
-            if n:
-                self._staged = {k: v for k, v in self._staged.items() if self.pool.held((*k, 0))}
-                self._cv.notify_all()
-            return n
 
     # ---- one decode rank's connection -----------------------------------------------------------------
 
@@ -184,8 +150,8 @@ class PrefillServer(PackAtFinish, GrantDesk):
         self._peers.pop(cid, None)
         self._auth.pop(cid, None)
         self._no_push.discard(cid)
-        self._forget_push_peer(cid)
-        self._free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
+        self.grants.forget_peer(cid)
+        self.sender.free_where(lambda k: k[0] == cid)  # the decode rank is gone: nothing will read its slots
 
     def _reply(self, conn: socket.socket, msg: dict, cid: int | None = None) -> bool:
         peer = self._peers.get(cid) if cid is not None else None
@@ -232,23 +198,23 @@ class PrefillServer(PackAtFinish, GrantDesk):
                 self._no_push.add(cid)
             else:
                 self._no_push.discard(cid)
-            self._free_where(lambda k: k[0] == cid)
+            self.sender.free_where(lambda k: k[0] == cid)
             return {"type": M.MODE_OK}
         if kind == M.PING:  # the decode rank's view of this rank's clock, for the lease fence
             return {"type": M.PONG, "now": time.monotonic()}
         if kind == M.RELEASE:  # no reply: the READs are done (or abandoned; push: the grant is withdrawn)
             req = M.request_id(head.get("req"))
-            self._free_where(lambda k: k[0] == cid and k[1] == req)
-            self._withdraw(cid, req)
+            self.sender.free_where(lambda k: k[0] == cid and k[1] == req)
+            self.grants.withdraw(cid, req)
             return None
         if kind == M.GRANT:  # no reply (a refused grant is answered with push-end)
-            self._grant(head, cid)
+            self.grants.grant(head, cid)
             return None
         raise ProtocolError(f"unexpected message {kind!r:.40} (expected hello, mode, pack, release or grant)")
 
     def _welcome(self, hello: dict, cid: int, conn: socket.socket) -> dict:
         reply = self._hello(hello)
-        self._push_hello(hello, cid)
+        self.grants.hello(hello, cid)
         self._peers[cid] = (conn, threading.Lock(), self._decode_layout(hello))
         return reply
 
@@ -280,76 +246,82 @@ class PrefillServer(PackAtFinish, GrantDesk):
             "tp_rank": lay.tp_rank,
             "staging": list(self.staging_desc),
             "agent": self.agent_name,
-            "lease_s": self.lease_s,  # the decode rank's fence (messages.LeaseClock.read_by)
+            "lease_s": self.sender.lease_s,  # the decode rank's fence (messages.LeaseClock.read_by)
         }
+
+    def send(self, cid: int, msg: dict) -> bool:
+        """Send `msg` to the decode rank on connection `cid` (False: it is gone)."""
+        peer = self._peers.get(cid)
+        if peer is None:
+            return False
+        conn, lock, _ = peer
+        try:
+            with lock:
+                send_msg(conn, msg)
+            return True
+        except OSError:
+            return False
 
     def _pack(self, head: dict, cid: int) -> None:
         """Stage the request for this connection's decode rank (unless it is staged already) and push
         its `ready`; the caller's `ok` follows it on the same socket."""
-        conn, lock, dec = self._peers[cid]
+        dec = self._peers[cid][2]
         req = M.request_id(head.get("req"))
         why = self.not_held(req)
         if why is not None:
             raise ValueError(f"request {req} is not held by this prefill rank: {why}")
         blocks = M.blocks_of(head.get("blocks"))
-        self.geom.check_blocks(blocks, "prefill")
-        lay = self.geom.layout
-        pair = self.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
-        chunk = state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
-        sizes = chunk.unit_bytes
-        keys = [(cid, req, dec.tp_rank, u) for u in range(len(sizes))]
-        with self._cv:
-            hit = self._staged.get((cid, req, dec.tp_rank))
-        if hit is not None and hit[0] == blocks and hit[2] == sizes:  # packed when the prefill finished
-            offsets = hit[1]
-        else:
-            self._free_where(lambda k: k[:3] == (cid, req, dec.tp_rank))  # staged for other block ids
-            offsets = self._alloc(keys, sizes, req)
+        chunk = self.sender.chunk(dec.tp_size, dec.tp_rank, blocks)
+        prefix, sizes = (cid, req, dec.tp_rank), chunk.unit_bytes
+        offsets = self.sender.staged(prefix, blocks, sizes)  # packed when the prefill finished
+        if offsets is None:
+            self.sender.free_where(lambda k: k[:3] == prefix)  # staged for other block ids
+            # on this connection's thread, behind the step that wrote the state
+            offsets = self.sender.stage([(prefix, chunk)], [req])[0]
+        ready = self.sender.announce(prefix, blocks, offsets, sizes)  # a fresh lease from now
+        if ready is None:
+            raise RuntimeError(f"staging of request {req} was freed while it was packed")
+        if not self.send(cid, ready):
+            raise ConnectionError(f"decode connection {cid} lost before the ready of {req}")
+
+    # ---- packing when a prefill finishes, before any decode rank asks ---------------------------------
+
+    def prepack(self, requests: dict[str, Blocks]) -> None:
+        """Queue packing `requests` (id -> block ids per group; their prefills finished in one step) for
+        every decode rank connected now: one launch for all, then a `ready` per (request, decode rank), so
+        their READs wait on no reply. Best effort: what finds no slot, or fails, is packed when asked."""
+        self._prepacker.submit(self._prepack, dict(requests))
+
+    def _prepack(self, requests: dict[str, Blocks]) -> None:
+        items, blocks_of = [], []
+        for cid, (_, _, dec) in list(self._peers.items()):
+            if cid in self._no_push:
+                continue
+            lay = self.geom.layout
             try:
-                # on this connection's thread, behind the step that wrote the state: the READ must see it
-                self.copier.run([(chunk, offsets)], after=[self._fences.get(req)]).wait()
-            except BaseException:
-                self._free_where(lambda k: k in keys)
-                raise
-            with self._cv:
-                self._staged[(cid, req, dec.tp_rank)] = (blocks, offsets, sizes)
-        with self._cv:  # a fresh lease from now: the decode rank READs within it (its fence)
-            until = time.monotonic() + self.lease_s
-            for k in keys:
-                self.pool.lease(k, until)
-            if not all(self.pool.held(k) for k in keys):
-                raise RuntimeError(f"staging of request {req} was freed while it was packed")
-        with lock:
-            send_msg(conn, M.ready(req, units(offsets, sizes), until, blocks))
-
-    def fence(self, reqs, event) -> None:
-        """Order every pack of `reqs` behind `event`, a CUDA event recorded on the engine thread's stream."""
-        with self._cv:
-            self._fences.update(dict.fromkeys(reqs, event))
-
-    def forget(self, req: str) -> None:
-        """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""
-        self._free_where(lambda k: k[1] == req)
-        with self._cv:
-            self._fences.pop(req, None)
-
-    def _alloc(
-        self, keys: list[tuple], sizes: list[int], req: str, wait_s: float | None = None, leased: bool = True
-    ) -> list[int]:
-        """All of a request's slots or none: wait (bounded) while the pool is full. Unleased slots (a push's,
-        freed when its WRITEs end) never expire."""
-        wait_s = self.timeout_s / 2 if wait_s is None else wait_s  # default: answer before the decode rank's deadline
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while True:
-                got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s if leased else None)
-                if got is not None:
-                    return [s.offset for s in got]
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(
-                        f"staging pool full: request {req} needs {sum(sizes)} B in {len(sizes)} slot(s), "
-                        f"{self.pool.in_use} of {self.pool.capacity} B held for {wait_s:.0f} s "
-                        "(raise hybrid_kv_staging_bytes, or hybrid_kv_timeout_s to wait longer)"
-                    )
-                self._cv.wait(min(left, 0.5))
+                pair = self.sender.plans.pair(lay.tp_size, dec.tp_size, lay.tp_rank, dec.tp_rank)
+            except ValueError:  # (a pair this rank refuses: refused again, with the reason, when asked)
+                continue
+            if not pair_groups(pair, self.geom):
+                continue
+            for req, every in requests.items():
+                blocks = only_moved(pair, self.geom, every)  # (attention groups only where the pair moves KV)
+                try:
+                    chunk = self.sender.chunk(dec.tp_size, dec.tp_rank, blocks)
+                except ValueError as e:
+                    log.warning("hybrid-kv: request %s not packed at finish: %s", req, e)
+                    continue
+                if not self.sender.holds((cid, req, dec.tp_rank)):
+                    items.append(((cid, req, dec.tp_rank), chunk))
+                    blocks_of.append(blocks)
+        if not items:
+            return
+        try:  # one launch for every request and decode rank of this step; no room: asked for later
+            offsets = self.sender.stage(items, list(requests), each=True)
+        except Exception as e:  # never fatal: the decode ranks fall back to asking
+            log.warning("hybrid-kv: packing %d request(s) at finish failed: %s", len(requests), e)
+            return
+        for ((cid, req, rank), chunk), blocks, offs in zip(items, blocks_of, offsets):
+            ready = None if offs is None else self.sender.announce((cid, req, rank), blocks, offs, chunk.unit_bytes)
+            if ready is not None and not self.send(cid, ready):
+                log.warning("hybrid-kv: push of %s to decode connection %d failed", req, cid)

@@ -1,6 +1,8 @@
-"""hybrid-kv's view of one vLLM rank's recurrent state: which vLLM layer is which hybrid-kv layer, where
-each Mamba layer's pages sit in vLLM's single backing allocation (a `PageMap` for the packed-transfer
-core), and the order of a request's slots, which both sides compute from the same layer names.
+"""One serving rank's recurrent state as the mover sees it: which engine layer is which hybrid-kv layer,
+where each Mamba layer's pages sit in the engine's single backing allocation (a `PageMap` for the copier),
+and the order of a request's slots, which both sides compute from the same layer names. The request type
+from the engine's hook to the kernel rows is its block ids per group (`Blocks`): `state_chunk` turns them
+into the copier's chunk.
 
 vLLM aliases its KV cache groups from byte 0 of one buffer (reference §2.3): the page of Mamba layer `n`
 for block `b` sits at `offset(n) + b * stride(n)`, where `offset`/`stride` are read from the layer's own
@@ -13,29 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.spec import LayerKind, ModelSpec
-from hybrid_kv.spec_hf import spec_from_config
 from hybrid_kv.staging.chunk import Chunk, ChunkShape, Shapes, shape_of
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PairPlan
-
-if TYPE_CHECKING:
-    from hybrid_kv.vllm.kvpages import AttentionPages
-
-_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-def _dtype_name(dt: torch.dtype, what: str) -> str:
-    if dt not in _DTYPE_NAMES:
-        raise ValueError(f"{what} dtype {dt} is not supported by hybrid-kv (supported: {', '.join(TORCH_DTYPES)})")
-    return _DTYPE_NAMES[dt]
 
 
 def layer_index(name: str) -> int:
@@ -51,24 +39,6 @@ def flat_storage(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8, device=t.device).set_(st, 0, (st.nbytes(),), (1,))
 
 
-def model_spec(hf_config: Mapping, mamba_spec, attn_spec, name: str) -> ModelSpec:
-    """hybrid-kv's ModelSpec of a vLLM model: parsed from its HF config, with the cache dtypes and the
-    speculative conv rows vLLM actually allocated (taken from its own MambaSpec / FullAttentionSpec)."""
-    spec = spec_from_config(dict(hf_config), name=name)
-    if spec.state is None:
-        raise ValueError(f"{name}: hybrid-kv found no recurrent-state layers in this model")
-    spec = spec.with_dtypes(
-        conv_dtype=_dtype_name(mamba_spec.dtypes[0], "conv state"),
-        ssm_dtype=_dtype_name(mamba_spec.dtypes[1], "SSM state"),
-        kv_dtype=_dtype_name(attn_spec.dtype, "attention KV") if attn_spec is not None else None,
-    )
-    rows = min(mamba_spec.shapes[0])  # conv rows = kernel - 1 + num_spec in either conv layout
-    extra = rows - spec.state.conv_rows
-    if extra > 0:
-        spec = spec.with_num_spec(extra)
-    return spec
-
-
 @dataclass(frozen=True)
 class StateLayer:
     name: str  # vLLM layer name
@@ -76,6 +46,16 @@ class StateLayer:
     group: int  # vLLM transfer group
     offset: int  # byte offset of block 0's page in the rank's backing storage
     stride: int  # bytes between consecutive blocks' pages
+
+
+@dataclass(frozen=True)
+class AttentionPages:
+    """One rank's full-attention pages (where the mover carries attention KV: TP sizes that do not divide)."""
+
+    groups: tuple[int, ...]  # the engine's transfer groups of the full-attention layers
+    layers: tuple[StateLayer, ...]  # one per attention layer (its hybrid-kv index, group, offset, stride)
+    block_size: int  # tokens per page (the engine's logical block = its kernel block)
+    page_bytes: int
 
 
 class StateGeometry:
@@ -173,7 +153,8 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
-Paired = tuple[dict[int, list[int]], dict[int, list[int]]]
+Blocks = dict[int, list[int]]  # a request's block ids per engine group (Mamba, then mapped attention)
+Paired = tuple[Blocks, Blocks]
 
 
 def _paired(local: list, remote: list, groups, cut) -> Paired:

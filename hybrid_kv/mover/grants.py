@@ -1,5 +1,5 @@
-"""Push mode, prefill side: the receive slots decode ranks grant, kept until a WRITE uses them (a mixin of
-`channel.PrefillServer`; the push worker, `hybrid_kv.vllm.push_send`, takes them).
+"""Push mode, prefill side: the receive slots decode ranks grant, kept until a WRITE uses them (the side-channel
+server's `grants`; the push adapter, `hybrid_kv.vllm.push_send`, takes them).
 
 A decode rank that receives in push mode names its engine id and registered receive staging in its
 hello. When it has allocated a request's receive slots it sends one `grant` per source prefill rank; the
@@ -12,12 +12,14 @@ Grants are one-way messages: nothing waits on a reply.
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from hybrid_kv.mover.sender import Sender
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.wire import ProtocolError, send_msg
-from hybrid_kv.vllm.state import state_chunk
+from hybrid_kv.staging.wire import ProtocolError
 
 MAX_GRANTS = 4096  # grants kept for requests this rank has not pushed yet
 PURGE_EVERY_S = 1.0
@@ -41,16 +43,18 @@ class PushPeer:
 
 
 class GrantDesk:
-    """Needs the server's geometry, plans, peers, `_cv` and `_reply` (`PrefillServer`)."""
+    """The grants of one prefill rank; `send(cid, msg)` reaches the decode rank on a connection."""
 
-    def _init_grants(self) -> None:
+    def __init__(self, sender: Sender, send: Callable[[int, dict], bool]) -> None:
+        self.sender, self.send = sender, send
+        self._cv = threading.Lock()
         self._grants: dict[tuple[str, int, str], Grant] = {}  # (engine, decode rank, request) -> grant
         self._push_peers: dict[int, PushPeer] = {}  # connection -> the push decode rank behind it
         self._next_purge = 0.0
         self.on_grant = None  # callable(engine_id, request): a grant arrived (the push worker's wake-up)
         self.on_withdraw = None  # callable(engine_id, decode rank, request): a decode rank gave the request up
 
-    def _push_hello(self, hello: dict, cid: int) -> None:
+    def hello(self, hello: dict, cid: int) -> None:
         """Record a push decode rank's engine id and receive staging (checked; absent in pull mode)."""
         if "staging" not in hello and "engine_id" not in hello:
             return
@@ -62,7 +66,7 @@ class GrantDesk:
         with self._cv:
             self._push_peers[cid] = PushPeer(engine, int(hello["tp_size"]), int(hello["tp_rank"]), staging)
 
-    def _grant(self, head: dict, cid: int) -> None:
+    def grant(self, head: dict, cid: int) -> None:
         """A decode rank's grant: checked, kept for the push worker, or answered with `push-end`."""
         peer = self._push_peers.get(cid)
         if peer is None:
@@ -94,13 +98,17 @@ class GrantDesk:
     def _grant_sizes(self, peer: PushPeer, blocks: dict[int, list[int]]) -> list[int]:
         """Unit sizes of this rank's chunk for the decode rank, from the grant's block counts per group (the
         shape depends on the counts only: both sides cut the same units)."""
+        groups = self.sender.geom.groups
         for g in blocks:
-            if g not in self.geom.groups:
-                raise ValueError(f"grant names group {g}, not a Mamba group (Mamba groups: {self.geom.groups})")
-        lay = self.geom.layout
-        pair = self.plans.pair(lay.tp_size, peer.tp_size, lay.tp_rank, peer.tp_rank)
+            if g not in groups:
+                raise ValueError(f"grant names group {g}, not a Mamba group (Mamba groups: {groups})")
         counts = {g: [0] * len(ids) for g, ids in blocks.items()}
-        return state_chunk(pair, self.geom, counts, "prefill", self.plans.shapes).unit_bytes
+        return self.sender.chunk(peer.tp_size, peer.tp_rank, counts).unit_bytes
+
+    @property
+    def kept(self) -> int:
+        with self._cv:
+            return len(self._grants)
 
     def grants_ready(self, engine_id: str, ranks, req: str) -> bool:
         with self._cv:
@@ -123,7 +131,7 @@ class GrantDesk:
                 del self._grants[k]
         return out
 
-    def _withdraw(self, cid: int, req: str) -> None:
+    def withdraw(self, cid: int, req: str) -> None:
         """`release` from a push decode rank: it failed the request. An unused grant goes, and the decode
         rank hears that nothing was written (`push-end`); a grant already taken is answered by its WRITE's
         notification or by a `push-end` once the WRITE ended. The push worker drops its wait for the rest."""
@@ -137,15 +145,7 @@ class GrantDesk:
 
     def push_end(self, cid: int, req: str, why: str) -> None:
         """Tell the decode rank on `cid` that nothing for `req` is in flight to it and nothing will be."""
-        peer = self._peers.get(cid)
-        if peer is None:
-            return
-        conn, lock, _ = peer
-        try:
-            with lock:
-                send_msg(conn, M.push_end(req, why))
-        except OSError:
-            pass  # the decode rank is gone: its own deadline fails the request
+        self.send(cid, M.push_end(req, why))  # (False: the decode rank is gone; its own deadline fails it)
 
     def push_cid(self, engine_id: str, rank: int) -> int | None:
         """The connection of a push decode rank (the newest, if it reconnected)."""
@@ -153,7 +153,7 @@ class GrantDesk:
             hits = [c for c, p in self._push_peers.items() if (p.engine_id, p.tp_rank) == (engine_id, rank)]
         return max(hits) if hits else None
 
-    def _forget_push_peer(self, cid: int) -> None:
+    def forget_peer(self, cid: int) -> None:
         with self._cv:
             self._push_peers.pop(cid, None)
             self._grants = {k: g for k, g in self._grants.items() if g.cid != cid}

@@ -1,4 +1,4 @@
-"""The decode rank's end of the hybrid-kv side channel (`channel.PrefillServer` is the other end)."""
+"""The decode rank's end of the hybrid-kv side channel (`server.PrefillServer` is the other end)."""
 
 from __future__ import annotations
 
@@ -113,6 +113,15 @@ class PrefillLink:
                 self._replies.put(head)
                 raise ConnectionError(f"hybrid-kv side channel lost: {head}") from head
         return expect(head, *expected)
+
+    def pack(self, req: str, blocks: dict[int, list[int]]) -> dict:
+        """Ask the prefill rank to stage `req` (its block ids per group) for this rank; its `ready` (unchecked:
+        `Receiver.check_ready` checks it) comes ahead of its `ok`."""
+        self.call({"type": M.PACK, "req": req, "blocks": [[g, ids] for g, ids in blocks.items()]}, M.OK)
+        ready = self.take_staged(req)
+        if ready is None:
+            raise RuntimeError(f"prefill side channel {self.address} answered pack of {req} without its units")
+        return ready
 
     def send(self, msg: dict) -> None:
         """A message that takes no reply (`release`)."""

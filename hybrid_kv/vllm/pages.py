@@ -1,31 +1,51 @@
-"""One rank's full-attention pages in vLLM's memory, checked against hybrid-kv's KV page anatomy.
+"""What vLLM allocated, in hybrid-kv's terms: the model spec with vLLM's cache dtypes (`model_spec`), and
+one rank's full-attention pages, checked against hybrid-kv's KV page anatomy (`attention_pages`).
 
-Only needed where the packed worker moves attention KV itself: TP sizes that do not divide each other,
-which vLLM's head mapping refuses (`hybrid_kv.vllm.anytp`). vLLM's per-layer view of a full-attention
-cache under the NIXL layout (LBHNC, reference §2.4) is `[num_blocks, heads_local, block_size, C]` with K||V
-packed per token in `C`: hybrid-kv's HND page. Anything else (MLA's latent cache, kernel blocks smaller
-than the logical block, another layout) gets a reason instead of a map, and a pair that would need it
-is refused at handshake with that reason.
+The attention pages are only needed where the packed worker moves attention KV itself: TP sizes that do
+not divide each other, which vLLM's head mapping refuses (`hybrid_kv.vllm.anytp`). vLLM's per-layer view of
+a full-attention cache under the NIXL layout (LBHNC, reference §2.4) is `[num_blocks, heads_local,
+block_size, C]` with K||V packed per token in `C`: hybrid-kv's HND page. Anything else (MLA's latent cache,
+kernel blocks smaller than the logical block, another layout) gets a reason instead of a map, and a pair
+that would need it is refused at handshake with that reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
+from hybrid_kv.dtypes import TORCH_DTYPES
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.spec import LayerKind
-from hybrid_kv.vllm.state import StateLayer, layer_index
+from hybrid_kv.mover.geometry import AttentionPages, StateLayer, layer_index
+from hybrid_kv.spec import LayerKind, ModelSpec
+from hybrid_kv.spec_hf import spec_from_config
+
+_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class AttentionPages:
-    groups: tuple[int, ...]  # vLLM transfer groups of the full-attention layers
-    layers: tuple[StateLayer, ...]  # one per attention layer (its hybrid-kv index, group, offset, stride)
-    block_size: int  # tokens per page (vLLM's logical block = its kernel block)
-    page_bytes: int
+def _dtype_name(dt: torch.dtype, what: str) -> str:
+    if dt not in _DTYPE_NAMES:
+        raise ValueError(f"{what} dtype {dt} is not supported by hybrid-kv (supported: {', '.join(TORCH_DTYPES)})")
+    return _DTYPE_NAMES[dt]
+
+
+def model_spec(hf_config: Mapping, mamba_spec, attn_spec, name: str) -> ModelSpec:
+    """hybrid-kv's ModelSpec of a vLLM model: parsed from its HF config, with the cache dtypes and the
+    speculative conv rows vLLM actually allocated (taken from its own MambaSpec / FullAttentionSpec)."""
+    spec = spec_from_config(dict(hf_config), name=name)
+    if spec.state is None:
+        raise ValueError(f"{name}: hybrid-kv found no recurrent-state layers in this model")
+    spec = spec.with_dtypes(
+        conv_dtype=_dtype_name(mamba_spec.dtypes[0], "conv state"),
+        ssm_dtype=_dtype_name(mamba_spec.dtypes[1], "SSM state"),
+        kv_dtype=_dtype_name(attn_spec.dtype, "attention KV") if attn_spec is not None else None,
+    )
+    rows = min(mamba_spec.shapes[0])  # conv rows = kernel - 1 + num_spec in either conv layout
+    extra = rows - spec.state.conv_rows
+    if extra > 0:
+        spec = spec.with_num_spec(extra)
+    return spec
 
 
 def attention_pages(

@@ -1,0 +1,18 @@
+"""The state mover: what a serving engine's prefill and decode ranks run to move a request's recurrent
+state (and, for TP sizes that do not divide, its attention KV) packed, independent of the engine.
+
+- `geometry`: one rank's state and attention pages in the engine's backing allocation, a request's chunk;
+- `sender`: a prefill rank's staging (all-or-none slots, the copy ordered after the step that wrote the
+  pages, the lease, the `ready` it announces);
+- `receiver`: a decode rank's receives (all-or-none receive slots, each announcement checked against its
+  own chunk, one scatter launch per step, a request reported only once its scatter completed);
+- `server` / `link`: the side channel's two ends (framing, auth, handshake, pack requests, grants);
+- `grants`: push mode's receive slots as a prefill rank keeps them.
+
+No module here imports an engine: `hybrid_kv.vllm` adapts vLLM's NIXL workers to these objects. Log lines go
+to the "vllm.hybrid_kv" logger, so a vLLM engine prints them with its own.
+"""
+
+import logging
+
+log = logging.getLogger("vllm.hybrid_kv")

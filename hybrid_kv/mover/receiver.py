@@ -1,0 +1,183 @@
+"""A decode rank's receives: the one place a request's state is received, pulled (READs from the sources'
+staging) or pushed (WRITEs into slots it granted).
+
+A request's receive slots are allocated all or none; each source's announcement (`ready`) is checked
+against this rank's own chunk before anything is posted; every request whose bytes landed in a step is
+scattered by one launch; and a request is reported received only once its scatter has completed. No I/O
+here: the adapter posts the transfers and sends the messages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from hybrid_kv.mover import log
+from hybrid_kv.mover.geometry import Blocks, StateGeometry, only_moved, state_chunk
+from hybrid_kv.mover.link import PrefillLink
+from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.copier import Copier, Done
+from hybrid_kv.staging.pool import LeasedPool, Slot
+from hybrid_kv.staging.template import PlanCache
+
+
+@dataclass
+class RecvState:
+    """One request's state receive on this decode rank."""
+
+    meta: object  # the engine's request metadata
+    engine_id: str
+    remote_tp: int
+    local: Blocks  # group -> decode block ids
+    remote: Blocks  # group -> prefill block ids
+    chunks: dict[int, Chunk]  # source prefill rank -> this rank's chunk of its state
+    units: dict[int, list[int]]  # source prefill rank -> bytes of each of its transfer units
+    slots: dict[int, list[Slot]] = field(default_factory=dict)  # source -> receive slots
+    read_by: dict[int, float] = field(default_factory=dict)  # source -> its staging lease's end, here
+    posted: bool = False
+    descriptors: int = 0
+    push: object = None  # push mode: the grant's progress (`hybrid_kv.vllm.push_recv.Granted`)
+    remote_of: dict[int, Blocks] = field(default_factory=dict)  # source -> its ids, where not all
+    foreign: bool = False  # TP sizes that do not divide: attention KV moves here too, no stock READ
+    held: list = field(default_factory=list)  # the stock READ's notifications, sent once every READ completed
+
+    def blocks_of(self, p: int) -> Blocks:
+        """The prefill block ids source `p` packs (all of `remote` unless its pair moves fewer groups)."""
+        return self.remote_of.get(p, self.remote)
+
+
+class Receiver:
+    """Receive slots, announcement checks and the batched scatter of one decode rank (engine thread)."""
+
+    def __init__(self, geometry: StateGeometry, plans: PlanCache, pool: LeasedPool, copier: Copier,
+                 timeout_s: float) -> None:  # fmt: skip
+        self.geom, self.plans, self.pool, self.copier, self.timeout_s = geometry, plans, pool, copier, timeout_s
+        self.recvs: dict[str, RecvState] = {}
+        self.scattering: list[tuple[Done, list[str]]] = []  # launched scatters not yet complete
+
+    def open(self, req_id: str, meta, engine_id: str, remote_tp: int, local: Blocks, remote: Blocks,
+             foreign: bool = False) -> RecvState:  # fmt: skip
+        """A request's receive from its sources (held from now, no slots yet): this rank's chunk of each
+        source's state from its own block ids per group (checked), and which prefill ids each source packs."""
+        self.geom.check_blocks(local, "decode")
+        lay, geom, plans = self.geom.layout, self.geom, self.plans
+        pairs = {p: plans.pair(remote_tp, lay.tp_size, p, lay.tp_rank)
+                 for p in plans.sources(remote_tp, lay.tp_size)[lay.tp_rank]}  # fmt: skip
+        chunks = {p: state_chunk(pair, geom, only_moved(pair, geom, local), "decode", plans.shapes)
+                  for p, pair in pairs.items()}  # fmt: skip
+        units = {p: c.unit_bytes for p, c in chunks.items()}
+        recv = RecvState(meta, engine_id, remote_tp, local, remote, chunks, units, foreign=foreign)
+        for p, pair in pairs.items():
+            mine = only_moved(pair, geom, remote)
+            if remote and mine != remote:
+                recv.remote_of[p] = mine
+        self.recvs[req_id] = recv
+        return recv
+
+    # ---- receive slots --------------------------------------------------------------------------------
+
+    def alloc(self, req_id: str, recv: RecvState) -> None:
+        """All of a request's receive slots or none."""
+        try:
+            for p, units in recv.units.items():
+                got = self.pool.alloc_all([(req_id, p, u) for u in range(len(units))], units)
+                if got is None:
+                    raise RuntimeError(
+                        f"hybrid-kv receive staging full: request {req_id} needs {sum(units)} B more from "
+                        f"prefill rank {p}, {self.pool.in_use} of {self.pool.capacity} B in use "
+                        "(raise hybrid_kv_staging_bytes)"
+                    )
+                recv.slots[p] = got
+        except BaseException:
+            self.free(recv)
+            raise
+
+    def free(self, recv: RecvState) -> None:
+        for slots in recv.slots.values():
+            for slot in slots:
+                self.pool.free(slot.key)
+        recv.slots.clear()
+
+    def drop(self, req_id: str) -> RecvState | None:
+        """Forget a request and free its slots (nothing can be in flight into them)."""
+        recv = self.recvs.pop(req_id, None)
+        if recv is not None:
+            self.free(recv)
+        return recv
+
+    # ---- announcements --------------------------------------------------------------------------------
+
+    @staticmethod
+    def same_blocks(ready: dict, blocks: Blocks) -> bool:
+        try:
+            return M.blocks_of(ready.get("blocks")) == blocks
+        except ValueError:
+            return False  # checked again, and refused with its value, by `check_ready`
+
+    def fresh(self, recv: RecvState, p: int, ready: dict, link: PrefillLink) -> bool:
+        """Whether a `ready` pushed unasked is of this request's blocks and its lease leaves this rank its
+        whole wait for the READ (else it asks again, and the source renews the lease)."""
+        if not self.same_blocks(ready, recv.blocks_of(p)):
+            return False
+        try:
+            end = link.clock.local(ready.get("until"))
+        except (AttributeError, ValueError):
+            return False
+        return end - time.monotonic() > 2 * self.timeout_s
+
+    def check_ready(self, recv: RecvState, p: int, ready: dict, link: PrefillLink) -> list[tuple[int, int, int]]:
+        """A source's `ready`, checked against this rank's own chunk and the source's registered staging
+        before any READ is posted: every unit of the chunk, each of its planned size, inside the staging;
+        and its lease's end on this rank's clock, which the READ must beat (the fence)."""
+        size = int(link.peer["staging"][1])
+        recv.read_by[p] = link.clock.read_by(ready.get("until"), link.peer["lease_s"])
+        units = M.ready_units(ready, recv.units[p], size, f"prefill rank {p}")
+        if len(units) != len(recv.units[p]) or not self.same_blocks(ready, recv.blocks_of(p)):
+            raise ValueError(
+                f"prefill rank {p} announced units {[u for u, _, _ in units]} of blocks "
+                f"{ready.get('blocks')!r:.120}; this rank needs units 0..{len(recv.units[p]) - 1} of "
+                f"{recv.blocks_of(p)}"
+            )
+        return sorted(units)
+
+    def late(self, req_id: str, now: float) -> bool:
+        """Whether a READ of the request completed after a source's staging lease could have ended."""
+        return now >= min(self.recvs[req_id].read_by.values(), default=now)
+
+    # ---- the scatter ----------------------------------------------------------------------------------
+
+    def scatter(self, reqs: list[str]) -> list[str]:
+        """One launch for every request whose state landed this step, on the copier's own stream; the
+        requests whose scatter was refused (they are still held: the caller fails them)."""
+        if not reqs:
+            return []
+        jobs = {r: [(c, [s.offset for s in self.recvs[r].slots[p]]) for p, c in self.recvs[r].chunks.items()]
+                for r in reqs}  # fmt: skip
+        try:
+            self.scattering.append((self.copier.run([j for r in reqs for j in jobs[r]]), reqs))
+            return []
+        except Exception as e:  # validated before any byte is written: find the bad request(s)
+            log.warning("hybrid-kv: batched scatter of %d request(s) refused (%s); retrying one by one", len(reqs), e)
+        refused = []
+        for r in reqs:
+            try:
+                self.scattering.append((self.copier.run(jobs[r]), [r]))
+            except Exception as e:
+                log.error("hybrid-kv: scatter of %s failed: %s", r, e)
+                refused.append(r)
+        return refused
+
+    def scattered(self) -> list[str]:
+        """Requests whose scatter has completed (still held: the caller retires and reports them)."""
+        still, out = [], []
+        for fin, reqs in self.scattering:
+            if fin.ready():
+                out += reqs
+            else:
+                still.append((fin, reqs))
+        self.scattering = still
+        return out
+
+    def in_scatter(self, req_id: str) -> bool:
+        return any(req_id in reqs for _, reqs in self.scattering)

@@ -1,0 +1,178 @@
+"""A prefill rank's staging: the one place a request's state is staged for a decode rank, whichever way it
+leaves - a decode rank asked for it (pull), its prefill finished and it is packed before anyone asks, or
+a decode rank granted receive slots and it is WRITTEN there (push).
+
+Each staging is all or none (a request's slots for one or more decode ranks, in one pool allocation), its
+copy is ordered after the step that wrote the pages (`fence`) and runs as one launch, and what is
+announced carries a lease: the slots stay the decode rank's until then (`announce`; the decode rank's
+fence is `messages.LeaseClock.read_by`). Slot keys are `(holder, request, decode rank, unit)`: `holder` is
+a side-channel connection, or "push" for slots a WRITE reads (unleased: freed when the WRITE ends).
+No I/O here: the side-channel server and the push adapter send what this returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from hybrid_kv.mover.geometry import Blocks, StateGeometry, state_chunk
+from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.pool import LeasedPool
+from hybrid_kv.staging.template import PlanCache
+
+Prefix = tuple  # (holder, request, decode rank): a staging's slots are its keys plus the unit index
+
+
+def units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
+    """(unit, offset, nbytes) of a request's staged units, as `ready` announces them."""
+    return [(u, o, n) for u, (o, n) in enumerate(zip(offsets, sizes))]
+
+
+class Sender:
+    """Staging slots, fences and leases of one prefill rank (thread-safe: packs run on several threads)."""
+
+    def __init__(
+        self,
+        geometry: StateGeometry,
+        plans: PlanCache,
+        staging: torch.Tensor,
+        backend: str | None,
+        lease_s: float,
+        timeout_s: float,
+    ) -> None:
+        self.geom, self.plans, self.lease_s, self.timeout_s = geometry, plans, lease_s, timeout_s
+        self.pool = LeasedPool(staging.numel())
+        self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
+        self._cv = threading.Condition()
+        self._fences: dict[str, object] = {}  # request -> CUDA event after the step that wrote its state
+        self._staged: dict[Prefix, tuple[Blocks, list[int], list[int]]] = {}  # -> (blocks, offsets, sizes)
+
+    # ---- what to stage --------------------------------------------------------------------------------
+
+    def chunk(self, decode_tp: int, decode_rank: int, blocks: Blocks) -> Chunk:
+        """This rank's chunk of a request for one decode rank (its block ids per group, checked)."""
+        lay = self.geom.layout
+        pair = self.plans.pair(lay.tp_size, decode_tp, lay.tp_rank, decode_rank)
+        self.geom.check_blocks(blocks, "prefill")
+        return state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
+
+    # ---- staging --------------------------------------------------------------------------------------
+
+    def stage(
+        self,
+        items: list[tuple[Prefix, Chunk]],
+        reqs: list[str],
+        *,
+        wait_s: float | None = None,
+        leased: bool = True,
+        each: bool = False,
+    ) -> list[list[int] | None]:
+        """Allocate and pack `items` in one launch, behind the fences of `reqs`; their slot offsets, in order.
+        All of them or none, waiting up to `wait_s` (default half the decode rank's timeout) while the pool is
+        full; `each`: item by item without waiting, None for those that find no room (they are asked for
+        later). A failed copy frees every slot it had, and raises."""
+        offsets: list[list[int] | None] = []
+        keys = [[(*prefix, u) for u in range(len(c.unit_bytes))] for prefix, c in items]
+        if each:
+            with self._cv:
+                until = time.monotonic() + self.lease_s if leased else None
+                for ks, (_, c) in zip(keys, items):
+                    got = self.pool.alloc_all(ks, c.unit_bytes, until)
+                    offsets.append(None if got is None else [s.offset for s in got])
+        else:
+            flat = [n for _, c in items for n in c.unit_bytes]
+            got = iter(self._alloc([k for ks in keys for k in ks], flat, reqs, wait_s, leased))
+            offsets = [[next(got) for _ in c.unit_bytes] for _, c in items]
+        jobs = [(c, o) for (_, c), o in zip(items, offsets) if o is not None]
+        if not jobs:
+            return offsets
+        try:
+            # behind the step that wrote the state: the decode rank must see it
+            self.copier.run(jobs, after=[self._fences.get(r) for r in reqs]).wait()
+        except BaseException:
+            mine = {k for ks, o in zip(keys, offsets) if o is not None for k in ks}
+            self.free_where(lambda k: k in mine)
+            raise
+        return offsets
+
+    def _alloc(self, keys: list[tuple], sizes: list[int], reqs: list[str], wait_s: float | None, leased: bool):
+        wait_s = self.timeout_s / 2 if wait_s is None else wait_s  # answer before the decode rank's deadline
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while True:
+                got = self.pool.alloc_all(keys, sizes, time.monotonic() + self.lease_s if leased else None)
+                if got is not None:
+                    return [s.offset for s in got]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(
+                        f"staging pool full: request {', '.join(reqs)} needs {sum(sizes)} B in {len(sizes)} "
+                        f"slot(s), {self.pool.in_use} of {self.pool.capacity} B held for {wait_s:.0f} s "
+                        "(raise hybrid_kv_staging_bytes, or hybrid_kv_timeout_s to wait longer)"
+                    )
+                self._cv.wait(min(left, 0.5))
+
+    def staged(self, prefix: Prefix, blocks: Blocks, sizes: list[int]) -> list[int] | None:
+        """The offsets of a staging of the same blocks and units announced earlier and still held."""
+        with self._cv:
+            hit = self._staged.get(prefix)
+        return hit[1] if hit is not None and hit[0] == blocks and hit[2] == sizes else None
+
+    def announce(self, prefix: Prefix, blocks: Blocks, offsets: list[int], sizes: list[int]) -> dict | None:
+        """Lease the staging from now and give its `ready` (None: its slots were freed meanwhile)."""
+        keys = [(*prefix, u) for u in range(len(sizes))]
+        with self._cv:
+            if not all(self.pool.held(k) for k in keys):
+                return None
+            until = time.monotonic() + self.lease_s
+            for k in keys:
+                self.pool.lease(k, until)
+            self._staged[prefix] = (blocks, offsets, sizes)
+        return M.ready(prefix[1], units(offsets, sizes), until, blocks)
+
+    def holds(self, prefix: Prefix) -> bool:
+        with self._cv:
+            return prefix in self._staged or self.pool.held((*prefix, 0)) is not None
+
+    # ---- life of the slots ----------------------------------------------------------------------------
+
+    def fence(self, reqs, event) -> None:
+        """Order every staging of `reqs` behind `event`, a CUDA event recorded on the engine thread's stream."""
+        with self._cv:
+            self._fences.update(dict.fromkeys(reqs, event))
+
+    def forget(self, req: str) -> None:
+        """The request is done on this prefill rank (read, aborted or its lease expired): free its slots."""
+        self.free_where(lambda k: k[1] == req)
+        with self._cv:
+            self._fences.pop(req, None)
+
+    def free_where(self, pred: Callable[[tuple], bool]) -> int:
+        """Free every slot whose key satisfies `pred` (and wake waiters); returns how many."""
+        with self._cv:
+            n = self.pool.free_where(pred)
+            if n:
+                self._drop_unheld()
+            return n
+
+    def reap(self) -> int:
+        """Free the slots whose lease ended; returns how many."""
+        with self._cv:
+            n = self.pool.expire(time.monotonic())
+            if n:
+                self._drop_unheld()
+            return n
+
+    def _drop_unheld(self) -> None:
+        self._staged = {k: v for k, v in self._staged.items() if self.pool.held((*k, 0))}
+        self._cv.notify_all()
+
+    @property
+    def live_slots(self) -> int:
+        with self._cv:
+            return self.pool.live
