@@ -5,6 +5,7 @@ compared byte for byte with the oracle, so every byte outside the written pages 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -282,32 +283,32 @@ def test_a_lying_grant_fails_only_its_request(pairs, monkeypatch, caplog, lie, n
 
 def test_no_write_starts_inside_the_grants_margin(pairs, monkeypatch, caplog):
     """The decode rank's fence: a prefill rank starts no WRITE later than a grant's end minus PUSH_MARGIN_S.
-    The prefill's clock is set for each request relative to its grant's end: 10 ms before the margin begins,
-    the request moves byte-exact; 10 ms inside it, it is refused as too late, the decode rank fails it with
-    nothing written into its pages, and the prefill frees both requests' blocks.
+    Each grant's end, as the prefill rank takes it, is moved relative to the prefill's clock: 1 s after the
+    margin begins the request moves byte-exact; 10 ms inside it (so the check, which comes later, is always
+    inside) it is refused as too late, the decode rank fails it with nothing written into its pages, and the
+    prefill frees both requests' blocks.
 
     Bug caught: the check against the grant's end without the margin (`now > g.until`), or no check."""
+    import dataclasses
+
     from hybrid_kv.staging import messages as M
-    from hybrid_kv.vllm import push_send
 
     pair = pairs("nemotron-h-8b", 1, 1, "packed", push=True)
     late, ok = pair.reqs
-    shift = {late.req_id: +0.01, ok.req_id: -0.01}
+    shift = {late.req_id: -0.01, ok.req_id: +1.0}
     srv = pair.p.conns[0].connector_worker.hkv.server.grants
-    real_take, clock = srv.take_grants, {}
+    real_take = srv.take_grants
 
     def take(engine_id, ranks, req):
-        grants = real_take(engine_id, ranks, req)
-        clock["now"] = min(g.until for g in grants.values()) - M.PUSH_MARGIN_S + shift[req]
-        return grants
+        end = time.monotonic() + M.PUSH_MARGIN_S + shift[req]
+        return {r: dataclasses.replace(g, until=end) for r, g in real_take(engine_id, ranks, req).items()}
 
     monkeypatch.setattr(srv, "take_grants", take)
-    monkeypatch.setattr(push_send, "time", type("Clock", (), {"monotonic": staticmethod(lambda: clock["now"])}))
     S.submit(pair.p, pair.d, pair.reqs, push=True)
     ids = {q.req_id for q in pair.reqs}
     _, failed, _ = S.run_until(pair.p.conns, pair.d.conns, ids, {S.p_id(i) for i in ids}, timeout=60)
     assert failed[0] == {late.req_id}
-    assert f"grant of {late.req_id} ends in 5.0 s (too late)" in caplog.text, caplog.text[-2000:]
+    assert re.search(rf"grant of {late.req_id} ends in [45]\.\d s \(too late\)", caplog.text), caplog.text[-2000:]
     want = S.fill(pair.d, [ok], "decode", 12)[0]  # the request in time, the late one's pages untouched
     assert_same_bytes(pair.d.storage(0), want, "decode rank 0 against the request in time + background")
     pair.wait_no_leaks()

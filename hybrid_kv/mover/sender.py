@@ -46,6 +46,7 @@ class Sender:
         timeout_s: float,
     ) -> None:
         self.geom, self.plans, self.lease_s, self.timeout_s = geometry, plans, lease_s, timeout_s
+        self.staging = staging
         self.pool = LeasedPool(staging.numel())
         self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
         self._cv = threading.Condition()
@@ -99,6 +100,32 @@ class Sender:
             self.free_where(lambda k: k in mine)
             raise
         return offsets
+
+    def stage_writes(self, req: str, decode_tp: int, blocks: Blocks, theirs: Blocks, grants: dict, wait_s: float,
+                     granted_as: str):  # fmt: skip
+        """Push: the request's state for every decode rank that granted receive slots (for its request
+        `granted_as`, the decode engine's id of it), staged in one launch
+        (unleased: the WRITEs' end frees them, keys `("push", req, rank, unit)`) once each grant is checked: it
+        is for the blocks the decode engine registered (`theirs`), it ends later than `PUSH_MARGIN_S` from
+        now (the decode rank's fence), and it names every unit of this rank's chunk at its planned size.
+        Each rank's WRITE as (local, remote) descriptor lists of (address, bytes, device)."""
+        now = time.monotonic()
+        for r, g in grants.items():
+            if now > g.until - M.PUSH_MARGIN_S:
+                raise ValueError(f"decode rank {r}'s grant of {granted_as} ends in {g.until - now:.1f} s (too late)")
+            if g.blocks != theirs:
+                raise ValueError(f"decode rank {r} granted blocks {g.blocks}, its engine registered {theirs}")
+        chunks = {r: self.chunk(decode_tp, r, blocks) for r in grants}
+        for r, c in chunks.items():
+            if [n for _, _, n in grants[r].units] != c.unit_bytes:
+                raise ValueError(f"decode rank {r} granted {grants[r].units}, the plan has units {c.unit_bytes}")
+        staged = self.stage([(("push", req, r), c) for r, c in chunks.items()], [req], wait_s=wait_s, leased=False)
+        base, dev = self.staging.data_ptr(), self.staging.device.index or 0
+        return {
+            r: ([(base + o, n, dev) for o, (_, _, n) in zip(offs, g.units)],
+                [(g.staging[0] + o, n, g.staging[2]) for _, o, n in g.units])
+            for (r, g), offs in zip(grants.items(), staged)
+        }  # fmt: skip
 
     def _alloc(self, keys: list[tuple], sizes: list[int], reqs: list[str], wait_s: float | None, leased: bool):
         wait_s = self.timeout_s / 2 if wait_s is None else wait_s  # answer before the decode rank's deadline

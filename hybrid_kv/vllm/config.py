@@ -60,3 +60,28 @@ def refuse_unsafe_serving(vllm_config) -> None:
 def side_port(nixl_side_channel_port: int, data_parallel_index: int) -> int:
     """The stock NIXL side-channel port of a DP rank (vLLM's scheduler adds the DP index)."""
     return nixl_side_channel_port + data_parallel_index
+
+
+def refuse_unsupported(vllm_config, kv_cache_config, mode: str) -> None:
+    """Deployments the packed state path does not handle (the stock one may): a clear start-up error."""
+    from vllm.platforms import current_platform
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    has_state = any(
+        isinstance(s, MambaSpec)
+        for g in kv_cache_config.transfer_groups
+        for s in (getattr(g.kv_cache_spec, "kv_cache_specs", {}) or {None: g.kv_cache_spec}).values()
+    )
+    if not has_state:
+        return
+    pc, kt = vllm_config.parallel_config, vllm_config.kv_transfer_config
+    bad = {
+        "kv_buffer_device=cpu on an accelerator (host staging)": current_platform.device_type != "cpu"
+        and kt.kv_buffer_device == "cpu",
+        f"decode_context_parallel_size={pc.decode_context_parallel_size}": pc.decode_context_parallel_size > 1,
+        f"prefill_context_parallel_size={pc.prefill_context_parallel_size}": pc.prefill_context_parallel_size > 1,
+        f"pipeline_parallel_size={pc.pipeline_parallel_size}": pc.pipeline_parallel_size > 1,
+    }
+    for what, hit in bad.items():
+        if hit:
+            raise ValueError(f"HYBRID_KV_TRANSFER={mode} does not support {what}; use HYBRID_KV_TRANSFER=strided")

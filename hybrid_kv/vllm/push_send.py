@@ -14,14 +14,13 @@ Order and safety:
 - the staging slots stay held, and the request is not reported sent to vLLM's scheduler, until every
   state WRITE has ended; a failed state WRITE is reported (`push-end`) once the stock WRITEs ended too.
 
-A mixin of `HybridKVPushWorker` (`hybrid_kv.vllm.push_worker`), before vLLM's `NixlPushConnectorWorker`.
+What is staged and written, and the checks of each grant, are the core's (`Sender.stage_writes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from dataclasses import dataclass, field
 
 from vllm.v1.kv_cache_interface import AttentionSpec
@@ -174,38 +173,21 @@ class PushSender:
     def write_state(self, req_id: str, out: PushOut, ranks, d_tp: int, mine, theirs) -> None:
         sender = self.rank.server.sender
         grants = self.rank.server.grants.take_grants(out.d_engine, ranks, out.d_req)
-        now = time.monotonic()
-        for r, g in grants.items():
-            if now > g.until - M.PUSH_MARGIN_S:
-                raise ValueError(f"decode rank {r}'s grant of {out.d_req} ends in {g.until - now:.1f} s (too late)")
-            if g.blocks != theirs:
-                raise ValueError(f"decode rank {r} granted blocks {g.blocks}, its engine registered {theirs}")
-        chunks = {r: sender.chunk(d_tp, r, mine) for r in ranks}
-        for r, c in chunks.items():
-            if [n for _, _, n in grants[r].units] != c.unit_bytes:
-                raise ValueError(f"decode rank {r} granted {grants[r].units}, the plan has units {c.unit_bytes}")
-        # one launch for every decode rank, behind the step that wrote the state; unleased: freed when the
-        # WRITEs end
-        staged = sender.stage([(("push", req_id, r), chunks[r]) for r in ranks], [req_id], wait_s=ALLOC_WAIT_S,
-                              leased=False)  # fmt: skip
-        mine_at = dict(zip(ranks, staged))
+        writes = sender.stage_writes(req_id, d_tp, mine, theirs, grants, ALLOC_WAIT_S, out.d_req)  # checked, staged
         try:
             with self.w._handshake_lock:
                 agents = {r: self.w._remote_agents[out.d_engine][(0, r)] for r in ranks}
         except BaseException:
             sender.free_where(lambda k: k[:2] == ("push", req_id))
             raise
-        nx, mem, base = self.w.nixl_wrapper, self.w.nixl_memory_type, self.rank.staging.data_ptr()
-        dev = self.rank.desc[2]
-        for r in ranks:
-            g = grants[r]
-            local = nx.get_xfer_descs([(base + o, n, dev) for o, (_, _, n) in zip(mine_at[r], g.units)], mem)
-            remote = nx.get_xfer_descs([(g.staging[0] + o, n, g.staging[2]) for _, o, n in g.units], mem)
-            handle = nx.initialize_xfer("WRITE", local, remote, agents[r], M.state_notif(self.w.tp_rank, out.d_req))
+        nx, mem, notif = self.w.nixl_wrapper, self.w.nixl_memory_type, M.state_notif(self.w.tp_rank, out.d_req)
+        for r, (local, remote) in writes.items():
+            handle = nx.initialize_xfer("WRITE", nx.get_xfer_descs(local, mem), nx.get_xfer_descs(remote, mem),
+                                        agents[r], notif)  # fmt: skip
             nx.transfer(handle)
             with self.lock:
                 out.handles[r] = handle
-                out.descriptors += len(g.units)
+                out.descriptors += len(local)
         self.descriptors[req_id] = out.descriptors
 
     def replicated_heads(self, read_spec, dst_engine_id: str):

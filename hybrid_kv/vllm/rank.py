@@ -25,7 +25,6 @@ import torch
 import vllm.envs as envs
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlHandshakePayload
 from vllm.model_executor.layers.mamba import mamba_utils
-from vllm.platforms import current_platform
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, MambaSpec
 
 from hybrid_kv.layout import RankLayout
@@ -42,33 +41,11 @@ from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.cost import copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.vllm import auto
-from hybrid_kv.vllm.config import PackedConfig, side_port
+from hybrid_kv.vllm.config import PackedConfig, refuse_unsupported, side_port
 from hybrid_kv.vllm.pages import attention_pages, model_spec
 
 COMPAT_TAG = "hybrid-kv-packed/1"
 MAX_EXPIRED = 4096  # expired prefill-side leases remembered, to say why a late pack is refused
-
-
-def refuse_unsupported(vllm_config, kv_cache_config, mode: str) -> None:
-    """Deployments the packed state path does not handle (the stock one may): a clear start-up error."""
-    has_state = any(
-        isinstance(s, MambaSpec)
-        for g in kv_cache_config.transfer_groups
-        for s in (getattr(g.kv_cache_spec, "kv_cache_specs", {}) or {None: g.kv_cache_spec}).values()
-    )
-    if not has_state:
-        return
-    pc, kt = vllm_config.parallel_config, vllm_config.kv_transfer_config
-    bad = {
-        "kv_buffer_device=cpu on an accelerator (host staging)": current_platform.device_type != "cpu"
-        and kt.kv_buffer_device == "cpu",
-        f"decode_context_parallel_size={pc.decode_context_parallel_size}": pc.decode_context_parallel_size > 1,
-        f"prefill_context_parallel_size={pc.prefill_context_parallel_size}": pc.prefill_context_parallel_size > 1,
-        f"pipeline_parallel_size={pc.pipeline_parallel_size}": pc.pipeline_parallel_size > 1,
-    }
-    for what, hit in bad.items():
-        if hit:
-            raise ValueError(f"HYBRID_KV_TRANSFER={mode} does not support {what}; use HYBRID_KV_TRANSFER=strided")
 
 
 def without_groups(meta, groups):
