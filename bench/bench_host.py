@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_repack import environment
 
 from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.mover.sender import Sender
 from hybrid_kv.spec_hf import load_spec
 from hybrid_kv.staging.chunk import direct_runs
 from hybrid_kv.staging.copier import Copier, Done
@@ -147,7 +148,6 @@ def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
 
 def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     from hybrid_kv.mover.geometry import state_chunk
-    from hybrid_kv.mover.sender import Sender
     from hybrid_kv.mover.server import PrefillServer
 
     spec = load_spec(name)
@@ -158,7 +158,9 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     sources = plans.sources(ptp, dtp)[0]
     src = sources[0]
     staging = _empty(STAGING)
-    sender = Sender(_vllm_geometry(spec, ptp, src, blocks), plans, staging, _backend(), 180.0, 60.0)
+    sgeom = _vllm_geometry(spec, ptp, src, blocks)
+    pack = Copier(sgeom.storage, sgeom.pages, staging, "prefill", _backend())
+    sender = Sender(pack, 180.0, 60.0, geometry=sgeom, plans=plans)
     server = PrefillServer(
         host="127.0.0.1",
         port=0,
@@ -252,8 +254,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         plans=plans, cfg=types.SimpleNamespace(block_size=16, tp_size=ptp), rank=src, layout=players[src], pages=ppages
     )
     peer = Peer(None, agent="d", tp_size=dtp, tp_rank=0, layouts=dlayers, block_size=16, part=ALL)
-    pcopier = _instrument(Copier(pcache, ppages, pstage, "prefill", _backend()))
-    ppool = StagingPool(STAGING)
+    psender = Sender(_instrument(Copier(pcache, ppages, pstage, "prefill", _backend())), 180.0, 60.0)
 
     rng = np.random.default_rng(0)  # every request has other block ids
     reqs = []
@@ -262,10 +263,10 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         reqs.append({"id": "r", "tokens": tokens, "prefill_blocks": [ids[0], ids[1:]]})
     turn = itertools.count()
 
-    def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting, for one decode peer
+    def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting (the core's Sender), for one decode peer
         chunk = PrefillEndpoint._chunk(pep, peer, reqs[next(turn) % VARIANTS])
-        offs = [ppool.alloc(("p", "r", u), n).offset for u, n in enumerate(chunk.unit_bytes)]
-        pcopier.run([(chunk, offs)])
+        units = list(range(len(chunk.units)))
+        psender.launch([(("p", "r"), chunk, units)], [], fit="fifo", leased=False)
 
     dep = types.SimpleNamespace(
         plans=plans,
@@ -303,7 +304,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
             np.stack([1 << 40 + runs[:, 1], runs[:, 2]], axis=1)
             np.stack([1 << 41 + runs[:, 0], runs[:, 2]], axis=1)
 
-    hp = _timed(prefill, iters, lambda: (_settle(), ppool.free_where(lambda k: True)))
+    hp = _timed(prefill, iters, lambda: (_settle(), psender.free_where(lambda k: True)))
     hd = _timed(decode, iters, lambda: (_settle(), dpool.free_where(lambda k: True)))
     hs = _timed(stock, iters)
     chunk = PrefillEndpoint._chunk(pep, peer, reqs[0])

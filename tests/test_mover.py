@@ -48,7 +48,8 @@ def world():
 
 def sender(world, capacity: int) -> Sender:
     _, plans, pgeom, _ = world
-    return Sender(pgeom, plans, torch.zeros(capacity, dtype=torch.uint8), "torch", lease_s=4.0, timeout_s=2.0)
+    copier = Copier(pgeom.storage, pgeom.pages, torch.zeros(capacity, dtype=torch.uint8), "prefill", "torch")
+    return Sender(copier, lease_s=4.0, timeout_s=2.0, geometry=pgeom, plans=plans)
 
 
 def blocks(geom: StateGeometry, b: int) -> dict[int, list[int]]:
@@ -70,10 +71,10 @@ def test_stage_is_all_or_none_at_the_pool_limit(world):
         short.stage([(("c", "r1", r), c) for r, c in enumerate(chunks)], ["r1"], wait_s=0)
     assert short.live_slots == 0
     # item by item (packing at finish): what fits is staged, the rest is left to be asked for
-    each = short.stage([(("c", "r1", r), c) for r, c in enumerate(chunks)], ["r1"], each=True)
+    each = short.stage([(("c", "r1", r), c) for r, c in enumerate(chunks)], ["r1"], fit="each")
     assert each[0] is not None and each[1] is None and short.live_slots == len(each[0])
     roomy = sender(world, need)
-    each = roomy.stage([(("c", "r1", r), c) for r, c in enumerate(chunks)], ["r1"], each=True)
+    each = roomy.stage([(("c", "r1", r), c) for r, c in enumerate(chunks)], ["r1"], fit="each")
     assert [len(o) for o in each] == [len(c.unit_bytes) for c in chunks]
 
 

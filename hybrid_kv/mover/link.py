@@ -160,3 +160,21 @@ class PrefillLink:
         except OSError:
             pass
         self._reader.join(timeout=5)
+
+
+def connect(host: str, port: int, timeout_s: float, fingerprint: dict, tp: tuple[int, int], expect: tuple[int, int],
+            secret: bytes | None = None, push: dict | None = None) -> PrefillLink:  # fmt: skip
+    """A link to one prefill rank's side channel once the hello passed: both sides checked each other's pages,
+    and it is prefill rank `expect` (size, rank). `tp`: this decode rank's (size, rank)."""
+    link = PrefillLink(host, port, timeout_s)
+    try:
+        peer = link.hello(fingerprint, *tp, secret, push)
+        if (peer["tp_size"], peer["tp_rank"]) != expect:
+            raise ValueError(
+                f"hybrid-kv side channel {host}:{port} is prefill rank {peer['tp_rank']}/{peer['tp_size']}, "
+                f"expected {expect[1]}/{expect[0]}"
+            )
+    except BaseException:
+        link.close()
+        raise
+    return link

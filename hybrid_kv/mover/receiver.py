@@ -37,7 +37,7 @@ class RecvState:
     read_by: dict[int, float] = field(default_factory=dict)  # source -> its staging lease's end, here
     posted: bool = False
     descriptors: int = 0
-    push: object = None  # push mode: the grant's progress (`hybrid_kv.vllm.push_recv.Granted`)
+    push: Granted | None = None  # push mode: the grant's progress
     remote_of: dict[int, Blocks] = field(default_factory=dict)  # source -> its ids, where not all
     foreign: bool = False  # TP sizes that do not divide: attention KV moves here too, no stock READ
     held: list = field(default_factory=list)  # the stock READ's notifications, sent once every READ completed
@@ -45,6 +45,26 @@ class RecvState:
     def blocks_of(self, p: int) -> Blocks:
         """The prefill block ids source `p` packs (all of `remote` unless its pair moves fewer groups)."""
         return self.remote_of.get(p, self.remote)
+
+
+@dataclass
+class Granted:
+    """Push mode: the progress of one request's state on this decode rank, from its grant to its last WRITE."""
+
+    req: str  # this engine's request id (what the sources' vLLM knows as the remote request)
+    since: float  # registered (the wait for staging and links is bounded from here)
+    deadline: float = 0.0  # the grant's end here; 0 until granted
+    landed: set[int] = field(default_factory=set)  # sources whose state WRITE landed
+    ended: dict[int, str] = field(default_factory=dict)  # sources with nothing in flight and nothing to come
+    lost: dict[int, float] = field(default_factory=dict)  # sources whose link was lost, when noticed
+    stock_done: bool = False  # the engine's own transfers of the request (attention KV) all came
+
+    def quiet(self, sources, now: float) -> bool:
+        """Whether no WRITE of any source can still be in flight into this rank."""
+        if not self.deadline or now >= self.deadline:
+            return True
+        gone = set(self.ended) | {p for p, t in self.lost.items() if now >= t + M.PUSH_MARGIN_S}
+        return set(sources) <= gone or (self.stock_done and set(sources) <= self.landed | gone)
 
 
 class Receiver:
@@ -140,6 +160,24 @@ class Receiver:
                 f"{recv.blocks_of(p)}"
             )
         return sorted(units)
+
+    def grant(self, recv: RecvState, now: float, lease_s: float, clocks: dict[int, M.LeaseClock]) -> dict[int, dict]:
+        """Push mode: this rank's grant of the request's receive slots to each source (slots held: `alloc`),
+        ending `lease_s` from now here, the end handed to each source on its own clock (`clocks`)."""
+        recv.push.deadline = now + lease_s
+        return {
+            p: M.grant(recv.push.req, [(u, s.offset, n) for u, (s, n) in enumerate(zip(recv.slots[p], sizes))],
+                       clocks[p].remote(recv.push.deadline), recv.local)
+            for p, sizes in recv.units.items()
+        }  # fmt: skip
+
+    def reads(self, recv: RecvState, p: int, units: list[tuple[int, int, int]], peer_staging) -> list[tuple]:
+        """Pull: one READ per unit source `p` announced (checked: `check_ready`), into the request's receive
+        slots: (local, remote) descriptors of (address, bytes, device)."""
+        base, dev = self.copier.staging.data_ptr(), self.copier.staging.device.index or 0
+        p_addr, _, p_dev = (int(x) for x in peer_staging)
+        return [((base + slot.offset, int(n), dev), (p_addr + int(off), int(n), p_dev))
+                for (_, off, n), slot in zip(units, recv.slots[p])]  # fmt: skip
 
     def late(self, req_id: str, now: float) -> bool:
         """Whether a READ of the request completed after a source's staging lease could have ended."""

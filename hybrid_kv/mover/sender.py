@@ -16,16 +16,20 @@ import threading
 import time
 from collections.abc import Callable
 
-import torch
-
 from hybrid_kv.mover.geometry import Blocks, StateGeometry, state_chunk
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk
-from hybrid_kv.staging.copier import Copier
+from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import PlanCache
 
 Prefix = tuple  # (holder, request, decode rank): a staging's slots are its keys plus the unit index
+Item = tuple  # (prefix, chunk) or (prefix, chunk, units): what `launch` stages
+
+
+def _keys(item: Item) -> list[tuple]:
+    prefix, chunk, *units = item
+    return [(*prefix, u) for u in (units[0] if units else range(len(chunk.unit_bytes)))]
 
 
 def units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -34,21 +38,14 @@ def units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
 
 
 class Sender:
-    """Staging slots, fences and leases of one prefill rank (thread-safe: packs run on several threads)."""
+    """Staging slots, fences and leases of one prefill rank (thread-safe: packs run on several threads).
+    `geometry` and `plans` (an engine's rank) give `chunk`; the CLI transport builds its own chunks."""
 
-    def __init__(
-        self,
-        geometry: StateGeometry,
-        plans: PlanCache,
-        staging: torch.Tensor,
-        backend: str | None,
-        lease_s: float,
-        timeout_s: float,
-    ) -> None:
+    def __init__(self, copier: Copier, lease_s: float, timeout_s: float, *, geometry: StateGeometry | None = None,
+                 plans: PlanCache | None = None, pool: LeasedPool | None = None) -> None:  # fmt: skip
+        self.copier, self.staging = copier, copier.staging
         self.geom, self.plans, self.lease_s, self.timeout_s = geometry, plans, lease_s, timeout_s
-        self.staging = staging
-        self.pool = LeasedPool(staging.numel())
-        self.copier = Copier(geometry.storage, geometry.pages, staging, "prefill", backend)
+        self.pool = pool if pool is not None else LeasedPool(self.staging.numel())
         self._cv = threading.Condition()
         self._fences: dict[str, object] = {}  # request -> CUDA event after the step that wrote its state
         self._staged: dict[Prefix, tuple[Blocks, list[int], list[int]]] = {}  # -> (blocks, offsets, sizes)
@@ -64,42 +61,58 @@ class Sender:
 
     # ---- staging --------------------------------------------------------------------------------------
 
-    def stage(
-        self,
-        items: list[tuple[Prefix, Chunk]],
-        reqs: list[str],
-        *,
-        wait_s: float | None = None,
-        leased: bool = True,
-        each: bool = False,
-    ) -> list[list[int] | None]:
-        """Allocate and pack `items` in one launch, behind the fences of `reqs`; their slot offsets, in order.
-        All of them or none, waiting up to `wait_s` (default half the decode rank's timeout) while the pool is
-        full; `each`: item by item without waiting, None for those that find no room (they are asked for
-        later). A failed copy frees every slot it had, and raises."""
-        offsets: list[list[int] | None] = []
-        keys = [[(*prefix, u) for u in range(len(c.unit_bytes))] for prefix, c in items]
-        if each:
-            with self._cv:
-                until = time.monotonic() + self.lease_s if leased else None
-                for ks, (_, c) in zip(keys, items):
-                    got = self.pool.alloc_all(ks, c.unit_bytes, until)
-                    offsets.append(None if got is None else [s.offset for s in got])
-        else:
-            flat = [n for _, c in items for n in c.unit_bytes]
-            got = iter(self._alloc([k for ks in keys for k in ks], flat, reqs, wait_s, leased))
-            offsets = [[next(got) for _ in c.unit_bytes] for _, c in items]
-        jobs = [(c, o) for (_, c), o in zip(items, offsets) if o is not None]
-        if not jobs:
-            return offsets
+    def stage(self, items: list[Item], reqs: list[str], **kw) -> list[list[int] | None]:
+        """`launch`, then wait for the copy; their slot offsets, in order."""
+        offsets, done = self.launch(items, reqs, **kw)
         try:
-            # behind the step that wrote the state: the decode rank must see it
-            self.copier.run(jobs, after=[self._fences.get(r) for r in reqs]).wait()
+            done.wait()
         except BaseException:
-            mine = {k for ks, o in zip(keys, offsets) if o is not None for k in ks}
-            self.free_where(lambda k: k in mine)
+            self._free_items(items, offsets)
             raise
         return offsets
+
+    def launch(self, items: list[Item], reqs: list[str], *, fit: str = "all", wait_s: float | None = None,
+               leased: bool = True) -> tuple[list[list[int] | None], Done]:  # fmt: skip
+        """Allocate the slots of `items` ((prefix, chunk) or (prefix, chunk, units): those units only; keys
+        `(*prefix, unit)`) and pack them in one launch, behind the fences of `reqs`: their offsets, in order,
+        and the launch's completion. `fit`: "all" - every item or none, waiting up to `wait_s` (default half
+        the decode rank's timeout) while the pool is full; "each" - item by item, None for those that find no
+        room; "fifo" - in order, up to the first that finds none. `leased`: the slots expire (else they stay
+        until freed: a WRITE's, or announced later). A failed launch frees every slot it had, and raises."""
+        keys = [_keys(item) for item in items]
+        sizes = [[item[1].unit_bytes[k[-1]] for k in ks] for item, ks in zip(items, keys)]
+        offsets: list[list[int] | None] = []
+        if fit == "all":
+            flat = self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
+            got = iter(flat)
+            offsets = [[next(got) for _ in ks] for ks in keys]
+        else:
+            with self._cv:
+                until = time.monotonic() + self.lease_s if leased else None
+                for ks, ns in zip(keys, sizes):
+                    stop = fit == "fifo" and offsets and offsets[-1] is None  # later items must not overtake
+                    slots = None if stop else self.pool.alloc_all(ks, ns, until)
+                    offsets.append(None if slots is None else [s.offset for s in slots])
+        jobs: dict[int, tuple[Chunk, dict[int, int]]] = {}  # one job per chunk whose units all got slots
+        for ks, (_, chunk, *_), offs in zip(keys, items, offsets):
+            if offs is not None:
+                jobs.setdefault(id(chunk), (chunk, {}))[1].update((k[-1], o) for k, o in zip(ks, offs))
+        run = []
+        for chunk, got in jobs.values():
+            if len(got) == len(chunk.units):
+                run.append((chunk, [got[u] for u in range(len(chunk.units))]))
+            else:
+                run += [(chunk.unit(u), [o]) for u, o in got.items()]
+        try:
+            done = self.copier.run(run, after=[self._fences.get(r) for r in reqs]) if run else Done()
+        except BaseException:
+            self._free_items(items, offsets)
+            raise
+        return offsets, done
+
+    def _free_items(self, items: list[Item], offsets) -> None:
+        mine = {k for item, o in zip(items, offsets) if o is not None for k in _keys(item)}
+        self.free_where(lambda k: k in mine)
 
     def stage_writes(self, req: str, decode_tp: int, blocks: Blocks, theirs: Blocks, grants: dict, wait_s: float,
                      granted_as: str):  # fmt: skip
@@ -150,17 +163,30 @@ class Sender:
             hit = self._staged.get(prefix)
         return hit[1] if hit is not None and hit[0] == blocks and hit[2] == sizes else None
 
-    def announce(self, prefix: Prefix, blocks: Blocks, offsets: list[int], sizes: list[int]) -> dict | None:
-        """Lease the staging from now and give its `ready` (None: its slots were freed meanwhile)."""
-        keys = [(*prefix, u) for u in range(len(sizes))]
+    def lease(self, keys: list[tuple]) -> float | None:
+        """Lease `keys` from now (the decode rank READs within it: its fence); None if one was freed meanwhile."""
         with self._cv:
             if not all(self.pool.held(k) for k in keys):
                 return None
             until = time.monotonic() + self.lease_s
             for k in keys:
                 self.pool.lease(k, until)
+            return until
+
+    def announce(self, prefix: Prefix, blocks: Blocks, offsets: list[int], sizes: list[int]) -> dict | None:
+        """Lease a staging from now and give its `ready` (None: its slots were freed meanwhile); kept, so a
+        decode rank that asks for the same blocks gets it again (`staged`)."""
+        with self._cv:
+            until = self.lease([(*prefix, u) for u in range(len(sizes))])
+            if until is None:
+                return None
             self._staged[prefix] = (blocks, offsets, sizes)
         return M.ready(prefix[1], units(offsets, sizes), until, blocks)
+
+    def release(self, key: tuple) -> bool:
+        """A decode rank's READ of `key` completed (its notification): the slot is free."""
+        with self._cv:
+            return self.pool.release(key)
 
     def holds(self, prefix: Prefix) -> bool:
         with self._cv:

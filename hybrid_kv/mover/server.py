@@ -317,7 +317,7 @@ class PrefillServer:
         if not items:
             return
         try:  # one launch for every request and decode rank of this step; no room: asked for later
-            offsets = self.sender.stage(items, list(requests), each=True)
+            offsets = self.sender.stage(items, list(requests), fit="each")
         except Exception as e:  # never fatal: the decode ranks fall back to asking
             log.warning("hybrid-kv: packing %d request(s) at finish failed: %s", len(requests), e)
             return

@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from hybrid_kv.batch import blocks_from
+from hybrid_kv.mover.sender import Sender
 from hybrid_kv.plan import DEFAULT_MAX_UNIT_BYTES
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import check_bind, load_secret
@@ -86,7 +87,9 @@ class PrefillEndpoint(SideChannel):
         self.unit_bytes = min(opts.max_unit_bytes, opts.pool_bytes)
         self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
         self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
-        self.copier = Copier(self.cache, self.pages, self.staging, "prefill", opts.backend)
+        copier = Copier(self.cache, self.pages, self.staging, "prefill", opts.backend)
+        # the core's sender: slots, launches and leases (this rank's FIFO of units is its own policy)
+        self.sender = Sender(copier, opts.lease_s, opts.pool_wait_s, pool=self.pool)
         self.packing: list[Packing] = []
         self.messages: dict[str, int] = {}  # side-channel messages received, by type (in counts())
         self.sel = selectors.DefaultSelector()
@@ -146,7 +149,7 @@ class PrefillEndpoint(SideChannel):
 
     def _forget_work(self, peer: Peer) -> None:
         """Free every slot held for `peer` and drop its queued and not yet announced units."""
-        self.pool.free_where(lambda k, p=peer: k[0] == id(p))
+        self.sender.free_where(lambda k, p=peer: k[0] == id(p))
         self.waiting = deque(w for w in self.waiting if w.peer is not peer)
         for batch in self.packing:  # packed for it, not announced yet: nobody will read those slots
             batch.units = [u for u in batch.units if u[0] is not peer]
@@ -181,24 +184,25 @@ class PrefillEndpoint(SideChannel):
         return flat_chunk(self.plans.shapes, pair, self.pages, "prefill", tokens, blocks.state, blocks.kv, bs)
 
     def _pack_waiting(self) -> None:
-        """Every waiting unit that finds a slot, in FIFO order, in one launch; the rest wait (bounded)."""
-        now, got, batch = time.monotonic(), {}, Packing(Done())
+        """Every waiting unit that finds a slot, in FIFO order, in one launch; the rest wait (bounded).
+        With the synchronous torch backend one request (chunk) at a time, announced as it lands, NIXL
+        progressing between them (READs of what is announced)."""
+        now, sync = time.monotonic(), self.sender.copier.backend == "torch"  # torch: complete on return
         while self.waiting:
-            w = self.waiting[0]
-            a, b = w.chunk.units[w.unit].tolist()
-            n = b - a
-            slot = self.pool.alloc((id(w.peer), w.req, w.unit), n)
-            if slot is None:
-                break  # FIFO: later units must not overtake (a started request's units come first)
-            self.waiting.popleft()
-            got.setdefault(id(w.chunk), (w.chunk, {}))[1][w.unit] = slot.offset
-            batch.units.append((w.peer, w.req, w.unit, slot.offset, n))
-        jobs = []
-        for chunk, offs in got.values():  # a whole chunk as one job; a partial one unit by unit
-            if len(offs) == len(chunk.units):
-                jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
-            else:
-                jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
+            run = list(self.waiting)
+            if sync:  # the first chunk's units
+                run = run[: next((i for i, w in enumerate(run) if w.chunk is not run[0].chunk), len(run))]
+            items = [((id(w.peer), w.req), w.chunk, [w.unit]) for w in run]
+            offsets, done = self.sender.launch(items, [], fit="fifo", leased=False)
+            staged = [(w, o[0]) for w, o in zip(run, offsets) if o is not None]
+            for _ in staged:  # FIFO: later units must not overtake (a started request's units come first)
+                self.waiting.popleft()
+            units = [(w.peer, w.req, w.unit, off, w.chunk.unit_bytes[w.unit]) for w, off in staged]
+            self.packing.append(Packing(done, units))  # announced once its launch has completed
+            if len(staged) < len(run) or not sync:
+                break
+            self._announce()
+            self._on_notifs()
         for w in list(self.waiting):
             if now - w.since <= self.opts.pool_wait_s:
                 break
@@ -211,40 +215,27 @@ class PrefillEndpoint(SideChannel):
                 req=w.req,
                 unit=w.unit,
             )
-        if not jobs:
-            return
-        if self.copier.backend == "torch":  # copies complete on return: announce each request as it lands,
-            for chunk, offs in jobs:  # and let NIXL progress between them (READs of what is announced)
-                self.copier.run([(chunk, offs)])
-                mine = set(offs)
-                self.packing.append(Packing(Done(), [u for u in batch.units if u[3] in mine]))
-                self._announce()
-                self._on_notifs()
-            return
-        batch.done = self.copier.run(jobs)  # one launch; announced once its event has completed
-        self.packing.append(batch)
 
     def _announce(self) -> None:
-        """Tell each decode rank about the units whose pack launch completed (the READ must see them)."""
+        """Tell each decode rank about the units whose pack launch completed (the READ must see them), each
+        leased from now (sent along: the decode rank's fence, `messages.LeaseClock`)."""
         while self.packing and self.packing[0].done.ready():
             batch = self.packing.pop(0)
-            now = time.monotonic()
             grouped: dict[tuple[int, str], tuple[Peer, list]] = {}
-            until = now + self.opts.lease_s  # sent along: the decode rank's fence (messages.LeaseClock)
             for peer, req, unit, off, n in batch.units:
-                self.pool.lease((id(peer), req, unit), until)
                 self.stats["packed_units"] += 1
                 grouped.setdefault((id(peer), req), (peer, []))[1].append((unit, off, n))
-            for (_, req), (peer, units) in grouped.items():
-                if peer.sock.fileno() not in self.peers:
-                    continue  # dropped by a failed send of this batch
+            for (key, req), (peer, units) in grouped.items():
+                until = self.sender.lease([(key, req, u) for u, _, _ in units])
+                if until is None or peer.sock.fileno() not in self.peers:
+                    continue  # dropped (a failed send of this batch, a disconnect): nobody reads these
                 try:
                     send_msg(peer.sock, M.ready(req, units, until))
                 except OSError as e:
                     self._drop(peer, f"send failed: {e}")
 
     def _free(self, pred) -> None:
-        self.pool.free_where(pred)
+        self.sender.free_where(pred)
 
     def _on_notifs(self) -> None:
         for agent, msgs in self.agent.notifs().items():
@@ -257,10 +248,10 @@ class PrefillEndpoint(SideChannel):
                     key = (id(peer), parts[1], int(parts[2]))
                 except ValueError:
                     continue
-                self.pool.release(key)
+                self.sender.release(key)
 
     def _expire_leases(self) -> None:
-        self.stats["lease_expired"] += self.pool.expire(time.monotonic())
+        self.stats["lease_expired"] += self.sender.reap()
 
     def counts(self) -> dict:
         return {

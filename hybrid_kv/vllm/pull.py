@@ -222,16 +222,14 @@ class PullPath(PackedRank):
 
     def _post_reads(self, req_id: str, recv: RecvState, staged: dict[int, list[tuple[int, int, int]]]) -> None:
         w = self.w
-        nx, mem, base = w.nixl_wrapper, w.nixl_memory_type, self.staging.data_ptr()
+        nx, mem = w.nixl_wrapper, w.nixl_memory_type
         recv.posted = True
         w._recving_transfers.setdefault(req_id, [])
         for p, units in staged.items():
-            p_addr, _, p_dev = self.links[(recv.engine_id, p)].peer["staging"]
             agent = w._remote_agents[recv.engine_id][(0, p)]
-            for (_, off, nbytes), slot in zip(units, recv.slots[p]):
-                local = nx.get_xfer_descs([(base + slot.offset, int(nbytes), self.desc[2])], mem)
-                remote = nx.get_xfer_descs([(int(p_addr) + int(off), int(nbytes), int(p_dev))], mem)
-                handle = nx.initialize_xfer("READ", local, remote, agent)
+            for local, remote in self.rx.reads(recv, p, units, self.links[(recv.engine_id, p)].peer["staging"]):
+                handle = nx.initialize_xfer("READ", nx.get_xfer_descs([local], mem), nx.get_xfer_descs([remote], mem),
+                                            agent)  # fmt: skip
                 w._recving_transfers[req_id].append(handle)
                 nx.transfer(handle)
                 recv.descriptors += 1

@@ -19,31 +19,10 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass, field
 
 from hybrid_kv.mover import log
-from hybrid_kv.mover.receiver import RecvState
+from hybrid_kv.mover.receiver import Granted, RecvState
 from hybrid_kv.staging import messages as M
-
-
-@dataclass
-class Granted:
-    """The push progress of one request's state on this decode rank."""
-
-    req: str  # this engine's request id (what the sources' vLLM knows as the remote request)
-    since: float  # registered (the wait for staging and links is bounded from here)
-    deadline: float = 0.0  # the grant's end here; 0 until granted
-    landed: set[int] = field(default_factory=set)  # sources whose state WRITE landed
-    ended: dict[int, str] = field(default_factory=dict)  # sources with nothing in flight and nothing to come
-    lost: dict[int, float] = field(default_factory=dict)  # sources whose link was lost, when noticed
-    stock_done: bool = False  # vLLM's attention notifications all came
-
-    def quiet(self, sources, now: float) -> bool:
-        """Whether no WRITE of any source can still be in flight into this rank."""
-        if not self.deadline or now >= self.deadline:
-            return True
-        gone = set(self.ended) | {p for p, t in self.lost.items() if now >= t + M.PUSH_MARGIN_S}
-        return set(sources) <= gone or (self.stock_done and set(sources) <= self.landed | gone)
 
 
 class PushReceiver:
@@ -102,14 +81,9 @@ class PushReceiver:
                 else:
                     still.append(req_id)
                 continue
-            g = recv.push
-            g.deadline = now + self.rank.cfg.lease_s
-            grants = {
-                p: (link, M.grant(g.req, [(u, s.offset, n) for u, (s, n) in enumerate(zip(recv.slots[p], sizes))],
-                                  link.clock.remote(g.deadline), recv.local))
-                for (p, sizes), link in zip(recv.units.items(), links)
-            }  # fmt: skip
-            self.rank.client.submit(self.send_grants, g.req, grants)
+            by = dict(zip(recv.units, links))
+            msgs = self.rank.rx.grant(recv, now, self.rank.cfg.lease_s, {p: link.clock for p, link in by.items()})
+            self.rank.client.submit(self.send_grants, recv.push.req, {p: (by[p], m) for p, m in msgs.items()})
         self.granting = still
 
     def send_grants(self, req: str, grants: dict) -> None:

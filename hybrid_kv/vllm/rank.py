@@ -30,7 +30,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, MambaSp
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.mover import log
 from hybrid_kv.mover.geometry import AttentionPages, StateGeometry, flat_storage
-from hybrid_kv.mover.link import PrefillLink
+from hybrid_kv.mover.link import PrefillLink, connect
 from hybrid_kv.mover.plans import AnyTPPlans
 from hybrid_kv.mover.receiver import Receiver
 from hybrid_kv.mover.sender import Sender
@@ -117,8 +117,8 @@ class PackedRank:
             )
         if self.geom is not None and w.kv_transfer_config.kv_role in ("kv_producer", "kv_both"):
             held = w._reqs_to_send, w._reqs_to_process
-            sender = Sender(self.geom, self.plans, self.staging, self.backend, float(self.cfg.lease_s),
-                            self.cfg.timeout_s)  # fmt: skip
+            copier = Copier(self.geom.storage, self.geom.pages, self.staging, "prefill", self.backend)
+            sender = Sender(copier, float(self.cfg.lease_s), self.cfg.timeout_s, geometry=self.geom, plans=self.plans)
             self.server = PrefillServer(
                 host=envs.VLLM_NIXL_SIDE_CHANNEL_HOST,
                 port=self.port(self._local_side_port(), w.tp_rank),
@@ -219,17 +219,12 @@ class PackedRank:
         missing = set(sources[w.tp_rank]) - targets
         if missing:
             raise ValueError(f"hybrid-kv reads state from prefill ranks {sorted(missing)} that vLLM does not handshake")
-        link = PrefillLink(host, self.port(port, p_rank), self.cfg.timeout_s)
+        where = (host, self.port(port, p_rank))
         try:
-            peer = link.hello(self.geom.fingerprint(), w.world_size, w.tp_rank, self.secret, push)
-            if (peer["tp_size"], peer["tp_rank"]) != (remote_tp, p_rank):
-                raise ValueError(
-                    f"hybrid-kv side channel {host}:{self.port(port, p_rank)} is prefill rank "
-                    f"{peer['tp_rank']}/{peer['tp_size']}, expected {p_rank}/{remote_tp}"
-                )
+            link = connect(*where, self.cfg.timeout_s, self.geom.fingerprint(), (w.world_size, w.tp_rank),
+                           (remote_tp, p_rank), self.secret, push)  # fmt: skip
         except BaseException as e:
             log.error("hybrid-kv: handshake with prefill rank %d of %s refused: %s", p_rank, key[0], e)
-            link.close()
             raise
         self.links[key] = link
         return link
