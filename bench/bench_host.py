@@ -147,8 +147,8 @@ def _vllm_geometry(spec, tp: int, rank: int, num_blocks: int):
 
 
 def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
-    from hybrid_kv.mover.geometry import state_chunk
     from hybrid_kv.mover.server import PrefillServer
+    from hybrid_kv.staging.chunk import state_chunk
 
     spec = load_spec(name)
     blocks = 8

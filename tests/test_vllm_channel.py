@@ -18,7 +18,7 @@ import vllm_util as U
 from vllm_pair import _hello, _server, assert_exact, assert_untouched
 
 from hybrid_kv.staging.wire import recv_msg, send_msg
-from hybrid_kv.vllm.worker import HybridKVWorker
+from hybrid_kv.vllm.pull import HybridKVWorker
 
 pytestmark = pytest.mark.usefixtures("ds_layout")
 

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.mamba import mamba_utils
 from vllm_pair import Pair, assert_exact
 
 from hybrid_kv.vllm import HybridKVConnector
-from hybrid_kv.vllm.worker import HybridKVWorker
+from hybrid_kv.vllm.pull import HybridKVWorker
 
 pytestmark = pytest.mark.usefixtures("ds_layout")
 

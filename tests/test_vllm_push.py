@@ -23,7 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.push_worker import NixlPu
 from vllm_pair import assert_exact, assert_untouched
 
 from hybrid_kv.vllm import HybridKVPushConnector
-from hybrid_kv.vllm.worker import HybridKVPushWorker
+from hybrid_kv.vllm.push import HybridKVPushWorker
 
 pytestmark = pytest.mark.usefixtures("ds_layout")
 
@@ -324,7 +324,7 @@ def test_grant_that_ends_before_the_prefill_fails_with_nothing_written(pairs, ca
     pair = pairs("qwen3-next-80b-a3b", 1, 2, "packed", push=True, d_extra=short)
     if withdrawal == "lost":
         for c in pair.d.conns:
-            c.connector_worker.hkv.recv.release = lambda req, links: None
+            c.connector_worker.hkv.release = lambda engine_id, req, ranks: None
     ids = {q.req_id for q in pair.reqs}
     for c in pair.d.conns:
         S.step(c, S.recv_meta(pair.reqs, pair.p, pair.d))

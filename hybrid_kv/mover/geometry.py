@@ -1,8 +1,7 @@
 """One serving rank's recurrent state as the mover sees it: which engine layer is which hybrid-kv layer,
 where each Mamba layer's pages sit in the engine's single backing allocation (a `PageMap` for the copier),
-and the order of a request's slots, which both sides compute from the same layer names. The request type
-from the engine's hook to the kernel rows is its block ids per group (`Blocks`): `state_chunk` turns them
-into the copier's chunk.
+and the order of a request's slots, which both sides compute from the same layer names (`slots`, which
+`hybrid_kv.staging.chunk.state_chunk` uses to turn a request's block ids per group into its chunk).
 
 vLLM aliases its KV cache groups from byte 0 of one buffer (reference §2.3): the page of Mamba layer `n`
 for block `b` sits at `offset(n) + b * stride(n)`, where `offset`/`stride` are read from the layer's own
@@ -21,9 +20,8 @@ import torch
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.spec import LayerKind, ModelSpec
-from hybrid_kv.staging.chunk import Chunk, ChunkShape, Shapes, shape_of
+from hybrid_kv.staging.chunk import Blocks
 from hybrid_kv.staging.pagemap import PageMap
-from hybrid_kv.staging.template import PairPlan
 
 
 def layer_index(name: str) -> int:
@@ -153,7 +151,6 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
-Blocks = dict[int, list[int]]  # a request's block ids per engine group (Mamba, then mapped attention)
 Paired = tuple[Blocks, Blocks]
 
 
@@ -183,46 +180,3 @@ def pair_attention(local: list, remote: list, groups) -> Paired:
     return _paired(
         local, remote, groups, lambda lo, re, n: (lo, re[len(re) - n :]) if len(lo) <= len(re) else (lo[:n], re)
     )
-
-
-def only_moved(pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
-    """`blocks` restricted to the groups `pair` moves (the ids one source packs or one decode rank scatters)."""
-    keep = pair_groups(pair, geom)
-    return {g: list(ids) for g, ids in blocks.items() if g in keep}
-
-
-def pair_groups(pair: PairPlan, geom: StateGeometry) -> list[int]:
-    """The groups a pair moves: the Mamba groups where it has state, the attention groups where its plan
-    carries KV (TP sizes that do not divide: `hybrid_kv.vllm.anytp`)."""
-    groups = list(geom.groups) if pair.state is not None else []
-    if len(pair.kv):
-        if len(pair.kv) != 1 or pair.period != geom.kv_block_size:
-            raise ValueError(f"KV plan of period {pair.period} for {geom.kv_block_size}-token blocks on both sides")
-        groups += geom.attn_groups
-    return groups
-
-
-def state_chunk(
-    pair: PairPlan, geom: StateGeometry, blocks: Mapping[int, Sequence[int]], side: str, shapes: Shapes
-) -> Chunk:
-    """A request's chunk for one pair on this rank (block ids per group, checked): its state, and its
-    attention KV where the pair's plan carries KV (one whole block per paired block, equal block sizes)."""
-    groups = pair_groups(pair, geom)
-    if not groups:
-        raise ValueError(f"prefill rank {pair.src_rank} holds nothing for decode rank {pair.dst_rank}")
-    stray = sorted(g for g, ids in blocks.items() if len(ids) and g not in groups)
-    if stray:
-        who = f"{pair.src_rank}->{pair.dst_rank}"
-        raise ValueError(f"{side}: block ids for groups {stray}, which pair {who} does not move (it moves {groups})")
-    counts = tuple(len(blocks.get(g, ())) for g in groups)
-
-    def build() -> ChunkShape:
-        layer, index = geom.slots(
-            {g: list(range(sum(counts[:i]), sum(counts[: i + 1]))) for i, g in enumerate(groups)}, groups
-        )
-        kv = int(pair.kv[0]) if len(pair.kv) else -1
-        tpl = np.where(geom.kind[layer] == 1, kv, -1 if pair.state is None else pair.state).astype(np.int64)
-        return shape_of(pair, geom.pages, tpl, layer, index, sum(counts))
-
-    shape = shapes.get(pair, geom.pages, ("state", side, tuple(groups), counts), build)
-    return shape.with_ids([b for g in groups for b in blocks.get(g, ())], side)

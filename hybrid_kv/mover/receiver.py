@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 from hybrid_kv.mover import log
-from hybrid_kv.mover.geometry import Blocks, StateGeometry, only_moved, state_chunk
+from hybrid_kv.mover.geometry import StateGeometry
 from hybrid_kv.mover.link import PrefillLink
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.chunk import Blocks, Chunk, only_moved, state_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pool import LeasedPool, Slot
 from hybrid_kv.staging.template import PlanCache

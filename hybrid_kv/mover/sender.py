@@ -16,9 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from hybrid_kv.mover.geometry import Blocks, StateGeometry, state_chunk
+from hybrid_kv.mover.geometry import StateGeometry
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.chunk import Chunk
+from hybrid_kv.staging.chunk import Blocks, Chunk, state_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import PlanCache

@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.mover import log
-from hybrid_kv.mover.geometry import Blocks, only_moved, pair_groups
 from hybrid_kv.mover.grants import GrantDesk
 from hybrid_kv.mover.sender import Sender
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import SECRET_ENV, AuthError, ServerAuth, check_bind
+from hybrid_kv.staging.chunk import Blocks, only_moved, pair_groups
 from hybrid_kv.staging.handshake import check_fingerprints
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.staging.wire import PeerClosed, ProtocolError, recv_msg, send_msg, wait_readable

@@ -6,6 +6,8 @@ of whole slots; each gets its own staging slot, so `slot_bases(unit_offsets)` gi
 absolute staging offset for the kernel. Both sides build the same chunk from the same block-id lists,
 so their staging layouts agree byte for byte without exchanging offsets.
 
+Two request forms, both shells' (`flat_chunk`: the CLI's flat caches, a token count and one state block;
+`state_chunk`: a serving engine's block ids per group on its `StateGeometry`), share the shapes below.
 Per request only block ids are new: everything else of a chunk (templates, stage offsets, units, which
 block id each slot uses) is a `ChunkShape`, built once per (pair, page map, side, slot structure) and
 kept in a bounded LRU (`Shapes`), so a request costs a handful of array operations.
@@ -13,7 +15,7 @@ kept in a bounded LRU (`Shapes`), so a request costs a handful of array operatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,3 +193,49 @@ def flat_chunk(
 
     shape = shapes.get(pair, pages, key, build)
     return shape.with_ids([state_block if has_state else 0, *kv_blocks], side)
+
+
+# ---- a serving engine's request: block ids per group, on a rank's state geometry (hybrid_kv.mover.geometry) --
+
+Blocks = dict[int, list[int]]  # a request's block ids per engine group (Mamba, then mapped attention)
+
+
+def only_moved(pair: PairPlan, geom, blocks: Mapping[int, Sequence[int]]) -> Blocks:
+    """`blocks` restricted to the groups `pair` moves (the ids one source packs or one decode rank scatters)."""
+    keep = pair_groups(pair, geom)
+    return {g: list(ids) for g, ids in blocks.items() if g in keep}
+
+
+def pair_groups(pair: PairPlan, geom) -> list[int]:
+    """The groups a pair moves: the Mamba groups where it has state, the attention groups where its plan
+    carries KV (TP sizes that do not divide: `hybrid_kv.vllm.anytp`)."""
+    groups = list(geom.groups) if pair.state is not None else []
+    if len(pair.kv):
+        if len(pair.kv) != 1 or pair.period != geom.kv_block_size:
+            raise ValueError(f"KV plan of period {pair.period} for {geom.kv_block_size}-token blocks on both sides")
+        groups += geom.attn_groups
+    return groups
+
+
+def state_chunk(pair: PairPlan, geom, blocks: Mapping[int, Sequence[int]], side: str, shapes: Shapes) -> Chunk:
+    """A request's chunk for one pair on this rank (block ids per group, checked): its state, and its
+    attention KV where the pair's plan carries KV (one whole block per paired block, equal block sizes)."""
+    groups = pair_groups(pair, geom)
+    if not groups:
+        raise ValueError(f"prefill rank {pair.src_rank} holds nothing for decode rank {pair.dst_rank}")
+    stray = sorted(g for g, ids in blocks.items() if len(ids) and g not in groups)
+    if stray:
+        who = f"{pair.src_rank}->{pair.dst_rank}"
+        raise ValueError(f"{side}: block ids for groups {stray}, which pair {who} does not move (it moves {groups})")
+    counts = tuple(len(blocks.get(g, ())) for g in groups)
+
+    def build() -> ChunkShape:
+        layer, index = geom.slots(
+            {g: list(range(sum(counts[:i]), sum(counts[: i + 1]))) for i, g in enumerate(groups)}, groups
+        )
+        kv = int(pair.kv[0]) if len(pair.kv) else -1
+        tpl = np.where(geom.kind[layer] == 1, kv, -1 if pair.state is None else pair.state).astype(np.int64)
+        return shape_of(pair, geom.pages, tpl, layer, index, sum(counts))
+
+    shape = shapes.get(pair, geom.pages, ("state", side, tuple(groups), counts), build)
+    return shape.with_ids([b for g in groups for b in blocks.get(g, ())], side)

@@ -17,8 +17,10 @@ from __future__ import annotations
 import time
 
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.mover.geometry import state_chunk
+from hybrid_kv.mover import log
 from hybrid_kv.spec import ModelSpec
+from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.chunk import state_chunk
 from hybrid_kv.staging.cost import CAL_DESCS, CAL_SIZE, desc_cost_us, packing_pays
 
 CAL_BYTES = CAL_DESCS * CAL_SIZE  # the calibration area appended to the decode rank's staging
@@ -96,3 +98,23 @@ def choose(path, remote_tp: int, agent_name: str, peer_staging: tuple[int, int, 
         f"{cost['copy_gbps']:.3g} GB/s x load {load}"
     )
     return {"reads": "packed" if pays else "stock", "why": why, **cost, "descs_saved": saved, "nbytes": nbytes}
+
+
+def decide(path, key: tuple[str, int], remote_tp: int, agent_name: str) -> None:
+    """auto: decide once per prefill engine (on the handshake thread); tell each of its ranks that
+    reads the stock way to stop staging for this rank."""
+    link = path.links[key]
+    if key[0] not in path.auto and path.foreign(remote_tp):
+        path.auto[key[0]] = {"reads": "packed", "why": "TP sizes do not divide: vLLM has no descriptors"}
+    if key[0] not in path.auto:
+        try:
+            choice = choose(path, remote_tp, agent_name, link.peer["staging"])
+        except Exception as e:  # packing is exact for every pair: the safe choice when unsure
+            choice = {"reads": "packed", "why": f"cost model failed ({type(e).__name__}: {e})"}
+        path.auto[key[0]] = choice
+        log.info("hybrid-kv auto: state from engine %s read %s: %s", key[0], choice["reads"], choice["why"])
+    if path.auto[key[0]]["reads"] == "stock":
+        try:
+            link.call({"type": M.MODE, "part": None}, M.MODE_OK)
+        except Exception as e:  # the source's staged copies expire with their lease
+            log.warning("hybrid-kv: could not tell prefill rank %d to stop staging: %s", key[1], e)

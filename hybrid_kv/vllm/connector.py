@@ -8,7 +8,7 @@ Select one with (one line)::
 
 (`HybridKVPushConnector` where vLLM would take `NixlPushConnector`: the prefill WRITEs). In both,
 `HYBRID_KV_TRANSFER=packed` (default) moves the Mamba/GDN state through hybrid-kv's gather -> one
-descriptor per unit -> scatter (`hybrid_kv.vllm.worker`); `strided` runs
+descriptor per unit -> scatter (`hybrid_kv.vllm.pull`, `hybrid_kv.vllm.push`); `strided` runs
 vLLM's stock worker unchanged. Pull also takes `auto`: the packed worker, and each decode rank chooses, per
 prefill engine at handshake, between packing and vLLM's stock descriptors with the cost model
 (`hybrid_kv.vllm.auto`; packed wherever the stock path would move wrong bytes). The pull scheduler is
@@ -85,7 +85,7 @@ class HybridKVConnector(NixlPullConnector):
         elif role == KVConnectorRole.WORKER:
             self.connector_scheduler = None
             if self.transfer_mode != "strided":
-                from hybrid_kv.vllm.worker import HybridKVWorker
+                from hybrid_kv.vllm.pull import HybridKVWorker
 
                 self.connector_worker = HybridKVWorker(
                     vllm_config, self.engine_id, kv_cache_config, mode=self.transfer_mode
@@ -114,7 +114,7 @@ class HybridKVPushConnector(NixlPushConnector):
             self.connector_scheduler = NixlPushConnectorScheduler(vllm_config, self.engine_id, kv_cache_config)
         elif role == KVConnectorRole.WORKER:
             if self.transfer_mode == "packed":
-                from hybrid_kv.vllm.worker import HybridKVPushWorker
+                from hybrid_kv.vllm.push import HybridKVPushWorker
 
                 self.connector_worker = HybridKVPushWorker(vllm_config, self.engine_id, kv_cache_config)
             else:

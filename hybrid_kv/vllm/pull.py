@@ -1,5 +1,5 @@
-"""The packed pull path (`HybridKVWorker.hkv`): vLLM's pull worker with the recurrent state moved by the
-state mover.
+"""The packed pull worker: `HybridKVWorker`, vLLM's pull worker forwarding the hooks it overrides to the
+object it holds, `hkv` (a `PullPath`: the state mover's pull, vLLM's own implementation where it runs).
 
 Per request the decode rank READs one descriptor per (transfer unit, source rank) from the prefill rank's
 staging (packed when the prefill finished and pushed unasked, or packed on its `pack`) into its own
@@ -15,17 +15,19 @@ from __future__ import annotations
 import time
 from concurrent.futures import Future
 
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
+
 from hybrid_kv.mover import log
-from hybrid_kv.mover.geometry import Blocks, pair_attention, pair_tail
+from hybrid_kv.mover.geometry import pair_attention, pair_tail
 from hybrid_kv.mover.plans import AnyTPPlans
 from hybrid_kv.mover.receiver import RecvState
-from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.chunk import Blocks
 from hybrid_kv.vllm import anytp, auto, surface
 from hybrid_kv.vllm.rank import PackedRank, without_groups
 
 
 class PullPath(PackedRank):
-    """The pull worker's hooks (`hybrid_kv.vllm.worker.HybridKVWorker` forwards them)."""
+    """The pull worker's hooks (`HybridKVWorker` below forwards them)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -68,27 +70,8 @@ class PullPath(PackedRank):
                 self.links.pop(key).close()
             raise
         if fresh and self.mode == "auto":
-            self._choose(key, remote_tp_size, name)
+            auto.decide(self, key, remote_tp_size, name)
         return name
-
-    def _choose(self, key: tuple[str, int], remote_tp: int, agent_name: str) -> None:
-        """auto: decide once per prefill engine (on the handshake thread); tell each of its ranks that
-        reads the stock way to stop staging for this rank."""
-        link = self.links[key]
-        if key[0] not in self.auto and self.foreign(remote_tp):
-            self.auto[key[0]] = {"reads": "packed", "why": "TP sizes do not divide: vLLM has no descriptors"}
-        if key[0] not in self.auto:
-            try:
-                choice = auto.choose(self, remote_tp, agent_name, link.peer["staging"])
-            except Exception as e:  # packing is exact for every pair: the safe choice when unsure
-                choice = {"reads": "packed", "why": f"cost model failed ({type(e).__name__}: {e})"}
-            self.auto[key[0]] = choice
-            log.info("hybrid-kv auto: state from engine %s read %s: %s", key[0], choice["reads"], choice["why"])
-        if self.auto[key[0]]["reads"] == "stock":
-            try:
-                link.call({"type": M.MODE, "part": None}, M.MODE_OK)
-            except Exception as e:  # the source's staged copies expire with their lease
-                log.warning("hybrid-kv: could not tell prefill rank %d to stop staging: %s", key[1], e)
 
     # ---- each step ------------------------------------------------------------------------------------
 
@@ -189,7 +172,7 @@ class PullPath(PackedRank):
                     ready = link.pack(recv.meta.remote.request_id, recv.blocks_of(p))
                     out[p] = self.rx.check_ready(recv, p, ready, link)
         except BaseException:
-            self.release(recv, list(out))
+            self.release(recv.engine_id, recv.meta.remote.request_id, list(out))
             raise
         return out
 
@@ -266,14 +249,47 @@ class PullPath(PackedRank):
     # ---- a request's end ------------------------------------------------------------------------------
 
     def retire(self, req_id: str) -> None:
-        """... and the sources hear that this rank is done with it."""
+        """... and the sources hear that this rank is done with it (their slots can go)."""
         recv = self.rx.drop(req_id)
-        self.client.submit(self.release, recv, list(recv.units))
+        self.client.submit(self.release, recv.engine_id, recv.meta.remote.request_id, list(recv.units))
 
-    def release(self, recv: RecvState, ranks: list[int]) -> None:
-        """Tell source prefill ranks that this rank is done with the request (their slots can go)."""
-        for p in ranks:
-            try:
-                self.links[(recv.engine_id, p)].send({"type": M.RELEASE, "req": recv.meta.remote.request_id})
-            except Exception as e:  # the prefill lease frees the slots anyway
-                log.warning("hybrid-kv: could not release staging of prefill rank %d: %s", p, e)
+
+class HybridKVWorker(NixlPullConnectorWorker):
+    """`NixlPullConnectorWorker` that moves Mamba/GDN state packed: one descriptor per unit per source (and
+    attention KV with it where the TP sizes do not divide each other: `hybrid_kv.vllm.anytp`)."""
+
+    def __init__(self, vllm_config, engine_id: str, kv_cache_config, mode: str = "packed") -> None:
+        # refusals first: before the stock worker creates its NIXL agent
+        self.hkv = PullPath(self, super(), vllm_config, kv_cache_config, mode)
+        with surface.dim_first_view():
+            super().__init__(vllm_config, engine_id, kv_cache_config)
+
+    def register_kv_caches(self, kv_caches) -> None:
+        self.hkv.register(kv_caches)
+
+    def _nixl_handshake(self, host: str, port: int, remote_tp_size: int, expected_engine_id: str, *args, **kwargs):
+        self.hkv.handshake(host, port, remote_tp_size)
+        return super()._nixl_handshake(host, port, remote_tp_size, expected_engine_id, *args, **kwargs)
+
+    def add_remote_agent(self, nixl_agent_meta, remote_tp_rank: int = 0, remote_tp_size: int = 1,
+                         remote_dcp_size: int = 1):  # fmt: skip
+        return self.hkv.add_remote_agent(nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size)
+
+    def start_load_kv(self, metadata) -> None:
+        self.hkv.start_load(metadata)
+
+    def get_transfer_results(self):
+        return self.hkv.transfer_results()
+
+    def _read_blocks_for_req(self, req_id: str, meta) -> None:
+        self.hkv.read(req_id, meta)
+
+    def _pop_done_transfers(self, transfers):
+        return self.hkv.pop_done(transfers)
+
+    def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
+        self.hkv.reap_expired(done_sending)
+
+    def shutdown(self) -> None:
+        self.hkv.close()
+        super().shutdown()

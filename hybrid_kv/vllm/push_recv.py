@@ -198,13 +198,4 @@ class PushReceiver:
     def withdraw(self, recv: RecvState) -> None:
         """Tell every source that this rank gave the request up: unused grants go, a source still waiting
         for other decode ranks' grants writes nothing and frees the request's blocks."""
-        links = {p: self.rank.links.get((recv.engine_id, p)) for p in recv.units}
-        self.rank.client.submit(self.release, recv.push.req, {p: k for p, k in links.items() if k is not None})
-
-    @staticmethod
-    def release(req: str, links: dict) -> None:
-        for p, link in links.items():
-            try:
-                link.send({"type": M.RELEASE, "req": req})
-            except Exception as e:
-                log.warning("hybrid-kv: could not withdraw the grant of %s from prefill rank %d: %s", req, p, e)
+        self.rank.client.submit(self.rank.release, recv.engine_id, recv.push.req, list(recv.units))

@@ -9,7 +9,7 @@ scattered into the decode pages before the request is reported received. Attenti
 path (each head slice of a kernel block is already one contiguous run). The NIXL compatibility hash
 carries "hybrid-kv packed", so a stock peer and a packed peer refuse each other at handshake.
 
-The worker (`hybrid_kv.vllm.worker`) forwards vLLM's hooks here; `self.w` is that worker and `self.stock`
+The worker (`HybridKVWorker`, `HybridKVPushWorker`) forwards vLLM's hooks here; `self.w` is that worker and `self.stock`
 its vLLM implementation (`super()` bound to it). Every vLLM member reached through them is listed in
 `hybrid_kv.vllm.surface`.
 """
@@ -36,6 +36,7 @@ from hybrid_kv.mover.receiver import Receiver
 from hybrid_kv.mover.sender import Sender
 from hybrid_kv.mover.server import PrefillServer
 from hybrid_kv.ops import resolve_backend
+from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import load_secret
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.cost import copy_gbps
@@ -257,6 +258,17 @@ class PackedRank:
     def retire(self, req_id: str) -> None:
         """Landed and scattered (or refused): the request's receive slots go."""
         self.rx.drop(req_id)
+
+    def release(self, engine_id: str, req: str, ranks) -> None:
+        """(client thread) tell source prefill ranks this rank is done with `req`: their staging slots (pull)
+        or unused grants (push) go; if the message is lost, their lease or the grant's end frees them."""
+        for p in ranks:
+            link = self.links.get((engine_id, p))
+            try:
+                if link is not None:  # (no link: nothing was granted or staged there)
+                    link.send({"type": M.RELEASE, "req": req})
+            except Exception as e:
+                log.warning("hybrid-kv: could not release request %s on prefill rank %d: %s", req, p, e)
 
     def fail(self, req_id: str, err: BaseException) -> None:
         log.error("hybrid-kv: state transfer of request %s failed: %s", req_id, err)
