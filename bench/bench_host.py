@@ -265,8 +265,7 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
 
     def prefill() -> None:  # PrefillEndpoint.prefilled + _pack_waiting (the core's Sender), for one decode peer
         chunk = PrefillEndpoint._chunk(pep, peer, reqs[next(turn) % VARIANTS])
-        units = list(range(len(chunk.units)))
-        psender.launch([(("p", "r"), chunk, units)], [], fit="fifo", leased=False)
+        psender.launch([(("p", "r"), chunk)], [], fit="fifo", leased=False)
 
     dep = types.SimpleNamespace(
         plans=plans,

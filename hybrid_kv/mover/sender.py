@@ -29,7 +29,7 @@ Item = tuple  # (prefix, chunk) or (prefix, chunk, units): what `launch` stages
 
 def _keys(item: Item) -> list[tuple]:
     prefix, chunk, *units = item
-    return [(*prefix, u) for u in (units[0] if units else range(len(chunk.unit_bytes)))]
+    return [prefix + (u,) for u in (units[0] if units else range(len(chunk.units)))]
 
 
 def units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -52,10 +52,11 @@ class Sender:
 
     # ---- what to stage --------------------------------------------------------------------------------
 
-    def chunk(self, decode_tp: int, decode_rank: int, blocks: Blocks) -> Chunk:
-        """This rank's chunk of a request for one decode rank (its block ids per group, checked)."""
+    def chunk(self, decode_tp: int, decode_rank: int, blocks: Blocks, pair=None) -> Chunk:
+        """This rank's chunk of a request for one decode rank (its block ids per group, checked; `pair`: its
+        plan, if the caller has it)."""
         lay = self.geom.layout
-        pair = self.plans.pair(lay.tp_size, decode_tp, lay.tp_rank, decode_rank)
+        pair = pair or self.plans.pair(lay.tp_size, decode_tp, lay.tp_rank, decode_rank)
         self.geom.check_blocks(blocks, "prefill")
         return state_chunk(pair, self.geom, blocks, "prefill", self.plans.shapes)
 
@@ -79,26 +80,33 @@ class Sender:
         the decode rank's timeout) while the pool is full; "each" - item by item, None for those that find no
         room; "fifo" - in order, up to the first that finds none. `leased`: the slots expire (else they stay
         until freed: a WRITE's, or announced later). A failed launch frees every slot it had, and raises."""
-        keys = [_keys(item) for item in items]
-        sizes = [[item[1].unit_bytes[k[-1]] for k in ks] for item, ks in zip(items, keys)]
-        offsets: list[list[int] | None] = []
+        keys, sizes = [], []
+        for item in items:
+            prefix, every = item[0], item[1].unit_bytes
+            whole = len(item) == 2
+            keys.append([prefix + (u,) for u in (range(len(every)) if whole else item[2])])
+            sizes.append(every if whole else [every[u] for u in item[2]])
         if fit == "all":
-            flat = self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
-            got = iter(flat)
+            got = iter(
+                self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
+            )
             offsets = [[next(got) for _ in ks] for ks in keys]
         else:
+            offsets = []
             with self._cv:
                 until = time.monotonic() + self.lease_s if leased else None
                 for ks, ns in zip(keys, sizes):
-                    stop = fit == "fifo" and offsets and offsets[-1] is None  # later items must not overtake
-                    slots = None if stop else self.pool.alloc_all(ks, ns, until)
+                    slots = self.pool.alloc_all(ks, ns, until)
                     offsets.append(None if slots is None else [s.offset for s in slots])
-        jobs: dict[int, tuple[Chunk, dict[int, int]]] = {}  # one job per chunk whose units all got slots
-        for ks, (_, chunk, *_), offs in zip(keys, items, offsets):
-            if offs is not None:
-                jobs.setdefault(id(chunk), (chunk, {}))[1].update((k[-1], o) for k, o in zip(ks, offs))
-        run = []
-        for chunk, got in jobs.values():
+                    if slots is None and fit == "fifo":  # later items must not overtake
+                        offsets += [None] * (len(keys) - len(offsets))
+                        break
+        run = [(item[1], offs) for item, offs in zip(items, offsets) if offs is not None and len(item) == 2]
+        parts: dict[int, tuple[Chunk, dict[int, int]]] = {}  # units of one chunk merged: whole if all came
+        for item, offs in zip(items, offsets):
+            if offs is not None and len(item) > 2:
+                parts.setdefault(id(item[1]), (item[1], {}))[1].update(zip(item[2], offs))
+        for chunk, got in parts.values():
             if len(got) == len(chunk.units):
                 run.append((chunk, [got[u] for u in range(len(chunk.units))]))
             else:

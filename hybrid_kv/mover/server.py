@@ -307,7 +307,7 @@ class PrefillServer:
             for req, every in requests.items():
                 blocks = only_moved(pair, self.geom, every)  # (attention groups only where the pair moves KV)
                 try:
-                    chunk = self.sender.chunk(dec.tp_size, dec.tp_rank, blocks)
+                    chunk = self.sender.chunk(dec.tp_size, dec.tp_rank, blocks, pair)
                 except ValueError as e:
                     log.warning("hybrid-kv: request %s not packed at finish: %s", req, e)
                     continue

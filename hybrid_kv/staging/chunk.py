@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -46,8 +47,10 @@ class Chunk:
     def nbytes(self) -> int:
         return int(self.units[-1, 1]) if len(self.units) else 0
 
-    @property
+    @cached_property
     def unit_bytes(self) -> list[int]:
+        """Bytes of each transfer unit (built once per chunk: the host path asks for it several times; a
+        shared list, not to be changed)."""
         return (self.units[:, 1] - self.units[:, 0]).tolist()
 
     def unit(self, u: int) -> Chunk:
