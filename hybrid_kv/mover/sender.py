@@ -83,36 +83,44 @@ class Sender:
         keys, sizes = [], []
         for item in items:
             prefix, every = item[0], item[1].unit_bytes
-            whole = len(item) == 2
-            keys.append([prefix + (u,) for u in (range(len(every)) if whole else item[2])])
-            sizes.append(every if whole else [every[u] for u in item[2]])
+            if len(item) == 2:  # the whole chunk
+                keys.append([prefix + (u,) for u in range(len(every))])
+                sizes.append(every)
+            else:
+                keys.append([prefix + (u,) for u in item[2]])
+                sizes.append([every[u] for u in item[2]])
         if fit == "all":
-            got = iter(
-                self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
-            )
-            offsets = [[next(got) for _ in ks] for ks in keys]
+            flat = self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
+            got = iter(flat)
+            offsets: list[list[int] | None] = [[next(got) for _ in ks] for ks in keys]
         else:
-            offsets = []
+            offsets = [None] * len(items)
             with self._cv:
                 until = time.monotonic() + self.lease_s if leased else None
-                for ks, ns in zip(keys, sizes):
-                    slots = self.pool.alloc_all(ks, ns, until)
-                    offsets.append(None if slots is None else [s.offset for s in slots])
-                    if slots is None and fit == "fifo":  # later items must not overtake
-                        offsets += [None] * (len(keys) - len(offsets))
-                        break
-        run = [(item[1], offs) for item, offs in zip(items, offsets) if offs is not None and len(item) == 2]
-        parts: dict[int, tuple[Chunk, dict[int, int]]] = {}  # units of one chunk merged: whole if all came
+                for i, ks in enumerate(keys):
+                    slots = self.pool.alloc_all(ks, sizes[i], until)
+                    if slots is None:
+                        if fit == "fifo":  # later items must not overtake
+                            break
+                        continue
+                    offsets[i] = [s.offset for s in slots]
+        run, parts = [], None  # whole chunks as they are; units of one chunk merged (whole if all came)
         for item, offs in zip(items, offsets):
-            if offs is not None and len(item) > 2:
+            if offs is None:
+                continue
+            if len(item) == 2:
+                run.append((item[1], offs))
+            else:
+                parts = parts or {}
                 parts.setdefault(id(item[1]), (item[1], {}))[1].update(zip(item[2], offs))
-        for chunk, got in parts.values():
+        for chunk, got in (parts or {}).values():
             if len(got) == len(chunk.units):
                 run.append((chunk, [got[u] for u in range(len(chunk.units))]))
             else:
                 run += [(chunk.unit(u), [o]) for u, o in got.items()]
+        after = [self._fences[r] for r in reqs if r in self._fences]
         try:
-            done = self.copier.run(run, after=[self._fences.get(r) for r in reqs]) if run else Done()
+            done = self.copier.run(run, after=after) if run else Done()
         except BaseException:
             self._free_items(items, offsets)
             raise

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
@@ -47,11 +46,15 @@ class Chunk:
     def nbytes(self) -> int:
         return int(self.units[-1, 1]) if len(self.units) else 0
 
-    @cached_property
+    @property
     def unit_bytes(self) -> list[int]:
         """Bytes of each transfer unit (built once per chunk: the host path asks for it several times; a
-        shared list, not to be changed)."""
-        return (self.units[:, 1] - self.units[:, 0]).tolist()
+        shared list, not to be changed). Memoized by hand: `functools.cached_property` takes a lock."""
+        got = self.__dict__.get("_unit_bytes")
+        if got is None:
+            got = (self.units[:, 1] - self.units[:, 0]).tolist()
+            object.__setattr__(self, "_unit_bytes", got)
+        return got
 
     def unit(self, u: int) -> Chunk:
         """The slots of transfer unit `u` alone (packed or scattered when that unit's slot is known)."""
