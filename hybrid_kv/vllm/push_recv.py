@@ -12,7 +12,8 @@ vLLM's attention notifications have arrived, and the request is reported receive
   or every source's state landed and vLLM's attention notifications all came, or a source's link was lost
   `PUSH_MARGIN_S` ago (a source drops the grants of a lost connection). Until then its slots stay held.
 
-A mixin of `HybridKVPushWorker` (`hybrid_kv.vllm.push_worker`).
+A component of the push path (`hybrid_kv.vllm.push.PushPath.recv`); its receive slots, grants and scatter are the
+core's (`hybrid_kv.mover.receiver.Receiver`).
 """
 
 from __future__ import annotations
