@@ -170,8 +170,7 @@ def test_lease_race_never_delivers_wrong_bytes(tmp_path):
             r0 = reqs[0]
             chunk = dec._chunk(0, ALL, 300, blocks_from(r0["prefill_blocks"]), blocks_from(r0["decode_blocks"]))[0]
             assert len(chunk.units) == 1
-            one = LeasedPool(chunk.unit_bytes[0])  # one unit: A, then B (the sender's pool is the endpoint's)
-            src.call(lambda: [setattr(src.ep, "pool", one), setattr(src.ep.sender, "pool", one)])
+            src.call(lambda: setattr(src.ep.sender, "pool", LeasedPool(chunk.unit_bytes[0])))  # one unit: A, then B
             a, b = reqs[0]["id"], reqs[1]["id"]
             for _ in range(10):
                 dec.reset(SEED)

@@ -28,8 +28,8 @@ Item = tuple  # (prefix, chunk) or (prefix, chunk, units): what `launch` stages
 
 
 def _keys(item: Item) -> list[tuple]:
-    prefix, chunk, *units = item
-    return [prefix + (u,) for u in (units[0] if units else range(len(chunk.units)))]
+    """The slot keys of an item: its prefix and each unit it stages."""
+    return [item[0] + (u,) for u in (range(len(item[1].units)) if len(item) == 2 else item[2])]
 
 
 def units(offsets: list[int], sizes: list[int]) -> list[tuple[int, int, int]]:
@@ -78,17 +78,11 @@ class Sender:
         `(*prefix, unit)`) and pack them in one launch, behind the fences of `reqs`: their offsets, in order,
         and the launch's completion. `fit`: "all" - every item or none, waiting up to `wait_s` (default half
         the decode rank's timeout) while the pool is full; "each" - item by item, None for those that find no
-        room; "fifo" - in order, up to the first that finds none. `leased`: the slots expire (else they stay
+        room or are held already (staged by another thread); "fifo" - in order, up to the first that finds
+        none. `leased`: the slots expire (else they stay
         until freed: a WRITE's, or announced later). A failed launch frees every slot it had, and raises."""
-        keys, sizes = [], []
-        for item in items:
-            prefix, every = item[0], item[1].unit_bytes
-            if len(item) == 2:  # the whole chunk
-                keys.append([prefix + (u,) for u in range(len(every))])
-                sizes.append(every)
-            else:
-                keys.append([prefix + (u,) for u in item[2]])
-                sizes.append([every[u] for u in item[2]])
+        keys = [_keys(item) for item in items]
+        sizes = [item[1].unit_bytes if len(item) == 2 else [item[1].unit_bytes[u] for u in item[2]] for item in items]
         if fit == "all":
             flat = self._alloc([k for ks in keys for k in ks], [n for ns in sizes for n in ns], reqs, wait_s, leased)
             got = iter(flat)
@@ -98,6 +92,8 @@ class Sender:
             with self._cv:
                 until = time.monotonic() + self.lease_s if leased else None
                 for i, ks in enumerate(keys):
+                    if fit == "each" and any(self.pool.held(k) for k in ks):
+                        continue  # staged already, by another thread
                     slots = self.pool.alloc_all(ks, sizes[i], until)
                     if slots is None:
                         if fit == "fifo":  # later items must not overtake
@@ -203,10 +199,6 @@ class Sender:
         """A decode rank's READ of `key` completed (its notification): the slot is free."""
         with self._cv:
             return self.pool.release(key)
-
-    def holds(self, prefix: Prefix) -> bool:
-        with self._cv:
-            return prefix in self._staged or self.pool.held((*prefix, 0)) is not None
 
     # ---- life of the slots ----------------------------------------------------------------------------
 

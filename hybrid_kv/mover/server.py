@@ -311,9 +311,8 @@ class PrefillServer:
                 except ValueError as e:
                     log.warning("hybrid-kv: request %s not packed at finish: %s", req, e)
                     continue
-                if not self.sender.holds((cid, req, dec.tp_rank)):
-                    items.append(((cid, req, dec.tp_rank), chunk))
-                    blocks_of.append(blocks)
+                items.append(((cid, req, dec.tp_rank), chunk))  # (skipped if staged meanwhile: `fit="each"`)
+                blocks_of.append(blocks)
         if not items:
             return
         try:  # one launch for every request and decode rank of this step; no room: asked for later

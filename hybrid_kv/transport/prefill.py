@@ -82,14 +82,14 @@ class PrefillEndpoint(SideChannel):
         check_bind(opts.host, self.secret, f"prefill rank {rank}'s side channel")
         mem = RankMemory(cfg, rank, opts.pool_bytes, "prefill")
         self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
-        self.cache, self.staging, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
+        self.cache, self.staging, self.agent = mem.cache, mem.staging, mem.agent
         self.cache_reg, self.staging_reg = mem.cache_reg, mem.staging_reg
         self.unit_bytes = min(opts.max_unit_bytes, opts.pool_bytes)
         self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
         self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
         copier = Copier(self.cache, self.pages, self.staging, "prefill", opts.backend)
         # the core's sender: slots, launches and leases (this rank's FIFO of units is its own policy)
-        self.sender = Sender(copier, opts.lease_s, opts.pool_wait_s, pool=self.pool)
+        self.sender = Sender(copier, opts.lease_s, opts.pool_wait_s, pool=mem.pool)
         self.packing: list[Packing] = []
         self.messages: dict[str, int] = {}  # side-channel messages received, by type (in counts())
         self.sel = selectors.DefaultSelector()
@@ -197,8 +197,9 @@ class PrefillEndpoint(SideChannel):
             staged = [(w, o[0]) for w, o in zip(run, offsets) if o is not None]
             for _ in staged:  # FIFO: later units must not overtake (a started request's units come first)
                 self.waiting.popleft()
-            units = [(w.peer, w.req, w.unit, off, w.chunk.unit_bytes[w.unit]) for w, off in staged]
-            self.packing.append(Packing(done, units))  # announced once its launch has completed
+            if staged:  # announced once its launch has completed
+                self.packing.append(Packing(done, [(w.peer, w.req, w.unit, off, w.chunk.unit_bytes[w.unit])
+                                                   for w, off in staged]))  # fmt: skip
             if len(staged) < len(run) or not sync:
                 break
             self._announce()
@@ -233,6 +234,11 @@ class PrefillEndpoint(SideChannel):
                     send_msg(peer.sock, M.ready(req, units, until))
                 except OSError as e:
                     self._drop(peer, f"send failed: {e}")
+
+    @property
+    def pool(self):
+        """The staging pool (the sender's)."""
+        return self.sender.pool
 
     def _free(self, pred) -> None:
         self.sender.free_where(pred)
