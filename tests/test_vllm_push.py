@@ -106,7 +106,7 @@ def test_push_packed_and_strided(pairs, name, ptp, dtp):
     for c in packed.p.conns:
         w = c.connector_worker
         served = dtp // ptp if dtp > ptp else 1
-        assert w.hkv.send.descriptors == {S.p_id(q.req_id): served for q in packed.reqs}
+        assert w.hkv.send.out.descriptors == {S.p_id(q.req_id): served for q in packed.reqs}
         assert w.hkv.server.received.get("pack", 0) == 0  # nobody asked: the grant came with the registration
         assert w.hkv.server.received.get("grant", 0) == n * served
     state_layers = len(packed.p.spec.state_layers)
@@ -173,8 +173,8 @@ def test_grant_after_the_match(pairs, order):
     senders = [c.connector_worker for c in pair.p.conns]
     if order == "grant-late":
         deadline = time.monotonic() + 30
-        while not all(len(s.hkv.send.awaiting) == len(pair.reqs) for s in senders):  # matched, waiting for grants
-            assert time.monotonic() < deadline, [s.hkv.send.awaiting for s in senders]
+        while not all(len(s.hkv.send.out.awaiting) == len(pair.reqs) for s in senders):  # matched, waiting for grants
+            assert time.monotonic() < deadline, [s.hkv.send.out.awaiting for s in senders]
             for c in (*pair.p.conns, *pair.d.conns):
                 S.step(c, S.NixlConnectorMetadata())
                 c.connector_worker.get_transfer_results()
@@ -196,7 +196,7 @@ def test_prefill_holds_a_request_until_its_state_writes_ended(pairs, monkeypatch
     nx, real, polls = w.nixl_wrapper, w.nixl_wrapper.check_xfer_state, {}
 
     def slow(handle):  # as a slow link would: our state WRITEs stay in flight for 20 polls
-        mine = any(handle is h for out in w.hkv.send.pushes.values() for h in out.handles.values())
+        mine = any(handle is h for out in w.hkv.send.out.pushes.values() for h in out.handles.values())
         if mine and polls.setdefault(id(handle), 0) < 20:
             polls[id(handle)] += 1
             return "PROC"
@@ -379,7 +379,7 @@ def test_one_source_refusing_waits_for_the_others_writes(pairs, monkeypatch, cap
     assert time.monotonic() - t0 >= 7 - 1.5, "failed while prefill rank 1's WRITEs could be in flight"
     assert "prefill rank 0: grant refused" in caplog.text
     senders = [c.connector_worker for c in pair.p.conns]
-    assert [s.hkv.send.descriptors for s in senders] == [{}, {S.p_id(req.req_id): 1}]
+    assert [s.hkv.send.out.descriptors for s in senders] == [{}, {S.p_id(req.req_id): 1}]
     pair.wait_no_leaks()
 
 

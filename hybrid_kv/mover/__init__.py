@@ -7,7 +7,9 @@ state (and, for TP sizes that do not divide, its attention KV) packed, independe
 - `receiver`: a decode rank's receives (all-or-none receive slots, each announcement checked against its
   own chunk, one scatter launch per step, a request reported only once its scatter completed);
 - `server` / `link`: the side channel's two ends (framing, auth, handshake, pack requests, grants);
-- `grants`: push mode's receive slots as a prefill rank keeps them.
+- `grants`: push mode's receive slots as a prefill rank keeps them;
+- `push_out` / `push_in`: push mode's two sides (a prefill rank's state WRITEs from the match to their end;
+  a decode rank's grants in arrival order, what landed, when a request can fail).
 
 No module here imports an engine: `hybrid_kv.vllm` adapts vLLM's NIXL workers to these objects. Log lines go
 to the "vllm.hybrid_kv" logger, so a vLLM engine prints them with its own.

@@ -1,5 +1,5 @@
 """Push mode, prefill side: the receive slots decode ranks grant, kept until a WRITE uses them (the side-channel
-server's `grants`; the push adapter, `hybrid_kv.vllm.push_send`, takes them).
+server's `grants`; `hybrid_kv.mover.push_out` takes them).
 
 A decode rank that receives in push mode names its engine id and registered receive staging in its
 hello. When it has allocated a request's receive slots it sends one `grant` per source prefill rank; the

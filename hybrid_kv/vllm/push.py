@@ -35,6 +35,7 @@ class PushPath(PackedRank):
 
     def register(self, kv_caches) -> None:
         super().register(kv_caches)
+        self.recv.registered()
         self.send.hook()
 
     def handshake(self, host: str, port: int, remote_tp: int, engine_id: str, stock: Callable[[], object]):
@@ -80,11 +81,11 @@ class PushPath(PackedRank):
         out = super().leaks()
         send, recv = self.send, self.recv
         out.update(
-            pushes=len(send.pushes),
-            awaiting_grants=len(send.awaiting),
+            pushes=len(send.out.pushes) if send.out else 0,
+            awaiting_grants=len(send.out.awaiting) if send.out else 0,
             withheld=len(send.withheld),
-            granting=sum(r in self.rx.recvs for r in recv.granting) if self.rx else 0,
-            quarantined=len(recv.quarantine),
+            granting=recv.push.waiting() if recv.push else 0,
+            quarantined=len(recv.push.quarantine) if recv.push else 0,
             grants_kept=self.server.grants.kept if self.server is not None else 0,
         )
         return out
