@@ -268,8 +268,8 @@ def test_auto_chooses_per_prefill_engine(pairs, name, ptp, dtp, desc_us, reads):
 
 def test_auto_never_trades_bytes_for_speed():
     """The pairs vLLM's stock descriptors cannot move exactly are named (hand-checked, reference §4)."""
+    from hybrid_kv.mover.choice import stock_problem
     from hybrid_kv.spec_hf import load_spec
-    from hybrid_kv.vllm.auto import stock_problem
 
     falcon, nemo = load_spec("falcon-h1-0.5b"), load_spec("nemotron-h-8b")
     assert "B|C are replicated at TP 2" in stock_problem(falcon, "DS", 1, 2)

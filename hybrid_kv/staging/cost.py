@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 CAL_DESCS, CAL_SIZE, CAL_REPEATS = 256, 4096, 5  # descriptor-cost probe: 256 x 4 KiB vs one 1 MiB READ
+CAL_BYTES = CAL_DESCS * CAL_SIZE  # the calibration area a decode rank reads the probe into
 
 
 def median(xs: list[float]) -> float:

@@ -39,9 +39,8 @@ from hybrid_kv.ops import resolve_backend
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import load_secret
 from hybrid_kv.staging.copier import Copier
-from hybrid_kv.staging.cost import copy_gbps
+from hybrid_kv.staging.cost import CAL_BYTES, copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
-from hybrid_kv.vllm import auto
 from hybrid_kv.vllm.config import PackedConfig, refuse_unsupported, side_port
 from hybrid_kv.vllm.pages import attention_pages, model_spec
 
@@ -173,7 +172,7 @@ class PackedRank:
         self.plans = AnyTPPlans(spec, conv_layout, kv_layout, cfg.max_unit_bytes, block,
                                 None if attention else kv_pages)  # fmt: skip
         self.backend = resolve_backend(cfg.backend, dev)
-        cal = auto.CAL_BYTES if self.mode == "auto" else 0  # outside the pool: no request's slot
+        cal = CAL_BYTES if self.mode == "auto" else 0  # outside the pool: no request's slot
         whole = torch.empty(cfg.staging_bytes + cal, dtype=torch.uint8, device=dev)
         self.staging = whole[: cfg.staging_bytes]
         copier = Copier(geom.storage, geom.pages, self.staging, "decode", self.backend)
