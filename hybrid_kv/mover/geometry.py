@@ -151,6 +151,61 @@ class StateGeometry:
                     raise ValueError(f"{side} block id {b!r} of group {g} out of range [0, {self.num_blocks})")
 
 
+def attention_pages(
+    layout: RankLayout,
+    groups: Sequence[tuple[int, Sequence[str]]],
+    kv_caches: Mapping[str, torch.Tensor],
+    base: int,
+    block_size: int,
+    kernel_block_size: int,
+    kv_layout_name: str,
+) -> AttentionPages | str:
+    """This rank's full-attention page map, checked against hybrid-kv's KV page anatomy, or why there is none
+    (a sentence naming the value; a pair that would need the map is refused at handshake with it).
+
+    Needed only where the mover carries attention KV: TP sizes that do not divide each other, which vLLM's head
+    mapping refuses. vLLM's per-layer view of a full-attention cache under the NIXL layout (LBHNC, reference
+    §2.4) is `[num_blocks, heads_local, block_size, C]` with K||V packed per token in `C`: hybrid-kv's HND page.
+    MLA's latent cache, kernel blocks smaller than the logical block and other layouts get a reason."""
+    spec = layout.spec
+    attn = spec.attention
+    if attn is None or not groups:
+        return "the model has no full-attention layers"
+    if attn.latent:
+        return "MLA's latent KV cache is not head-sharded (vLLM's own transfer moves it)"
+    if kernel_block_size != block_size:
+        return f"attention kernel blocks of {kernel_block_size} tokens in {block_size}-token blocks"
+    if kv_layout_name not in ("HND", "LBHNC"):
+        return f"kv cache layout {kv_layout_name!r} (hybrid-kv maps LBHNC, which the NIXL connector requires)"
+    lay = RankLayout(spec, layout.tp_size, layout.tp_rank, layout.conv_layout, "HND", block_size)
+    if lay.block_size != block_size:
+        return f"vLLM's {block_size}-token block; hybrid-kv's rule gives {lay.block_size} for --block-size {block_size}"
+    want = (lay.kv_heads_local, block_size, lay.kv_token_head_bytes)
+    idx = [layer.index for layer in spec.layers if layer.kind is LayerKind.ATTENTION]
+    names = sorted((n for _, ns in groups for n in ns), key=lambda n: (layer_index(n), n))
+    if len(names) != len(idx):
+        return f"vLLM has {len(names)} attention layers, hybrid-kv's spec {len(idx)}"
+    index_of = dict(zip(names, idx))
+    page = lay.block_size * lay.attn_token_bytes
+    layers = []
+    for g, ns in groups:
+        for n in ns:
+            t = kv_caches[n]
+            es = t.element_size()
+            got = (*t.shape[1:3], t.shape[3] * es) if t.dim() == 4 else tuple(t.shape)
+            inner = (t.stride(1), t.stride(2), t.stride(3)) if t.dim() == 4 else None
+            if got != want or inner != (block_size * t.shape[3], t.shape[3], 1):
+                return (
+                    f"{n}: vLLM's attention cache {tuple(t.shape)} (strides {t.stride()}) is not "
+                    f"[blocks, heads, tokens, K||V] with {want} per page"
+                )
+            stride = t.stride(0) * es
+            if stride < page:
+                return f"{n}: page stride {stride} B < KV page {page} B"
+            layers.append(StateLayer(n, index_of[n], g, t.data_ptr() - base, stride))
+    return AttentionPages(tuple(g for g, _ in groups), tuple(layers), block_size, page)
+
+
 Paired = tuple[Blocks, Blocks]
 
 

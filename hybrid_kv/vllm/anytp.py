@@ -7,7 +7,7 @@ such a pair the packed pull path takes over what vLLM cannot do:
 * which prefill ranks to handshake with: those the plan reads from (`surface.route_handshakes`);
 * the remote agent: added without vLLM's descriptor lists, which need the ratio (`add_foreign_agent`);
 * attention KV: packed with the state, one chunk per (prefill rank, decode rank) whose plan carries the
-  head slices too (the pages from `hybrid_kv.vllm.pages`), so the request's whole cache moves as one
+  head slices too (the pages from `hybrid_kv.mover.geometry.attention_pages`), so the request's whole cache moves as one
   descriptor per transfer unit;
 * the notification that frees the request's blocks on each prefill rank, with the number of decode ranks
   that read from that rank (vLLM's pull frees them once that many have notified): `notify`.

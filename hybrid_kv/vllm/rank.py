@@ -29,7 +29,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, MambaSp
 
 from hybrid_kv.layout import RankLayout
 from hybrid_kv.mover import log
-from hybrid_kv.mover.geometry import AttentionPages, StateGeometry, flat_storage
+from hybrid_kv.mover.geometry import AttentionPages, StateGeometry, attention_pages, flat_storage
 from hybrid_kv.mover.link import PrefillLink, connect
 from hybrid_kv.mover.plans import AnyTPPlans
 from hybrid_kv.mover.receiver import Receiver
@@ -42,7 +42,7 @@ from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.cost import CAL_BYTES, copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.vllm.config import PackedConfig, refuse_unsupported, side_port
-from hybrid_kv.vllm.pages import attention_pages, model_spec
+from hybrid_kv.vllm.pages import model_spec
 
 COMPAT_TAG = "hybrid-kv-packed/1"
 MAX_EXPIRED = 4096  # expired prefill-side leases remembered, to say why a late pack is refused
