@@ -28,10 +28,10 @@ import time
 import numpy as np
 import torch
 
+from hybrid_kv.harness import random_batch, staged_jobs
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
 from hybrid_kv.staging.copier import Copier
-from hybrid_kv.testing.harness import random_batch, staged_jobs
 
 CASES = [  # #30's set: integer ratios both ways, a whole-model MoE, Mamba2, replicated B/C (Falcon-H1)
     ("qwen3.5-27b", 2, 4),

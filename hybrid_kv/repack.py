@@ -25,8 +25,8 @@ INTERPRETER_MAX_BYTES = 256 << 20  # what the Triton interpreter copies in minut
 def run_repack(plan: TransferPlan, args: argparse.Namespace) -> dict:
     import torch
 
+    from hybrid_kv.harness import Harness  # repack is a verification tool: the oracle fills it
     from hybrid_kv.ops import resolve_backend
-    from hybrid_kv.testing.harness import Harness  # repack is a verification tool: the oracle fills it
 
     if args.requests < 0 or args.repeats < 1:
         raise ValueError(f"--requests={args.requests} must be >= 0 and --repeats={args.repeats} >= 1")

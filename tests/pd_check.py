@@ -16,9 +16,9 @@ import os
 import torch
 
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.oracle.state import read_shards, write_shards
 from hybrid_kv.spec import LayerKind, ModelSpec
 from hybrid_kv.spec_hf import spec_from_config
-from hybrid_kv.testing.oracle import read_shards, write_shards
 
 DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 

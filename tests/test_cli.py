@@ -9,9 +9,9 @@ import pytest
 from conftest import PRESETS
 
 from hybrid_kv.cli import main
+from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing.harness import Harness
 
 
 def run_json(capsys, *argv) -> dict:

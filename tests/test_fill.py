@@ -1,4 +1,4 @@
-"""The CLI ranks' page-by-page oracle (`hybrid_kv.testing.fill`): the bytes it writes equal the whole-cache
+"""The CLI ranks' page-by-page oracle (`hybrid_kv.oracle.fill`): the bytes it writes equal the whole-cache
 oracle's (`write_shards` on a flat cache), and its verifier names exactly the pages that differ."""
 
 import numpy as np
@@ -7,9 +7,9 @@ from bytecheck import assert_same_bytes
 
 from hybrid_kv.batch import CacheGeometry, RequestBlocks
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.oracle import fill
+from hybrid_kv.oracle.state import kv_tokens_written, random_global_state, write_shards
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing import fill
-from hybrid_kv.testing.oracle import kv_tokens_written, random_global_state, write_shards
 
 SEED = 4
 

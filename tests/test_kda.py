@@ -6,11 +6,11 @@ import copy
 
 import pytest
 
+from hybrid_kv.harness import Harness
 from hybrid_kv.layout import RankLayout, tp_problem
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_config, load_spec, spec_from_config
-from hybrid_kv.testing.harness import Harness
 
 
 def test_kimi_linear_layers_are_one_based_as_published():

@@ -13,10 +13,10 @@ from bytecheck import assert_same_bytes
 from hybrid_kv.kernels.tiles import TILE_BYTES, TileTable, copy_reference, cut_tiles, element_size, with_first
 
 from hybrid_kv import ops
+from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing.harness import Harness
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 
@@ -125,7 +125,7 @@ def test_staging_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import hybrid_kv.staging, hybrid_kv.staging.copier, hybrid_kv.staging.template\n"
-        "from hybrid_kv.testing.harness import Harness\n"
+        "from hybrid_kv.harness import Harness\n"
         "from hybrid_kv.plan import TransferPlan\n"
         "from hybrid_kv.spec_hf import load_spec\n"
         "h = Harness(TransferPlan.build(load_spec('falcon-h1-0.5b').truncated(1, 1), 1, 2, 10), [10])\n"

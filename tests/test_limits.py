@@ -162,7 +162,7 @@ def test_interpreter_size_guard(monkeypatch):
     def harness(*a, **kw):
         raise Reached
 
-    import hybrid_kv.testing.harness as H
+    import hybrid_kv.harness as H
 
     monkeypatch.setattr(H, "Harness", harness)
     with pytest.raises(Reached):
@@ -174,10 +174,10 @@ def test_interpreter_size_guard(monkeypatch):
 
 def test_copier_row_memo_is_bounded(monkeypatch):
     """The copier keeps the slot rows of at most MAX_SHAPES chunk shapes (2 here), then starts over."""
+    from hybrid_kv.harness import Harness
     from hybrid_kv.plan import TransferPlan
     from hybrid_kv.spec_hf import load_spec
     from hybrid_kv.staging import copier as C
-    from hybrid_kv.testing.harness import Harness
 
     monkeypatch.setattr(C, "MAX_SHAPES", 2)
     plan = TransferPlan.build(load_spec("falcon-h1-0.5b").truncated(1, 1), 1, 1, 10, decode_block_size=16)

@@ -6,9 +6,9 @@ import torch
 from conftest import fits
 
 from hybrid_kv.layout import RankLayout
+from hybrid_kv.oracle.state import random_global_state, read_shards, write_shards
 from hybrid_kv.spec import LayerKind
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing.oracle import random_global_state, read_shards, write_shards
 
 CASES = [
     ("qwen3-next-80b-a3b", 4, "DS", "HND"),  # GDN q|k|v

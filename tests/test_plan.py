@@ -6,10 +6,10 @@ from itertools import pairwise
 import pytest
 from conftest import PRESETS, fits
 
+from hybrid_kv.harness import Harness
 from hybrid_kv.layout import Shard, cdiv
 from hybrid_kv.plan import PackedLayout, TransferPlan, assign_sources, split_piece
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing.harness import Harness
 
 
 def reads(plan, d, layer):

@@ -11,10 +11,10 @@ from conftest import preset_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
 from hybrid_kv.spec_hf import load_spec
-from hybrid_kv.testing.harness import Harness
 
 BACKEND = "torch"
 

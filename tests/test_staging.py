@@ -10,6 +10,7 @@ import torch
 from bytecheck import assert_same_bytes
 from conftest import preset_cases
 
+from hybrid_kv.harness import Harness
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.spec import AttentionDims, CacheLayer, LayerKind, ModelSpec, StateDims
 from hybrid_kv.spec_hf import load_spec
@@ -17,7 +18,6 @@ from hybrid_kv.staging.chunk import flat_chunk, flat_slots, make_chunk
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache, Shapes
-from hybrid_kv.testing.harness import Harness
 
 TP_PAIRS = [(1, 2), (2, 1), (2, 4), (4, 2), (1, 8), (8, 1), (2, 3), (3, 2), (4, 6), (6, 4)]
 

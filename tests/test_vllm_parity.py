@@ -14,9 +14,9 @@ from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum  # noq
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec  # noqa: E402
 
 from hybrid_kv.layout import RankLayout  # noqa: E402
+from hybrid_kv.oracle.state import TORCH_DTYPES  # noqa: E402
 from hybrid_kv.spec import LayerKind  # noqa: E402
 from hybrid_kv.spec_hf import load_spec  # noqa: E402
-from hybrid_kv.testing.oracle import TORCH_DTYPES  # noqa: E402
 
 MAMBA_TYPE = {
     LayerKind.MAMBA1: MambaAttentionBackendEnum.MAMBA1,

@@ -12,8 +12,8 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import NixlConnectorMetadata
 from vllm_util import Engine, layer_names, layouts, page_fn
 
+from hybrid_kv.oracle.state import random_bytes, random_global_state, write_shards
 from hybrid_kv.spec import LayerKind
-from hybrid_kv.testing.oracle import random_bytes, random_global_state, write_shards
 
 ALIGN = {"enable_prefix_caching": True, "mamba_cache_mode": "align"}  # vLLM's prefix caching for hybrids
 

@@ -1,6 +1,6 @@
 """What both endpoints share: the side configuration (picklable, sent to rank processes), handshake
 checks and registered memory. The oracle fill / verification the driver can ask for lives in
-`hybrid_kv.testing.fill`."""
+`hybrid_kv.oracle.fill`."""
 
 from __future__ import annotations
 

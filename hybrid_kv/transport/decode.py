@@ -166,13 +166,13 @@ class DecodeEndpoint(Receiver):
     # ---- oracle -----------------------------------------------------------------------------------------
 
     def reset(self, seed: int) -> None:
-        from hybrid_kv.testing.fill import fill_background
+        from hybrid_kv.oracle.fill import fill_background
 
         fill_background(self.cache, self.geom, seed, 1, self.rank)
 
     def mismatches(self, seed: int, requests: list[dict], ok_ids: set[str]) -> list[str]:
         """The cache against the oracle (pages of failed requests are not compared)."""
-        from hybrid_kv.testing.fill import verify_cache
+        from hybrid_kv.oracle.fill import verify_cache
 
         return verify_cache(
             self.cache, self.layout, self.cfg.num_blocks, self.player[0].block_size, seed, requests, ok_ids

@@ -45,7 +45,7 @@ def plan_requests(job: TransferJob) -> tuple[TransferPlan, list[dict], int, int]
     takes lane i % L's blocks (as many as it needs), so the caches are sized for L requests, whatever the
     number of requests; the requests of one wave never share a block."""
     from hybrid_kv.batch import RequestBlocks
-    from hybrid_kv.testing.harness import random_batch
+    from hybrid_kv.harness import random_batch
 
     spec = job.prefill.spec()
     plan = TransferPlan(job.prefill.layouts(spec), job.decode.layouts(spec), job.tokens)

@@ -112,7 +112,7 @@ class PrefillEndpoint(SideChannel):
     # ---- oracle fill (driver's request) ---------------------------------------------------------------
 
     def fill(self, seed: int, requests: list[dict], decode_block: int) -> None:
-        from hybrid_kv.testing.fill import fill_background, write_request
+        from hybrid_kv.oracle.fill import fill_background, write_request
 
         fill_background(self.cache, self.geom, seed, 0, self.rank)  # page by page: no second copy
         for r in requests:

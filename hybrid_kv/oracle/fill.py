@@ -14,7 +14,7 @@ import torch
 
 from hybrid_kv.batch import CacheGeometry, RequestBlocks, blocks_from
 from hybrid_kv.layout import RankLayout
-from hybrid_kv.testing.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
+from hybrid_kv.oracle.state import kv_tokens_written, random_bytes, random_global_state, write_shards
 
 
 def _rng(*key: int | str) -> np.random.Generator:

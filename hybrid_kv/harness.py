@@ -16,8 +16,8 @@ import torch
 
 from hybrid_kv import ops
 from hybrid_kv.batch import BatchPlan, RequestBlocks
+from hybrid_kv.oracle.state import kv_tokens_written, random_bytes, random_global_state, write_shards
 from hybrid_kv.plan import TransferPlan
-from hybrid_kv.testing.oracle import kv_tokens_written, random_bytes, random_global_state, write_shards
 
 STAGING_POISON = 0xAB
 
