@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm extra (CI installs it)")
 
-from hybrid_kv.vllm import srcindex as S
+from hybrid_kv import srcindex as S
 from hybrid_kv.vllm import surface
 from hybrid_kv.vllm.surface import NIXL, SSM_CONV
 

