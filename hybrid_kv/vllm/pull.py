@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import NixlPullConnectorWorker
 
-from hybrid_kv.mover import log
+from hybrid_kv.mover import log, pull_in
 from hybrid_kv.mover.geometry import pair_attention, pair_tail
 from hybrid_kv.mover.plans import AnyTPPlans
 from hybrid_kv.mover.receiver import RecvState
@@ -141,40 +141,27 @@ class PullPath(PackedRank):
         except Exception as e:
             self.fail(req_id, e)
             return
-        staged = {}
-        for p in recv.units:  # packed when the prefill finished: no reply to wait for
-            link = self.links[(engine_id, p)]
-            ready = link.take_staged(remote_req)
-            if ready is not None and self.rx.fresh(recv, p, ready, link):
-                staged[p] = ready
+        staged = pull_in.unasked(self.rx, recv, self.links, remote_req)  # packed when the prefill finished
         self.round_trips[req_id] = len(recv.units) - len(staged)
+        fut = Future()
         if len(staged) < len(recv.units):
             fut = self.client.submit(self._ask, recv, staged)
-            fut.add_done_callback(lambda f, r=req_id: self.ready.put((r, f)))
-            return
-        fut = Future()
-        try:
-            fut.set_result(self._checked(recv, staged))
-        except Exception as e:
-            fut.set_exception(e)
-        self.ready.put((req_id, fut))
-
-    def _checked(self, recv: RecvState, staged: dict[int, dict]) -> dict[int, list[tuple[int, int, int]]]:
-        return {p: self.rx.check_ready(recv, p, ready, self.links[(recv.engine_id, p)]) for p, ready in staged.items()}
+        else:
+            try:
+                fut.set_result(pull_in.announced(self.rx, recv, self.links, remote_req, staged))
+            except Exception as e:
+                fut.set_exception(e)
+        fut.add_done_callback(lambda f, r=req_id: self.ready.put((r, f)))
 
     def _ask(self, recv: RecvState, staged: dict[int, dict]):
-        """(client thread) ask every source prefill rank that has not staged the request to pack."""
-        out = self._checked(recv, staged)
+        """(client thread) ask every source prefill rank that has not staged the request to pack; on a
+        refusal, release what the others staged."""
+        req = recv.meta.remote.request_id
         try:
-            for p in recv.units:
-                if p not in out:
-                    link = self.links[(recv.engine_id, p)]
-                    ready = link.pack(recv.meta.remote.request_id, recv.blocks_of(p))
-                    out[p] = self.rx.check_ready(recv, p, ready, link)
+            return pull_in.announced(self.rx, recv, self.links, req, staged)
         except BaseException:
-            self.release(recv.engine_id, recv.meta.remote.request_id, list(out))
+            self.release(recv.engine_id, req, list(recv.units))
             raise
-        return out
 
     def progress(self) -> None:
         """(engine thread) post the READs of requests whose prefill ranks have packed."""
