@@ -202,3 +202,29 @@ def test_scatter_refused_is_returned_and_completed_ones_reported(world, monkeypa
     monkeypatch.setattr(rx.copier, "run", refuse_b)
     assert rx.scatter(["a", "b"]) == ["b"]  # the batch refused, then one by one: only b fails
     assert rx.scattered() == ["a"]
+
+
+def test_streamed_units_checked_once_slotted_one_by_one_and_scattered(world):
+    """Streaming (the CLI transport): a source may announce a request's units over several `ready`s; each
+    unit once (a second announcement of it is refused, naming it); a slot per unit, None while the pool has
+    no room for it (the limit on both sides); the landed units scattered in one launch and their slots freed."""
+    _, _, pgeom, dgeom = world
+    probe = receiver(world, 1 << 24)
+    sizes = probe.open("r", None, "e", 1, blocks(dgeom, 2), blocks(pgeom, 1)).units[0]
+    assert len(sizes) > 1, "the chunk must have several units"
+    rx = receiver(world, sizes[0])
+    recv = rx.open("r", None, "e", 1, blocks(dgeom, 2), blocks(pgeom, 1))
+    link, until = Link(1 << 24), time.monotonic() + 40.0
+    first = M.ready("r", [(0, 0, sizes[0])], until, {})
+    units, read_by = rx.check_units(recv, 0, first, 1 << 24, link.clock, 40.0)
+    assert units == [(0, 0, sizes[0])] and read_by == pytest.approx(until - 10.0)
+    with pytest.raises(ValueError, match=r"prefill rank 0 announced units \[0\] again"):
+        rx.check_units(recv, 0, M.ready("r", [(0, 0, sizes[0]), (1, 0, sizes[1])], until, {}), 1 << 24, link.clock, 40)
+    assert rx.check_units(recv, 0, M.ready("r", [(1, 0, sizes[1])], until, {}), 1 << 24, link.clock, 40.0)[0]
+    assert rx.alloc_unit("r", recv, 0, 0).nbytes == sizes[0]
+    assert rx.alloc_unit("r", recv, 0, 1) is None  # the pool holds exactly unit 0
+    rx.scatter_units([("r", 0, 0)]).wait()
+    rx.free_unit(recv, 0, 0)
+    assert rx.pool.live == 0 and rx.alloc_unit("r", recv, 0, 1) is not None
+    rx.drop("r")
+    assert rx.pool.live == 0 and "r" not in rx.recvs

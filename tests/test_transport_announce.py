@@ -92,6 +92,32 @@ def test_lying_source_fails_only_its_requests(pair, monkeypatch, lie):
     assert src.ep.pool.live == 0
 
 
+def test_a_unit_announced_again_fails_only_its_request(pair, monkeypatch):
+    """A source that sends a request's `ready` a second time (each message well formed): the second names
+    units this rank already holds, so that request fails naming them; the others are byte-exact and no
+    receive slot, READ or source slot is left."""
+    src, dec, reqs = pair
+    real = prefill_mod.send_msg
+    victim = reqs[1]["id"]
+
+    def send(sock, header, payload=b""):
+        real(sock, header, payload)
+        if header.get("type") == "ready" and header.get("req") == victim:
+            real(sock, header, payload)
+
+    monkeypatch.setattr(prefill_mod, "send_msg", send)
+    done = run(src, dec, reqs)
+    assert "announced units" in (done[victim].error or "") and "again" in done[victim].error, done[victim].error
+    ok = {i for i, r in done.items() if r.error is None}
+    assert ok == {r["id"] for r in reqs} - {victim}
+    assert dec.mismatches(SEED, reqs, ok) == []
+    assert dec.pool.live == 0 and dec.counts()["in_flight_reads"] == 0
+    deadline = time.monotonic() + 10
+    while src.ep.pool.live and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert src.ep.pool.live == 0
+
+
 def victim_pages(dec: DecodeEndpoint, req: dict) -> list[int]:
     state, kv = req["decode_blocks"]
     n = dec.geom.num_blocks

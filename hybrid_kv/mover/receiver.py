@@ -1,10 +1,12 @@
 """A decode rank's receives: the one place a request's state is received, pulled (READs from the sources'
-staging) or pushed (WRITEs into slots it granted).
+staging) or pushed (WRITEs into slots it granted), by a serving engine's rank or the CLI transport's.
 
-A request's receive slots are allocated all or none; each source's announcement (`ready`) is checked
-against this rank's own chunk before anything is posted; every request whose bytes landed in a step is
-scattered by one launch; and a request is reported received only once its scatter has completed. No I/O
-here: the adapter posts the transfers and sends the messages.
+A request's receive slots are allocated all or none (`alloc`), or, streaming (the CLI transport: a pool
+smaller than a request), one per unit as its source announces it (`alloc_unit`); each source's
+announcement (`ready`) is checked against this rank's own chunk before anything is posted (`check_units`);
+whatever landed in a step is scattered by one launch (`scatter`, `scatter_units`); and a request is
+reported received only once its scatter has completed. No I/O here: the caller posts the transfers and
+sends the messages.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from hybrid_kv.mover import log
 from hybrid_kv.mover.geometry import StateGeometry
 from hybrid_kv.mover.link import PrefillLink
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.chunk import Blocks, Chunk, only_moved, state_chunk
+from hybrid_kv.staging.chunk import Blocks, Chunk, copy_jobs, only_moved, state_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pool import LeasedPool, Slot
 from hybrid_kv.staging.template import PlanCache
@@ -41,6 +43,8 @@ class RecvState:
     remote_of: dict[int, Blocks] = field(default_factory=dict)  # source -> its ids, where not all
     foreign: bool = False  # TP sizes that do not divide: attention KV moves here too, no stock READ
     held: list = field(default_factory=list)  # the stock READ's notifications, sent once every READ completed
+    announced: set[tuple[int, int]] = field(default_factory=set)  # (source, unit) announced (checked once)
+    unit_slots: dict[tuple[int, int], Slot] = field(default_factory=dict)  # streaming: (source, unit) -> slot
 
     def blocks_of(self, p: int) -> Blocks:
         """The prefill block ids source `p` packs (all of `remote` unless its pair moves fewer groups)."""
@@ -70,8 +74,9 @@ class Granted:
 class Receiver:
     """Receive slots, announcement checks and the batched scatter of one decode rank (engine thread)."""
 
-    def __init__(self, geometry: StateGeometry, plans: PlanCache, pool: LeasedPool, copier: Copier,
+    def __init__(self, geometry: StateGeometry | None, plans: PlanCache | None, pool: LeasedPool, copier: Copier,
                  timeout_s: float) -> None:  # fmt: skip
+        """`geometry` and `plans` (an engine's rank) give `open` the chunks; the CLI passes its own (`track`)."""
         self.geom, self.plans, self.pool, self.copier, self.timeout_s = geometry, plans, pool, copier, timeout_s
         self.recvs: dict[str, RecvState] = {}
         self.scattering: list[tuple[Done, list[str]]] = []  # launched scatters not yet complete
@@ -86,12 +91,19 @@ class Receiver:
                  for p in plans.sources(remote_tp, lay.tp_size)[lay.tp_rank]}  # fmt: skip
         chunks = {p: state_chunk(pair, geom, only_moved(pair, geom, local), "decode", plans.shapes)
                   for p, pair in pairs.items()}  # fmt: skip
-        units = {p: c.unit_bytes for p, c in chunks.items()}
-        recv = RecvState(meta, engine_id, remote_tp, local, remote, chunks, units, foreign=foreign)
+        recv = self.track(req_id, chunks, meta, engine_id, remote_tp, local, remote, foreign)
         for p, pair in pairs.items():
             mine = only_moved(pair, geom, remote)
             if remote and mine != remote:
                 recv.remote_of[p] = mine
+        return recv
+
+    def track(self, req_id: str, chunks: dict[int, Chunk], meta=None, engine_id: str = "", remote_tp: int = 0,
+              local: Blocks | None = None, remote: Blocks | None = None,
+              foreign: bool = False) -> RecvState:  # fmt: skip
+        """A request's receive of `chunks` (source -> this rank's chunk of its state), held from now."""
+        units = {p: c.unit_bytes for p, c in chunks.items()}
+        recv = RecvState(meta, engine_id, remote_tp, local or {}, remote or {}, chunks, units, foreign=foreign)
         self.recvs[req_id] = recv
         return recv
 
@@ -113,11 +125,28 @@ class Receiver:
             self.free(recv)
             raise
 
+    def alloc_unit(self, req_id: str, recv: RecvState, p: int, u: int) -> Slot | None:
+        """Streaming: the receive slot of source `p`'s unit `u` (None while the pool has no room for it)."""
+        slot = self.pool.alloc((req_id, p, u), recv.units[p][u])
+        if slot is not None:
+            recv.unit_slots[(p, u)] = slot
+        return slot
+
+    def free_unit(self, recv: RecvState, p: int, u: int) -> None:
+        slot = recv.unit_slots.pop((p, u), None)
+        if slot is not None:
+            self.pool.free(slot.key)
+
+    def quarantine_unit(self, recv: RecvState, p: int, u: int, key: tuple) -> None:
+        """Streaming: a unit's slot whose READ could not be released (a late write may still land there) is
+        kept under `key`, out of the request's reach, until the caller frees it."""
+        self.pool.rekey(recv.unit_slots.pop((p, u)).key, key)
+
     def free(self, recv: RecvState) -> None:
-        for slots in recv.slots.values():
-            for slot in slots:
-                self.pool.free(slot.key)
+        for slot in [s for slots in recv.slots.values() for s in slots] + list(recv.unit_slots.values()):
+            self.pool.free(slot.key)
         recv.slots.clear()
+        recv.unit_slots.clear()
 
     def drop(self, req_id: str) -> RecvState | None:
         """Forget a request and free its slots (nothing can be in flight into them)."""
@@ -146,13 +175,25 @@ class Receiver:
             return False
         return end - time.monotonic() > 2 * self.timeout_s
 
+    @staticmethod
+    def check_units(recv: RecvState, p: int, ready: dict, staging_bytes: int, clock: M.LeaseClock,
+                    lease_s: float) -> tuple[list[tuple[int, int, int]], float]:  # fmt: skip
+        """The units (unit, offset, bytes) a source's `ready` announces, checked against this rank's own chunk
+        of its state and the source's registered staging before any READ is posted: units of the chunk, each
+        at its planned size, inside the staging, none announced before; and the READ's fence, the lease's end
+        on this rank's clock less the margin (`LeaseClock.read_by`)."""
+        units = M.ready_units(ready, recv.units[p], staging_bytes, f"prefill rank {p}")
+        again = sorted(u for u, _, _ in units if (p, u) in recv.announced)
+        if again:
+            raise ValueError(f"prefill rank {p} announced units {again} again, which this rank already holds")
+        read_by = clock.read_by(ready.get("until"), lease_s)
+        recv.announced.update((p, u) for u, _, _ in units)
+        return units, read_by
+
     def check_ready(self, recv: RecvState, p: int, ready: dict, link: PrefillLink) -> list[tuple[int, int, int]]:
-        """A source's `ready`, checked against this rank's own chunk and the source's registered staging
-        before any READ is posted: every unit of the chunk, each of its planned size, inside the staging;
-        and its lease's end on this rank's clock, which the READ must beat (the fence)."""
-        size = int(link.peer["staging"][1])
-        recv.read_by[p] = link.clock.read_by(ready.get("until"), link.peer["lease_s"])
-        units = M.ready_units(ready, recv.units[p], size, f"prefill rank {p}")
+        """A source's `ready` of the whole request (`check_units`, every unit of the chunk, the same blocks)."""
+        units, recv.read_by[p] = self.check_units(recv, p, ready, int(link.peer["staging"][1]), link.clock,
+                                                  link.peer["lease_s"])  # fmt: skip
         if len(units) != len(recv.units[p]) or not self.same_blocks(ready, recv.blocks_of(p)):
             raise ValueError(
                 f"prefill rank {p} announced units {[u for u, _, _ in units]} of blocks "
@@ -205,6 +246,15 @@ class Receiver:
                 log.error("hybrid-kv: scatter of %s failed: %s", r, e)
                 refused.append(r)
         return refused
+
+    def scatter_units(self, landed: list[tuple[str, int, int]]) -> Done:
+        """Streaming: one launch for the units that landed, (request, source, unit): a chunk whose every unit
+        is among them is one job. A refused batch raises before any byte is written."""
+        parts: dict[tuple[str, int], tuple[Chunk, dict[int, int]]] = {}
+        for req_id, p, u in landed:
+            recv = self.recvs[req_id]
+            parts.setdefault((req_id, p), (recv.chunks[p], {}))[1][u] = recv.unit_slots[(p, u)].offset
+        return self.copier.run(copy_jobs(parts.values()))
 
     def scattered(self) -> list[str]:
         """Requests whose scatter has completed (still held: the caller retires and reports them)."""

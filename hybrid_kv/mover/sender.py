@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from hybrid_kv.mover.geometry import StateGeometry
 from hybrid_kv.staging import messages as M
-from hybrid_kv.staging.chunk import Blocks, Chunk, state_chunk
+from hybrid_kv.staging.chunk import Blocks, Chunk, copy_jobs, state_chunk
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import PlanCache
@@ -109,11 +109,8 @@ class Sender:
             else:
                 parts = parts or {}
                 parts.setdefault(id(item[1]), (item[1], {}))[1].update(zip(item[2], offs))
-        for chunk, got in (parts or {}).values():
-            if len(got) == len(chunk.units):
-                run.append((chunk, [got[u] for u in range(len(chunk.units))]))
-            else:
-                run += [(chunk.unit(u), [o]) for u, o in got.items()]
+        if parts:
+            run += copy_jobs(parts.values())
         after = [self._fences[r] for r in reqs if r in self._fences]
         try:
             done = self.copier.run(run, after=after) if run else Done()

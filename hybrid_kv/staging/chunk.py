@@ -75,6 +75,19 @@ class Chunk:
         return np.asarray(unit_offsets, dtype=np.int64)[self.unit_of] + self.rel
 
 
+def copy_jobs(parts) -> list[tuple[Chunk, list[int]]]:
+    """The copier's jobs for units of chunks at their staging slots, `parts` = [(chunk, {unit: slot offset})]:
+    a chunk whose every unit is there is one job (its slots whole), else one job per unit (packed or
+    scattered as its own slot comes: units stream)."""
+    jobs = []
+    for chunk, got in parts:
+        if len(got) == len(chunk.units):
+            jobs.append((chunk, [got[u] for u in range(len(chunk.units))]))
+        else:
+            jobs += [(chunk.unit(u), [o]) for u, o in got.items()]
+    return jobs
+
+
 def make_chunk(pair: PairPlan, tpl: np.ndarray, page: np.ndarray) -> Chunk:
     """Lay the slots out and cut them into units of at most the pair's unit budget.
 

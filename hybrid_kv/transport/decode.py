@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hybrid_kv.mover.receiver import Receiver
 from hybrid_kv.plan import TransferPlan
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth, load_secret
@@ -38,7 +39,7 @@ from hybrid_kv.transport.common import (
     peak_rss,
 )
 from hybrid_kv.transport.cost import calibrate, pack_pays
-from hybrid_kv.transport.receive import Receiver
+from hybrid_kv.transport.receive import DecodeRuns
 from hybrid_kv.transport.request import Request, Source, result_row
 
 
@@ -54,15 +55,19 @@ class DecodeOptions:
     copy_gbps: float | None = None  # local copy bandwidth (pack and scatter each copy once)
 
 
-class DecodeEndpoint(Receiver):
+class DecodeEndpoint(DecodeRuns):
     def __init__(
         self, cfg: SideConfig, rank: int, prefill: SideConfig, addrs: list[tuple[str, int]], opts: DecodeOptions
     ) -> None:
         self.cfg, self.rank, self.pcfg, self.opts = cfg, rank, prefill, opts
         mem = RankMemory(cfg, rank, opts.pool_bytes, "decode")
         self.spec, self.layouts, self.layout, self.geom = mem.spec, mem.layouts, mem.layout, mem.geom
-        self.cache, self.recv, self.pool, self.agent = mem.cache, mem.staging, mem.pool, mem.agent
+        self.cache, self.recv, self.agent = mem.cache, mem.staging, mem.agent
         self.cache_reg, self.recv_reg = mem.cache_reg, mem.staging_reg
+        self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
+        self.copier = Copier(self.cache, self.pages, self.recv, "decode", self.opts.backend)
+        # the state mover's receiver: receive slots (one per unit, as announced), checks, the scatter
+        self.rx = Receiver(None, None, mem.pool, self.copier, opts.request_timeout_s)
         self.sel = selectors.DefaultSelector()
         self.sources: dict[int, Source] = {}
         self.player = None  # prefill layouts, as this rank computes them
@@ -123,12 +128,14 @@ class DecodeEndpoint(Receiver):
         self.unit_bytes = unit or probe.max_unit_bytes
         self._plans: dict[int, TransferPlan] = {}
         self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
-        self.pages = PageMap.flat(self.geom.num_layers, self.geom.num_blocks, self.geom.page_bytes)
-        self.copier = Copier(self.cache, self.pages, self.recv, "decode", self.opts.backend)
         self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
         self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
         self._stuck: dict = {}  # abandoned READ handles that refused release -> their receive slot (all runs)
         self.cost = self._calibrate()
+
+    @property
+    def pool(self):
+        return self.rx.pool
 
     def _calibrate(self) -> dict:
         src = self.sources[min(self.sources)] if self.sources else None

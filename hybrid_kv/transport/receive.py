@@ -1,8 +1,9 @@
 """The decode rank's run loop (a mixin of `DecodeEndpoint`): configure the sources for a run, start
-requests up to the concurrency, take the sources' unasked announcements (checked against this rank's own
-plan), post one READ per unit (or per run, page to page, for strided / auto's large runs), scatter every
-unit that landed in one step with one launch, and fail a request (releasing its source slots) on a
-refusal, a lost source, a failed READ or its deadline."""
+requests up to the concurrency, take the sources' unasked announcements, post one READ per unit (or per
+run, page to page, for strided / auto's large runs), and fail a request (releasing its source slots) on a
+refusal, a lost source, a failed READ or its deadline. Its receive slots (one per unit, as announced), the
+checks of each announcement against this rank's own chunk and the scatter of every unit that landed in a
+step (one launch) are the state mover's (`hybrid_kv.mover.receiver.Receiver`, the endpoint's `rx`)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages ca
 MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this rank starts the request
 
 
-class Receiver:
-    """Needs the endpoint's sources, pools, copier, plans and options (`DecodeEndpoint`)."""
+class DecodeRuns:
+    """Needs the endpoint's sources, receiver, plans and options (`DecodeEndpoint`)."""
 
     def configure(self, mode: str, requests: list[dict], concurrency: int) -> None:
         """Before a run (warm-up, one reply per source): what each source packs for this rank. A source
@@ -90,6 +91,7 @@ class Receiver:
                 if r.done and not self._reads_of(r):
                     if r.error is not None:
                         self._release_request(r)
+                    self.rx.drop(rid)  # (its slots are free or quarantined by now)
                     r.end = time.monotonic()
                     finished.append(active.pop(rid))
                     if on_finished is not None:
@@ -143,6 +145,8 @@ class Receiver:
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return r
+        if mode != "contiguous":
+            self.rx.track(r.id, r.chunks)
         for p, chunk in r.chunks.items():
             if mode == "contiguous":
                 # Benchmark reference: the same bytes per unit as one READ of contiguous memory (the
@@ -174,7 +178,7 @@ class Receiver:
         except Exception as e:  # NIXL raises its own error types
             r.error = f"request {r.id}: READ from prefill rank {p} failed to post: {e}"
             if slot_key is not None:
-                self.pool.free(slot_key)
+                self.rx.free_unit(self.rx.recvs[r.id], p, unit)
             return
         r.descriptors += len(local)
         r.nbytes += int(local[:, 1].sum())
@@ -218,7 +222,8 @@ class Receiver:
             except Exception:  # still in flight: a late write may land in its slot, so the slot waits
                 if state == "PROC" and slot_key is not None:
                     # under a key of its own: the request's id may come again (a retry, the next run)
-                    self._stuck[h] = self.pool.rekey(slot_key, ("quarantined", id(h))).key
+                    self._stuck[h] = ("quarantined", id(h))
+                    self.rx.quarantine_unit(self.rx.recvs[r.id], p, unit, self._stuck[h])
                     continue
             if state == "DONE" and read_by is not None and now >= read_by:
                 state = "after the source's staging lease could have ended (bytes not used)"
@@ -233,7 +238,7 @@ class Receiver:
                     continue
                 r.pending.discard((p, unit))
             if slot_key is not None:
-                self.pool.free(slot_key)
+                self.rx.free_unit(self.rx.recvs[r.id], p, unit)
         if landed:
             self._scatter(landed)
 
@@ -247,7 +252,7 @@ class Receiver:
             except Exception:
                 continue
             del self._stuck[h]
-            self.pool.free(slot_key)
+            self.rx.pool.free(slot_key)
 
     def _scatter(self, landed: list) -> None:
         """Scatter every unit that landed this step: one launch (Triton); with the synchronous torch
@@ -259,16 +264,8 @@ class Receiver:
         batches = [list(groups.values())] if self.copier.backend != "torch" else [[g] for g in groups.values()]
         for batch in batches:
             t = time.monotonic()
-            jobs = []
-            for items in batch:  # a chunk whose units all landed now is one job
-                r, p = items[0][0], items[0][1]
-                chunk, offs = r.chunks[p], {u: self.pool.held(k).offset for _, _, u, k in items}
-                if len(offs) == len(chunk.units):
-                    jobs.append((chunk, [offs[u] for u in range(len(chunk.units))]))
-                else:
-                    jobs += [(chunk.unit(u), [off]) for u, off in offs.items()]
             try:
-                self.copier.run(jobs).wait()
+                self.rx.scatter_units([(r.id, p, u) for items in batch for r, p, u, _ in items]).wait()
             except ValueError as e:  # validated before any byte was written
                 for items in batch:
                     r = items[0][0]
@@ -276,9 +273,9 @@ class Receiver:
             dt = time.monotonic() - t
             for items in batch:
                 items[0][0].scatter_s += dt
-                for r, p, u, k in items:
+                for r, p, u, _ in items:
                     r.pending.discard((p, u))
-                    self.pool.free(k)
+                    self.rx.free_unit(self.rx.recvs[r.id], p, u)
 
     def _on_readable(self, src: Source, active: dict[str, Request]) -> None:
         """What arrived from `src`, never blocking: a source that sent part of a message and stalls is
@@ -309,17 +306,12 @@ class Receiver:
     def _on_ready(self, r: Request, p: int, msg: dict) -> None:
         if r.error is not None:
             return  # the request's release (when it retires) frees the source's slots
-        chunk = r.chunks.get(p)
+        recv, src = self.rx.recvs.get(r.id), self.sources[p]
         try:
-            if chunk is None:
+            if recv is None or p not in recv.chunks:
                 raise ValueError(f"prefill rank {p} announced units for a request it holds no chunk of here")
-            units = M.ready_units(msg, chunk.unit_bytes, self.sources[p].info["staging"]["nbytes"], f"prefill rank {p}")
-            stale = [u for u, _, _ in units if (p, u) not in r.pending]
-            if stale:
-                raise ValueError(f"prefill rank {p} announced units {stale} again, which this rank already holds")
             # the fence: bytes count only if their READ completed before the lease could end here
-            src = self.sources[p]
-            read_by = src.clock.read_by(msg.get("until"), src.lease_s)
+            units, read_by = self.rx.check_units(recv, p, msg, src.info["staging"]["nbytes"], src.clock, src.lease_s)
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return
@@ -354,13 +346,12 @@ class Receiver:
                 "this rank's staging pool)"
             )
             return True
-        key = (r.id, p, u)
-        slot = self.pool.alloc(key, n)
+        slot = self.rx.alloc_unit(r.id, self.rx.recvs[r.id], p, u)
         if slot is None:
             return False
         local = np.array([[self.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
         remote = np.array([[self.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
-        self._post(r, p, u, key, local, remote, f"done:{r.id}:{u}", read_by)
+        self._post(r, p, u, slot.key, local, remote, f"done:{r.id}:{u}", read_by)
         return True
 
 
