@@ -133,8 +133,7 @@ def test_announcements_kept_before_a_request_starts(monkeypatch):
     from hybrid_kv.transport import receive as R
 
     monkeypatch.setattr(R, "MAX_EARLY_UNITS", 3)
-    rx = object.__new__(R.Receiver)
-    rx._early = {}
+    rx = R.DecodeRuns(None)
     for i in range(4):
         rx._on_message(types.SimpleNamespace(rank=1), {"type": M.READY, "req": "r", "n": i}, {})
     rx._on_message(types.SimpleNamespace(rank=0), {"type": M.READY, "req": "r", "n": 9}, {})

@@ -194,7 +194,7 @@ def test_lease_race_never_delivers_wrong_bytes(tmp_path):
         dec = DecodeEndpoint(dcfg, 1, pcfg, [("127.0.0.1", src.ep.port)], DecodeOptions(request_timeout_s=10))
         try:
             r0 = reqs[0]
-            chunk = dec._chunk(0, ALL, 300, blocks_from(r0["prefill_blocks"]), blocks_from(r0["decode_blocks"]))[0]
+            chunk = dec.runs._chunk(0, ALL, 300, blocks_from(r0["prefill_blocks"]), blocks_from(r0["decode_blocks"]))[0]
             assert len(chunk.units) == 1
             src.call(lambda: setattr(src.ep.sender, "pool", LeasedPool(chunk.unit_bytes[0])))  # one unit: A, then B
             a, b = reqs[0]["id"], reqs[1]["id"]
@@ -359,7 +359,7 @@ def test_slot_of_an_unreleasable_read_is_never_reused(pair):
     assert {i for i, r in done.items() if r.error is None} == {r["id"] for r in reqs}
     assert dec.mismatches(SEED, reqs, set(done)) == []
     hold[0] = False  # the handle ends: its slot is freed on the next step
-    dec._poll_stuck()
+    dec.runs._poll_stuck()
     assert dec.counts()["quarantined_slots"] == 0 and dec.pool.live == 0
     assert dec.agent.counts()["xfer_handles"] == 0
 

@@ -38,7 +38,7 @@ from hybrid_kv.transport.common import (
     init_rank_process,
     peak_rss,
 )
-from hybrid_kv.transport.cost import calibrate, pack_pays
+from hybrid_kv.transport.cost import calibrate
 from hybrid_kv.transport.receive import DecodeRuns
 from hybrid_kv.transport.request import Request, Source, result_row
 
@@ -55,7 +55,7 @@ class DecodeOptions:
     copy_gbps: float | None = None  # local copy bandwidth (pack and scatter each copy once)
 
 
-class DecodeEndpoint(DecodeRuns):
+class DecodeEndpoint:
     def __init__(
         self, cfg: SideConfig, rank: int, prefill: SideConfig, addrs: list[tuple[str, int]], opts: DecodeOptions
     ) -> None:
@@ -128,10 +128,8 @@ class DecodeEndpoint(DecodeRuns):
         self.unit_bytes = unit or probe.max_unit_bytes
         self._plans: dict[int, TransferPlan] = {}
         self.plans = PlanCache(self.spec, self.layout.conv_layout, self.layout.kv_layout, self.unit_bytes)
-        self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
-        self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
-        self._stuck: dict = {}  # abandoned READ handles that refused release -> their receive slot (all runs)
         self.cost = self._calibrate()
+        self.runs = DecodeRuns(self)
 
     @property
     def pool(self):
@@ -141,8 +139,11 @@ class DecodeEndpoint(DecodeRuns):
         src = self.sources[min(self.sources)] if self.sources else None
         return calibrate(self, src)
 
-    def _pack_pays(self, plan: TransferPlan, p: int, packed: dict) -> bool:
-        return pack_pays(plan, p, self.rank, packed, self.cost, self._concurrency)
+    def configure(self, mode: str, requests: list[dict], concurrency: int) -> None:
+        self.runs.configure(mode, requests, concurrency)
+
+    def run(self, mode: str, requests: list[dict], concurrency: int, on_finished=None) -> list[Request]:
+        return self.runs.run(mode, requests, concurrency, on_finished)
 
     def timed_read(self, src: Source, local: np.ndarray, remote: np.ndarray) -> float:
         t = time.monotonic()
@@ -187,7 +188,7 @@ class DecodeEndpoint(DecodeRuns):
 
     # ---- running requests -------------------------------------------------------------------------------
 
-    def _source_lost(self, src: Source, why: str, active: dict[str, Request] | None = None) -> None:
+    def source_lost(self, src: Source, why: str, active: dict[str, Request] | None = None) -> None:
         if not src.alive:
             return
         src.alive = False
@@ -205,8 +206,8 @@ class DecodeEndpoint(DecodeRuns):
             **self.agent.counts(),
             "staging_slots": self.pool.live,
             "staging_in_use": self.pool.in_use,
-            "in_flight_reads": len(getattr(self, "_reads", {})),
-            "quarantined_slots": len(self._stuck) if hasattr(self, "_stuck") else 0,
+            "in_flight_reads": len(self.runs.reads),
+            "quarantined_slots": len(self.runs.stuck),
             "peak_rss": peak_rss(),
         }
 

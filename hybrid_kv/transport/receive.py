@@ -1,4 +1,4 @@
-"""The decode rank's run loop (a mixin of `DecodeEndpoint`): configure the sources for a run, start
+"""The decode rank's run loop (`DecodeEndpoint.runs`): configure the sources for a run, start
 requests up to the concurrency, take the sources' unasked announcements, post one READ per unit (or per
 run, page to page, for strided / auto's large runs), and fail a request (releasing its source slots) on a
 refusal, a lost source, a failed READ or its deadline. Its receive slots (one per unit, as announced), the
@@ -18,6 +18,7 @@ from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.chunk import Chunk, direct_runs, flat_chunk
 from hybrid_kv.staging.template import ALL
 from hybrid_kv.staging.wire import PeerClosed, ProtocolError, send_msg
+from hybrid_kv.transport.cost import pack_pays
 from hybrid_kv.transport.request import Request, Source
 
 IDLE_WAIT_S = 0.01  # longest sleep in select when only side-channel messages can make progress
@@ -25,20 +26,34 @@ MAX_EARLY_UNITS = 4096  # announcements kept per (request, source) before this r
 
 
 class DecodeRuns:
-    """Needs the endpoint's sources, receiver, plans and options (`DecodeEndpoint`)."""
+    """The runs of one decode endpoint (`ep`: its sources, receiver, plans and options), and what a run holds
+    in flight: READs, units waiting for a receive slot, announcements that came early."""
+
+    def __init__(self, ep) -> None:
+        self.ep = ep
+        self.parts: dict[int, tuple | None] = {}  # source -> what it packs for this rank in this run
+        self._concurrency = 1
+        self._early: dict[tuple[str, int], list[dict]] = {}  # (request, source) -> ready before it started
+        self.stuck: dict = {}  # abandoned READ handles that refused release -> their receive slot (all runs)
+        self.reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted, read_by)
+        self._wait_slot: deque = deque()  # (request, source, (unit, offset, nbytes), read_by) waiting for a slot
 
     def configure(self, mode: str, requests: list[dict], concurrency: int) -> None:
         """Before a run (warm-up, one reply per source): what each source packs for this rank. A source
         drops whatever it still holds for this rank from an earlier run when it gets this."""
         self._concurrency = concurrency
         self._early.clear()
-        threshold = self.cost["threshold_bytes"]
-        plan = self.plan(int(requests[0]["tokens"])) if (requests and mode == "auto") else None
+        threshold = self.ep.cost["threshold_bytes"]
+        plan = self.ep.plan(int(requests[0]["tokens"])) if (requests and mode == "auto") else None
         packed_t = plan.split(threshold)[0] if plan is not None else {}
-        for p, src in self.sources.items():
+        for p, src in self.ep.sources.items():
             if mode == "packed":
                 part = ALL
-            elif mode == "auto" and plan is not None and self._pack_pays(plan, p, packed_t):
+            elif (
+                mode == "auto"
+                and plan is not None
+                and pack_pays(plan, p, self.ep.rank, packed_t, self.ep.cost, self._concurrency)
+            ):
                 part = ("small", threshold)
             else:
                 part = None
@@ -48,10 +63,13 @@ class DecodeRuns:
             send_msg(src.sock, {"type": M.MODE, "part": None if part is None else list(part)})
             self._await_mode_ok(p, src, mode)
 
+    def _pack_pays(self, plan, p: int, packed: dict) -> bool:
+        return pack_pays(plan, p, self.ep.rank, packed, self.ep.cost, self._concurrency)
+
     def _await_mode_ok(self, p: int, src, mode: str) -> None:
         """Wait for source `p`'s reply to `mode`. Announcements of an earlier run may still be queued ahead
         of it (skipped); what comes after it in the same read is this run's, kept until its request starts."""
-        deadline = time.monotonic() + self.opts.handshake_timeout_s
+        deadline = time.monotonic() + self.ep.opts.handshake_timeout_s
         while True:
             msgs = [m for m, _ in src.reader.wait(deadline, f"prefill rank {p}: mode")]
             for i, m in enumerate(msgs):
@@ -71,8 +89,7 @@ class DecodeRuns:
         todo = deque(requests)
         active: dict[str, Request] = {}
         finished: list[Request] = []
-        self._reads: dict = {}  # xfer handle -> (request, source rank, unit, slot key, posted, read_by)
-        self._wait_slot: deque = deque()  # (request, source, (unit, offset, nbytes), read_by) waiting for a slot
+        self.reads, self._wait_slot = {}, deque()
         while todo or active:
             while todo and len(active) < concurrency:
                 r = self._start(todo.popleft(), mode)
@@ -83,49 +100,51 @@ class DecodeRuns:
             self._step(active, mode)
             now = time.monotonic()
             for rid, r in list(active.items()):
-                if not r.done and now - r.start > self.opts.request_timeout_s:
+                if not r.done and now - r.start > self.ep.opts.request_timeout_s:
                     r.error = (
-                        f"request {rid}: timed out after {self.opts.request_timeout_s:.1f} s waiting for "
+                        f"request {rid}: timed out after {self.ep.opts.request_timeout_s:.1f} s waiting for "
                         f"{sorted(r.pending)} (prefill rank, unit)"
                     )
                 if r.done and not self._reads_of(r):
                     if r.error is not None:
                         self._release_request(r)
-                    self.rx.drop(rid)  # (its slots are free or quarantined by now)
+                    self.ep.rx.drop(rid)  # (its slots are free or quarantined by now)
                     r.end = time.monotonic()
                     finished.append(active.pop(rid))
                     if on_finished is not None:
                         on_finished(len(finished))
         # READs of requests that failed while they were in flight: retire them (bounded by the deadline
         # the poll loop applies) so no handle outlives the run.
-        while self._reads:
+        while self.reads:
             self._step({}, mode)
         return finished
 
     def _reads_of(self, r: Request) -> bool:
-        return any(v[0] is r for v in self._reads.values())
+        return any(v[0] is r for v in self.reads.values())
 
     def _chunk(
         self, p: int, part: tuple, tokens: int, pb, db, prefill_side: bool = False
     ) -> tuple[Chunk, Chunk | None]:
-        sizes = (self.pcfg.block_size, self.cfg.block_size)
-        pair = self.plans.pair(self.pcfg.tp_size, self.cfg.tp_size, p, self.rank, sizes, part)
-        bs = (self.player[0].block_size, self.layout.block_size)
-        d = flat_chunk(self.plans.shapes, pair, self.pages, "decode", tokens, db.state, db.kv, bs)
+        sizes = (self.ep.pcfg.block_size, self.ep.cfg.block_size)
+        pair = self.ep.plans.pair(self.ep.pcfg.tp_size, self.ep.cfg.tp_size, p, self.ep.rank, sizes, part)
+        bs = (self.ep.player[0].block_size, self.ep.layout.block_size)
+        d = flat_chunk(self.ep.plans.shapes, pair, self.ep.pages, "decode", tokens, db.state, db.kv, bs)
         if not prefill_side:
             return d, None
-        return d, flat_chunk(self.plans.shapes, pair, self.sources[p].pages, "prefill", tokens, pb.state, pb.kv, bs)
+        return d, flat_chunk(
+            self.ep.plans.shapes, pair, self.ep.sources[p].pages, "prefill", tokens, pb.state, pb.kv, bs
+        )
 
     def _start(self, spec: dict, mode: str) -> Request:
         pb, db = blocks_from(spec["prefill_blocks"]), blocks_from(spec["decode_blocks"])
         r = Request(str(spec["id"]), int(spec["tokens"]), pb, db, {}, start=time.monotonic())
         try:
-            _check_kv_ids(db, r.tokens, self.layout.block_size if self.spec.attention_layers else 0, "decode")
-            sources = self.plans.sources(
-                self.pcfg.tp_size, self.cfg.tp_size, (self.pcfg.block_size, self.cfg.block_size)
+            _check_kv_ids(db, r.tokens, self.ep.layout.block_size if self.ep.spec.attention_layers else 0, "decode")
+            sources = self.ep.plans.sources(
+                self.ep.pcfg.tp_size, self.ep.cfg.tp_size, (self.ep.pcfg.block_size, self.ep.cfg.block_size)
             )
-            for p in sources[self.rank]:
-                if not self.sources[p].alive:
+            for p in sources[self.ep.rank]:
+                if not self.ep.sources[p].alive:
                     raise ValueError(f"prefill rank {p} is gone")
                 part = self.parts.get(p) if mode in ("packed", "auto") else None
                 if mode == "contiguous":
@@ -137,8 +156,8 @@ class DecodeRuns:
                     dx, px = self._chunk(p, rest, r.tokens, pb, db, prefill_side=True)
                     runs = direct_runs(px, dx)
                     if len(runs):
-                        src = self.sources[p]
-                        local = np.stack([self.cache_reg["addr"] + runs[:, 1], runs[:, 2]], axis=1)
+                        src = self.ep.sources[p]
+                        local = np.stack([self.ep.cache_reg["addr"] + runs[:, 1], runs[:, 2]], axis=1)
                         remote = np.stack([src.info["cache"]["addr"] + runs[:, 0], runs[:, 2]], axis=1)
                         r.pending.add((p, -1))
                         self._post(r, p, -1, None, local, remote, f"sdone:{r.id}")
@@ -146,15 +165,15 @@ class DecodeRuns:
             r.error = f"request {r.id}: {e}"
             return r
         if mode != "contiguous":
-            self.rx.track(r.id, r.chunks)
+            self.ep.rx.track(r.id, r.chunks)
         for p, chunk in r.chunks.items():
             if mode == "contiguous":
                 # Benchmark reference: the same bytes per unit as one READ of contiguous memory (the
                 # source's staging area), no pack, no scatter. Contents are not meaningful.
-                src = self.sources[p]
+                src = self.ep.sources[p]
                 for u, n in enumerate(chunk.unit_bytes):
                     r.pending.add((p, u))
-                    local = np.array([[self.recv_reg["addr"], n]], dtype=np.int64)
+                    local = np.array([[self.ep.recv_reg["addr"], n]], dtype=np.int64)
                     remote = np.array([[src.info["staging"]["addr"], n]], dtype=np.int64)
                     self._post(r, p, u, None, local, remote, f"cdone:{r.id}")
             else:
@@ -164,36 +183,36 @@ class DecodeRuns:
     def _post(
         self, r: Request, p: int, unit: int, slot_key, local, remote, notif: str, read_by: float | None = None
     ) -> None:
-        src = self.sources[p]
+        src = self.ep.sources[p]
         try:
-            h = self.agent.read(
+            h = self.ep.agent.read(
                 local,
                 remote,
                 src.agent,
                 notif.encode(),
-                self.cache_reg["mem"],
-                self.cache_reg["dev"],
+                self.ep.cache_reg["mem"],
+                self.ep.cache_reg["dev"],
                 src.info["cache"]["dev"],
             )
         except Exception as e:  # NIXL raises its own error types
             r.error = f"request {r.id}: READ from prefill rank {p} failed to post: {e}"
             if slot_key is not None:
-                self.rx.free_unit(self.rx.recvs[r.id], p, unit)
+                self.ep.rx.free_unit(self.ep.rx.recvs[r.id], p, unit)
             return
         r.descriptors += len(local)
         r.nbytes += int(local[:, 1].sum())
-        self._reads[h] = (r, p, unit, slot_key, time.monotonic(), read_by)
+        self.reads[h] = (r, p, unit, slot_key, time.monotonic(), read_by)
 
     def _step(self, active: dict[str, Request], mode: str) -> None:
         # Block on the side channel while no READ is in flight (no CPU burnt waiting for 'ready');
         # poll briefly while READs progress (without a progress thread, polling drives UCX).
-        wait = self.opts.poll_s if (self._reads or self._wait_slot) else IDLE_WAIT_S
-        for key, _ in self.sel.select(wait):
+        wait = self.ep.opts.poll_s if (self.reads or self._wait_slot) else IDLE_WAIT_S
+        for key, _ in self.ep.sel.select(wait):
             self._on_readable(key.data, active)
         now = time.monotonic()
-        for src in self.sources.values():
+        for src in self.ep.sources.values():
             if src.alive and src.reader.stale(now):
-                self._source_lost(src, f"a message incomplete after {src.reader.deadline_s:g} s", active)
+                self.ep.source_lost(src, f"a message incomplete after {src.reader.deadline_s:g} s", active)
         while self._wait_slot:
             r, p, unit, read_by = self._wait_slot[0]
             if r.error is None and not self._landing(r, p, unit, read_by):
@@ -201,29 +220,29 @@ class DecodeRuns:
             self._wait_slot.popleft()
         landed = []  # (request, source, unit, slot key): scattered together, one launch
         self._poll_stuck()
-        for h, (r, p, unit, slot_key, posted, read_by) in list(self._reads.items()):
-            state = self.agent.poll(h)
+        for h, (r, p, unit, slot_key, posted, read_by) in list(self.reads.items()):
+            state = self.ep.agent.poll(h)
             now = time.monotonic()
             if state == "PROC":
                 if read_by is not None and now >= read_by:
-                    why = f"did not complete within the source's staging lease ({self.sources[p].lease_s:g} s)"
-                elif now - r.start > self.opts.request_timeout_s:
-                    why = f"timed out after {self.opts.request_timeout_s:.1f} s"
-                elif not self.sources[p].alive:
+                    why = f"did not complete within the source's staging lease ({self.ep.sources[p].lease_s:g} s)"
+                elif now - r.start > self.ep.opts.request_timeout_s:
+                    why = f"timed out after {self.ep.opts.request_timeout_s:.1f} s"
+                elif not self.ep.sources[p].alive:
                     why = "lost its source"
                 else:
                     continue
                 r.error = r.error or f"request {r.id}: READ of unit {unit} from prefill rank {p} {why}"
             r.read_s += now - posted
-            tel = self.agent.telemetry(h) if state == "DONE" else {}
-            del self._reads[h]
+            tel = self.ep.agent.telemetry(h) if state == "DONE" else {}
+            del self.reads[h]
             try:
-                self.agent.release(h)
+                self.ep.agent.release(h)
             except Exception:  # still in flight: a late write may land in its slot, so the slot waits
                 if state == "PROC" and slot_key is not None:
                     # under a key of its own: the request's id may come again (a retry, the next run)
-                    self._stuck[h] = ("quarantined", id(h))
-                    self.rx.quarantine_unit(self.rx.recvs[r.id], p, unit, self._stuck[h])
+                    self.stuck[h] = ("quarantined", id(h))
+                    self.ep.rx.quarantine_unit(self.ep.rx.recvs[r.id], p, unit, self.stuck[h])
                     continue
             if state == "DONE" and read_by is not None and now >= read_by:
                 state = "after the source's staging lease could have ended (bytes not used)"
@@ -238,21 +257,21 @@ class DecodeRuns:
                     continue
                 r.pending.discard((p, unit))
             if slot_key is not None:
-                self.rx.free_unit(self.rx.recvs[r.id], p, unit)
+                self.ep.rx.free_unit(self.ep.rx.recvs[r.id], p, unit)
         if landed:
             self._scatter(landed)
 
     def _poll_stuck(self) -> None:
         """Receive slots of abandoned READs whose handle could not be released: freed once it ends."""
-        for h, slot_key in list(self._stuck.items()):
-            if self.agent.poll(h) == "PROC":
+        for h, slot_key in list(self.stuck.items()):
+            if self.ep.agent.poll(h) == "PROC":
                 continue
             try:
-                self.agent.release(h)
+                self.ep.agent.release(h)
             except Exception:
                 continue
-            del self._stuck[h]
-            self.rx.pool.free(slot_key)
+            del self.stuck[h]
+            self.ep.rx.pool.free(slot_key)
 
     def _scatter(self, landed: list) -> None:
         """Scatter every unit that landed this step: one launch (Triton); with the synchronous torch
@@ -261,11 +280,11 @@ class DecodeRuns:
         groups: dict[tuple, list] = {}
         for item in landed:
             groups.setdefault((id(item[0]), item[1]), []).append(item)
-        batches = [list(groups.values())] if self.copier.backend != "torch" else [[g] for g in groups.values()]
+        batches = [list(groups.values())] if self.ep.copier.backend != "torch" else [[g] for g in groups.values()]
         for batch in batches:
             t = time.monotonic()
             try:
-                self.rx.scatter_units([(r.id, p, u) for items in batch for r, p, u, _ in items]).wait()
+                self.ep.rx.scatter_units([(r.id, p, u) for items in batch for r, p, u, _ in items]).wait()
             except ValueError as e:  # validated before any byte was written
                 for items in batch:
                     r = items[0][0]
@@ -275,7 +294,7 @@ class DecodeRuns:
                 items[0][0].scatter_s += dt
                 for r, p, u, _ in items:
                     r.pending.discard((p, u))
-                    self.rx.free_unit(self.rx.recvs[r.id], p, u)
+                    self.ep.rx.free_unit(self.ep.rx.recvs[r.id], p, u)
 
     def _on_readable(self, src: Source, active: dict[str, Request]) -> None:
         """What arrived from `src`, never blocking: a source that sent part of a message and stalls is
@@ -283,7 +302,7 @@ class DecodeRuns:
         try:
             msgs = src.reader.read()
         except (PeerClosed, ProtocolError, OSError) as e:
-            self._source_lost(src, str(e), active)
+            self.ep.source_lost(src, str(e), active)
             return
         for msg, _ in msgs:
             self._on_message(src, msg, active)
@@ -306,12 +325,12 @@ class DecodeRuns:
     def _on_ready(self, r: Request, p: int, msg: dict) -> None:
         if r.error is not None:
             return  # the request's release (when it retires) frees the source's slots
-        recv, src = self.rx.recvs.get(r.id), self.sources[p]
+        recv, src = self.ep.rx.recvs.get(r.id), self.ep.sources[p]
         try:
             if recv is None or p not in recv.chunks:
                 raise ValueError(f"prefill rank {p} announced units for a request it holds no chunk of here")
             # the fence: bytes count only if their READ completed before the lease could end here
-            units, read_by = self.rx.check_units(recv, p, msg, src.info["staging"]["nbytes"], src.clock, src.lease_s)
+            units, read_by = self.ep.rx.check_units(recv, p, msg, src.info["staging"]["nbytes"], src.clock, src.lease_s)
         except ValueError as e:
             r.error = f"request {r.id}: {e}"
             return
@@ -324,7 +343,7 @@ class DecodeRuns:
     def _release_request(self, r: Request) -> None:
         """Tell each source to free what it staged (or still queues) for a request that failed."""
         for p in r.chunks:
-            src = self.sources[p]
+            src = self.ep.sources[p]
             if src.alive:
                 try:
                     send_msg(src.sock, {"type": M.RELEASE, "req": r.id})
@@ -342,15 +361,15 @@ class DecodeRuns:
         if time.monotonic() >= read_by:
             r.error = r.error or (
                 f"request {r.id}: unit {u} of prefill rank {p} waited past its staging lease "
-                f"({self.sources[p].lease_s:g} s) for a receive slot; not read (raise the prefill's lease or "
+                f"({self.ep.sources[p].lease_s:g} s) for a receive slot; not read (raise the prefill's lease or "
                 "this rank's staging pool)"
             )
             return True
-        slot = self.rx.alloc_unit(r.id, self.rx.recvs[r.id], p, u)
+        slot = self.ep.rx.alloc_unit(r.id, self.ep.rx.recvs[r.id], p, u)
         if slot is None:
             return False
-        local = np.array([[self.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
-        remote = np.array([[self.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
+        local = np.array([[self.ep.recv_reg["addr"] + slot.offset, n]], dtype=np.int64)
+        remote = np.array([[self.ep.sources[p].info["staging"]["addr"] + off, n]], dtype=np.int64)
         self._post(r, p, u, slot.key, local, remote, f"done:{r.id}:{u}", read_by)
         return True
 
