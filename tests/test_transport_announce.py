@@ -289,7 +289,7 @@ def test_a_stalled_source_delays_no_other_source(tmp_path, monkeypatch):
             assert sorted(dec.sources) == [0, 1]
             dec.reset(SEED)
             dec.configure("packed", reqs, 1)
-            srcs[1].call(lambda: [p.sock.sendall(b"HKV") for p in srcs[1].ep.peers.values()])
+            srcs[1].call(lambda: [p.sock.sendall(b"HKV") for p in srcs[1].ep.channel.peers.values()])
             out: list = []
             worker = threading.Thread(target=lambda: out.extend(dec.run("packed", reqs, len(reqs))), daemon=True)
             worker.start()

@@ -21,8 +21,6 @@ decode rank posts):
 
 from __future__ import annotations
 
-import selectors
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -38,7 +36,7 @@ from hybrid_kv.staging.pagemap import PageMap
 from hybrid_kv.staging.template import PlanCache
 from hybrid_kv.staging.wire import send_msg
 from hybrid_kv.transport.common import RankMemory, SideConfig, init_rank_process, peak_rss
-from hybrid_kv.transport.prefill_channel import Peer, SideChannel
+from hybrid_kv.transport.prefill_channel import Peer, PrefillChannel
 
 MAX_TOKENS = 1 << 24  # a request's token count beyond this is refused before any plan is built
 IDLE_WAIT_S = 0.01  # longest sleep in select when no unit waits for a slot
@@ -75,7 +73,7 @@ class Packing:
     units: list[tuple[Peer, str, int, int, int]] = field(default_factory=list)  # peer, req, unit, offset, bytes
 
 
-class PrefillEndpoint(SideChannel):
+class PrefillEndpoint:
     def __init__(self, cfg: SideConfig, rank: int, opts: PrefillOptions) -> None:
         self.cfg, self.rank, self.opts = cfg, rank, opts
         self.secret = load_secret()
@@ -91,15 +89,7 @@ class PrefillEndpoint(SideChannel):
         # the core's sender: slots, launches and leases (this rank's FIFO of units is its own policy)
         self.sender = Sender(copier, opts.lease_s, opts.pool_wait_s, pool=mem.pool)
         self.packing: list[Packing] = []
-        self.messages: dict[str, int] = {}  # side-channel messages received, by type (in counts())
-        self.sel = selectors.DefaultSelector()
-        self.server = socket.create_server((opts.host, opts.port))
-        self.server.setblocking(False)
-        self.sel.register(self.server, selectors.EVENT_READ, None)
-        self.port = self.server.getsockname()[1]
-        self.peers: dict[int, Peer] = {}
         self.waiting: deque[Waiting] = deque()
-        self.last_disconnect = ""  # why the last decode peer went away (in counts(), for operators)
         self.stats = {
             "packed_units": 0,
             "refused_handshakes": 0,
@@ -108,6 +98,8 @@ class PrefillEndpoint(SideChannel):
             "lease_expired": 0,
             "disconnects": 0,
         }
+        self.channel = PrefillChannel(self, opts.host, opts.port)  # last: it serves decode ranks at once
+        self.port = self.channel.port
 
     # ---- oracle fill (driver's request) ---------------------------------------------------------------
 
@@ -136,18 +128,13 @@ class PrefillEndpoint(SideChannel):
         # message wakes it) instead of burning a core polling notifications.
         if timeout is None:
             timeout = self.opts.poll_s if (self.waiting or self.packing) else IDLE_WAIT_S
-        for key, _ in self.sel.select(timeout):
-            if key.data is None:
-                self._accept()
-            else:
-                self._on_readable(key.data)
+        self.channel.poll(timeout)
         self._on_notifs()
-        self._drop_stale(time.monotonic())
         self._expire_leases()
         self._pack_waiting()
         self._announce()
 
-    def _forget_work(self, peer: Peer) -> None:
+    def forget_work(self, peer: Peer) -> None:
         """Free every slot held for `peer` and drop its queued and not yet announced units."""
         self.sender.free_where(lambda k, p=peer: k[0] == id(p))
         self.waiting = deque(w for w in self.waiting if w.peer is not peer)
@@ -162,14 +149,14 @@ class PrefillEndpoint(SideChannel):
         refused to each such peer, naming it."""
         now = time.monotonic()
         for r in requests:
-            for peer in list(self.peers.values()):
+            for peer in list(self.channel.peers.values()):
                 if peer.agent is None or peer.part is None:
                     continue
                 req = str(r["id"])
                 try:
                     chunk = self._chunk(peer, r)
                 except (ValueError, KeyError, TypeError) as e:
-                    self._error(peer, f"request {req}: {e}", req=req)
+                    self.channel.error(peer, f"request {req}: {e}", req=req)
                     continue
                 self.waiting.extend(Waiting(peer, req, u, chunk, now) for u in range(len(chunk.units)))
 
@@ -209,7 +196,7 @@ class PrefillEndpoint(SideChannel):
                 break
             self.waiting.remove(w)
             self.stats["pool_timeouts"] += 1
-            self._error(
+            self.channel.error(
                 w.peer,
                 f"staging pool full for {self.opts.pool_wait_s:g} s: request {w.req} unit {w.unit} waited "
                 f"(pool {self.pool.capacity} B, {self.pool.in_use} B in use)",
@@ -228,24 +215,26 @@ class PrefillEndpoint(SideChannel):
                 grouped.setdefault((id(peer), req), (peer, []))[1].append((unit, off, n))
             for (key, req), (peer, units) in grouped.items():
                 until = self.sender.lease([(key, req, u) for u, _, _ in units])
-                if until is None or peer.sock.fileno() not in self.peers:
+                if until is None or peer.sock.fileno() not in self.channel.peers:
                     continue  # dropped (a failed send of this batch, a disconnect): nobody reads these
                 try:
                     send_msg(peer.sock, M.ready(req, units, until))
                 except OSError as e:
-                    self._drop(peer, f"send failed: {e}")
+                    self.channel.drop(peer, f"send failed: {e}")
 
     @property
     def pool(self):
         """The staging pool (the sender's)."""
         return self.sender.pool
 
-    def _free(self, pred) -> None:
-        self.sender.free_where(pred)
+    def release(self, peer: Peer, req: str) -> None:
+        """A request the decode rank gave up: free what was staged for it and drop its queued units."""
+        self.sender.free_where(lambda k: k[0] == id(peer) and k[1] == req)
+        self.waiting = deque(w for w in self.waiting if not (w.peer is peer and w.req == req))
 
     def _on_notifs(self) -> None:
         for agent, msgs in self.agent.notifs().items():
-            peer = next((p for p in self.peers.values() if p.agent == agent), None)
+            peer = next((p for p in self.channel.peers.values() if p.agent == agent), None)
             for m in msgs:
                 parts = m.decode(errors="replace").split(":")
                 if peer is None or len(parts) != 3 or parts[0] != "done":
@@ -264,19 +253,16 @@ class PrefillEndpoint(SideChannel):
             **self.agent.counts(),
             "staging_slots": self.pool.live,
             "staging_in_use": self.pool.in_use,
-            "peers": len(self.peers),
+            "peers": len(self.channel.peers),
             "waiting": len(self.waiting),
-            "last_disconnect": self.last_disconnect,
-            "messages": dict(self.messages),
+            "last_disconnect": self.channel.last_disconnect,
+            "messages": dict(self.channel.messages),
             "peak_rss": peak_rss(),
             **self.stats,
         }
 
     def close(self) -> None:
-        for peer in list(self.peers.values()):
-            self._drop(peer, "shutdown")
-        self.sel.close()
-        self.server.close()
+        self.channel.close()
         self.agent.close()
 
 

@@ -1,13 +1,13 @@
 """The prefill rank's side channel: accepting decode ranks, framing without blocking the loop, the hello
 (and, with a shared secret, the challenge: `hybrid_kv.staging.auth`) and the dispatch of each message of
-the vocabulary (`hybrid_kv.staging.messages`). A mixin of `PrefillEndpoint`, which owns the state."""
+the vocabulary (`hybrid_kv.staging.messages`). The endpoint (`PrefillEndpoint.channel`) owns what is staged
+and queued; the channel owns the connections."""
 
 from __future__ import annotations
 
 import selectors
 import socket
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from hybrid_kv.layout import RankLayout
@@ -35,8 +35,36 @@ class Peer:
     hello: dict | None = None  # a challenged hello, served once its `auth` checks
 
 
-class SideChannel:
-    """Needs `PrefillEndpoint`'s server socket, selector, peers, agent, pool and `_forget_work`."""
+class PrefillChannel:
+    """The listening socket, its selector and the decode ranks connected to it (`peers`, by socket number);
+    `ep`: the endpoint (its agent, layouts, registrations, what it holds per peer: `forget_work`, `release`)."""
+
+    def __init__(self, ep, host: str, port: int) -> None:
+        self.ep = ep
+        self.sel = selectors.DefaultSelector()
+        self.server = socket.create_server((host, port))
+        self.server.setblocking(False)
+        self.sel.register(self.server, selectors.EVENT_READ, None)
+        self.port = self.server.getsockname()[1]
+        self.peers: dict[int, Peer] = {}
+        self.messages: dict[str, int] = {}  # side-channel messages received, by type (in counts())
+        self.last_disconnect = ""  # why the last decode peer went away (in counts(), for operators)
+
+    def poll(self, timeout: float) -> None:
+        """Whatever the decode ranks sent within `timeout` (new connections too); drop those whose message
+        stalled."""
+        for key, _ in self.sel.select(timeout):
+            if key.data is None:
+                self._accept()
+            else:
+                self._on_readable(key.data)
+        self._drop_stale(time.monotonic())
+
+    def close(self) -> None:
+        for peer in list(self.peers.values()):
+            self.drop(peer, "shutdown")
+        self.sel.close()
+        self.server.close()
 
     def _accept(self) -> None:
         try:
@@ -46,17 +74,17 @@ class SideChannel:
         # reads never block (FrameReader); a send to a peer that stopped reading fails after SEND_TIMEOUT_S
         # and drops that peer
         sock.settimeout(SEND_TIMEOUT_S)
-        peer = Peer(sock, auth=ServerAuth(self.secret), reader=FrameReader(sock, MSG_TIMEOUT_S))
+        peer = Peer(sock, auth=ServerAuth(self.ep.secret), reader=FrameReader(sock, MSG_TIMEOUT_S))
         self.peers[sock.fileno()] = peer
         self.sel.register(sock, selectors.EVENT_READ, peer)
 
-    def _drop(self, peer: Peer, why: str) -> None:
+    def drop(self, peer: Peer, why: str) -> None:
         """A decode rank went away: free everything it held, forget its agent."""
-        self.stats["disconnects"] += 1
+        self.ep.stats["disconnects"] += 1
         self.last_disconnect = f"decode rank {peer.tp_rank} ({peer.agent or 'no handshake'}): {why}"
-        self._forget_work(peer)
+        self.ep.forget_work(peer)
         if peer.agent:
-            self.agent.remove_remote(peer.agent)
+            self.ep.agent.remove_remote(peer.agent)
         if peer.sock.fileno() in self.peers:
             self.sel.unregister(peer.sock)
             self.peers.pop(peer.sock.fileno(), None)
@@ -68,11 +96,11 @@ class SideChannel:
         try:
             msgs = peer.reader.read()
         except PeerClosed as e:
-            self._drop(peer, str(e))
+            self.drop(peer, str(e))
             return
         except ProtocolError as e:
-            self._error(peer, f"malformed message: {e}")
-            self._drop(peer, str(e))
+            self.error(peer, f"malformed message: {e}")
+            self.drop(peer, str(e))
             return
         for msg, payload in msgs:
             if peer.sock.fileno() not in self.peers:
@@ -80,12 +108,12 @@ class SideChannel:
             try:
                 self._dispatch(peer, msg, payload)
             except OSError as e:  # a reply could not be sent: that peer is gone, the rest are served
-                self._drop(peer, f"send failed: {e}")
+                self.drop(peer, f"send failed: {e}")
 
     def _drop_stale(self, now: float) -> None:
         for peer in [p for p in self.peers.values() if p.reader.stale(now)]:
-            self._error(peer, f"message incomplete after {MSG_TIMEOUT_S:g} s")
-            self._drop(peer, "message incomplete")
+            self.error(peer, f"message incomplete after {MSG_TIMEOUT_S:g} s")
+            self.drop(peer, "message incomplete")
 
     def _dispatch(self, peer: Peer, msg: dict, payload: bytes) -> None:
         kind = str(msg["type"])[:32]
@@ -112,29 +140,27 @@ class SideChannel:
                 raise ProtocolError(f"{msg['type']!r} before a successful hello")
             elif msg["type"] == M.MODE:  # a new run: what is still held for the last one is stale
                 peer.part = M.part(msg.get("part"))
-                self._forget_work(peer)
+                self.ep.forget_work(peer)
                 send_msg(peer.sock, {"type": M.MODE_OK})
             elif msg["type"] == M.PING:  # the decode rank's cost model measures the round trip
                 send_msg(peer.sock, {"type": M.PONG, "now": time.monotonic()})  # also the decode's lease clock
             elif msg["type"] == M.RELEASE:  # a request the decode rank gave up: free what it staged
-                req = M.request_id(msg.get("req"))
-                self._free(lambda k, p=peer, r=req: k[0] == id(p) and k[1] == r)
-                self.waiting = deque(w for w in self.waiting if not (w.peer is peer and w.req == req))
+                self.ep.release(peer, M.request_id(msg.get("req")))
             elif msg["type"] == M.BYE:
-                self._drop(peer, "bye")
+                self.drop(peer, "bye")
             else:
                 raise ProtocolError(f"unknown message type {msg['type']!r}")
         except AuthError as e:  # refused before anything of this rank was revealed
-            self.stats["refused_auth"] += 1
-            self._error(peer, str(e))
-            self._drop(peer, str(e))
+            self.ep.stats["refused_auth"] += 1
+            self.error(peer, str(e))
+            self.drop(peer, str(e))
         except (ValueError, KeyError, TypeError, ProtocolError) as e:
-            self._error(peer, str(e), req=msg.get("req"))
+            self.error(peer, str(e), req=msg.get("req"))
             if msg.get("type") in (M.HELLO, M.AUTH) or isinstance(e, ProtocolError):
-                self.stats["refused_handshakes"] += msg.get("type") in (M.HELLO, M.AUTH)
-                self._drop(peer, str(e))
+                self.ep.stats["refused_handshakes"] += msg.get("type") in (M.HELLO, M.AUTH)
+                self.drop(peer, str(e))
 
-    def _error(self, peer: Peer, message: str, **extra) -> None:
+    def error(self, peer: Peer, message: str, **extra) -> None:
         try:
             send_msg(peer.sock, {"type": M.ERROR, "message": message, **extra})
         except OSError:
@@ -142,7 +168,7 @@ class SideChannel:
 
     def _hello(self, peer: Peer, msg: dict, payload: bytes) -> None:
         """Serve a (checked, or authenticated) hello: `_dispatch` refused a second one already."""
-        dec = check_peer(self.layout, msg, "prefill", "decode")
+        dec = check_peer(self.ep.layout, msg, "prefill", "decode")
         if not payload or not isinstance(msg.get("agent"), str):
             raise ValueError("decode hello lacks its NIXL agent name or metadata")
         peer.tp_size, peer.tp_rank, peer.block_size = dec.tp_size, dec.tp_rank, dec.cache_block_size
@@ -151,14 +177,14 @@ class SideChannel:
             for r in range(dec.tp_size)
         ]
         # Only decode ranks that read from this rank may connect.
-        probe = TransferPlan(self.layouts, peer.layouts, 1, self.unit_bytes)
-        if self.rank not in probe.sources_of(dec.tp_rank):
+        probe = TransferPlan(self.ep.layouts, peer.layouts, 1, self.ep.unit_bytes)
+        if self.ep.rank not in probe.sources_of(dec.tp_rank):
             raise ValueError(
                 f"decode rank {dec.tp_rank} of TP {dec.tp_size} reads nothing from prefill rank "
-                f"{self.rank} of TP {self.cfg.tp_size}"
+                f"{self.ep.rank} of TP {self.ep.cfg.tp_size}"
             )
         try:
-            peer.agent = self.agent.add_remote(payload)
+            peer.agent = self.ep.agent.add_remote(payload)
         except Exception as e:  # NIXL's refusal (e.g. of an agent name it holds already) ends this hello only
             name = str(msg["agent"])[:200]
             raise ValueError(f"decode agent {name!r}: NIXL refused its metadata ({type(e).__name__})") from e
@@ -166,12 +192,12 @@ class SideChannel:
             peer.sock,
             {
                 "type": M.WELCOME,
-                **hello_fields(self.layout, self.cfg),
-                "agent": self.agent.name,
-                "cache": self.cache_reg,
-                "staging": self.staging_reg,
-                "max_unit_bytes": self.unit_bytes,
-                "lease_s": self.opts.lease_s,  # the decode rank READs each unit well within it
+                **hello_fields(self.ep.layout, self.ep.cfg),
+                "agent": self.ep.agent.name,
+                "cache": self.ep.cache_reg,
+                "staging": self.ep.staging_reg,
+                "max_unit_bytes": self.ep.unit_bytes,
+                "lease_s": self.ep.opts.lease_s,  # the decode rank READs each unit well within it
             },
-            self.agent.metadata(),
+            self.ep.agent.metadata(),
         )
