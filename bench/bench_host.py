@@ -8,9 +8,10 @@ the slot rows the kernel receives, every range checked):
   checks, plan memo hit, chunk, all-or-none leased staging allocation, launch arguments, the `staged`
   push to one connected decode rank) on a `StateGeometry` over views laid out as vLLM 0.32 allocates them
   (reference §2.3: slot k of every group at k * num_blocks * page); decode: what `HybridKVWorker` runs per
-  request (`_read_blocks_for_req`'s checks, source list, chunks and receive slots; the scatter's rows);
+  request (`PullPath.read`'s receive: `Receiver.open`'s checks, source list and chunks, `alloc`'s receive
+  slots; `Receiver.scatter`'s launch rows);
 * ``transport``, prefill: `PrefillEndpoint._chunk` + a slot per unit + rows (what `_pack_waiting`
-  does); decode: `DecodeEndpoint._chunk` + a slot per announced unit + the scatter's rows.
+  does); decode: `DecodeRuns._chunk` + `Receiver.alloc_unit` per announced unit + `scatter_units`' rows.
 
 `stock_host_us` is the baseline's own per-request host work: for ``transport`` the strided mode's
 descriptor lists (`direct_runs` + the address arrays, before NIXL's post); for ``vllm`` the stock NIXL
@@ -46,12 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_repack import environment
 
 from hybrid_kv.layout import RankLayout, cdiv
+from hybrid_kv.mover.receiver import Receiver
 from hybrid_kv.mover.sender import Sender
 from hybrid_kv.spec_hf import load_spec
 from hybrid_kv.staging.chunk import direct_runs
 from hybrid_kv.staging.copier import Copier, Done
 from hybrid_kv.staging.pagemap import PageMap
-from hybrid_kv.staging.pool import StagingPool
+from hybrid_kv.staging.pool import LeasedPool
 from hybrid_kv.staging.template import ALL, PlanCache
 
 ROWS = [("qwen3.5-27b", 2, 4), ("qwen3.5-397b-a17b", 8, 4), ("nemotron-h-8b", 1, 2)]
@@ -193,24 +195,23 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
 
     recv_stage = _empty(STAGING)
     dcopier = _instrument(Copier(dgeom.storage, dgeom.pages, recv_stage, "decode", _backend()))
-    pool = StagingPool(STAGING)
+    rx = Receiver(dgeom, plans, LeasedPool(STAGING), dcopier, 60.0)
     locals_ = [{g: [b] for g in dgeom.groups} for b in range(VARIANTS)]
 
-    def decode() -> None:
-        local = locals_[next(turn) % VARIANTS]
-        dgeom.check_blocks(local, "decode")  # _read_blocks_for_req
-        chunks = {
-            p: state_chunk(plans.pair(ptp, dtp, p, 0), dgeom, local, "decode", plans.shapes)
-            for p in plans.sources(ptp, dtp)[0]
-        }
-        slots = {p: [pool.alloc(("r", p, u), n) for u, n in enumerate(c.unit_bytes)] for p, c in chunks.items()}
-        dcopier.run([(c, [s.offset for s in slots[p]]) for p, c in chunks.items()])  # _hkv_scatter's launch
+    def decode() -> None:  # PullPath.read's receive (Receiver.open: checks, chunks; alloc) and the scatter's launch
+        rx.alloc("r", rx.open("r", None, "p", ptp, locals_[next(turn) % VARIANTS], {}))
+        rx.scatter(["r"])
+
+    def retire() -> None:
+        _settle()
+        rx.scattered()
+        rx.drop("r")
 
     try:
         hp = _timed(prefill, iters, done)
     finally:
         server.close()
-    hd = _timed(decode, iters, lambda: (_settle(), pool.free_where(lambda k: True)))
+    hd = _timed(decode, iters, retire)
     return {
         "model": name,
         "prefill_tp": ptp,
@@ -233,8 +234,8 @@ def vllm_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
 
 def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dict:
     from hybrid_kv.transport.common import SideConfig
-    from hybrid_kv.transport.decode import DecodeEndpoint
     from hybrid_kv.transport.prefill import Peer, PrefillEndpoint
+    from hybrid_kv.transport.receive import DecodeRuns
 
     spec = load_spec(name)
     pcfg, dcfg = SideConfig(name, ptp, 1), SideConfig(name, dtp, 1)
@@ -278,33 +279,34 @@ def transport_row(name: str, ptp: int, dtp: int, tokens: int, iters: int) -> dic
         sources={p: types.SimpleNamespace(pages=ppages) for p in sources},  # their welcomes' page maps
     )
     dcopier = _instrument(Copier(dcache, dpages, dstage, "decode", _backend()))
-    dpool = StagingPool(STAGING)
+    drx = Receiver(None, None, LeasedPool(STAGING), dcopier, 60.0)
+    dep.rx = drx
+    druns = DecodeRuns(dep)
     pbs = [types.SimpleNamespace(state=r["prefill_blocks"][0], kv=tuple(r["prefill_blocks"][1])) for r in reqs]
     dbs = []
     for _ in range(VARIANTS):
         ids = rng.permutation(nbd)[: 1 + nkv_d].tolist()
         dbs.append(types.SimpleNamespace(state=ids[0], kv=tuple(ids[1:])))
 
-    def decode() -> None:  # DecodeEndpoint._start + _landing + _scatter, for every source
+    def decode() -> None:  # DecodeRuns._start's chunks, a receive slot per announced unit, the step's scatter
         i = next(turn) % VARIANTS
-        pb, db = pbs[i], dbs[i]
-        jobs = []
-        for p in sources:
-            chunk = DecodeEndpoint._chunk(dep, p, ALL, tokens, pb, db)[0]
-            jobs.append((chunk, [dpool.alloc(("r", p, u), n).offset for u, n in enumerate(chunk.unit_bytes)]))
-        dcopier.run(jobs)
+        recv = drx.track("r", {p: druns._chunk(p, ALL, tokens, pbs[i], dbs[i])[0] for p in sources})
+        units = [("r", p, u) for p, c in recv.chunks.items() for u in range(len(c.units))]
+        for _, p, u in units:
+            drx.alloc_unit("r", recv, p, u)
+        drx.scatter_units(units)
 
     def stock() -> None:  # the strided mode's descriptors of one request (before NIXL's post)
         i = next(turn) % VARIANTS
         pb, db = pbs[i], dbs[i]
         for p in sources:
-            dx, px = DecodeEndpoint._chunk(dep, p, ("large", 0), tokens, pb, db, prefill_side=True)
+            dx, px = druns._chunk(p, ("large", 0), tokens, pb, db, prefill_side=True)
             runs = direct_runs(px, dx)
             np.stack([1 << 40 + runs[:, 1], runs[:, 2]], axis=1)
             np.stack([1 << 41 + runs[:, 0], runs[:, 2]], axis=1)
 
     hp = _timed(prefill, iters, lambda: (_settle(), psender.free_where(lambda k: True)))
-    hd = _timed(decode, iters, lambda: (_settle(), dpool.free_where(lambda k: True)))
+    hd = _timed(decode, iters, lambda: (_settle(), drx.drop("r")))
     hs = _timed(stock, iters)
     chunk = PrefillEndpoint._chunk(pep, peer, reqs[0])
     return {

@@ -92,9 +92,9 @@ class Receiver:
         chunks = {p: state_chunk(pair, geom, only_moved(pair, geom, local), "decode", plans.shapes)
                   for p, pair in pairs.items()}  # fmt: skip
         recv = self.track(req_id, chunks, meta, engine_id, remote_tp, local, remote, foreign)
-        for p, pair in pairs.items():
+        for p, pair in pairs.items() if remote else ():
             mine = only_moved(pair, geom, remote)
-            if remote and mine != remote:
+            if mine is not remote:
                 recv.remote_of[p] = mine
         return recv
 

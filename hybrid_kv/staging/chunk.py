@@ -219,10 +219,13 @@ def flat_chunk(
 Blocks = dict[int, list[int]]  # a request's block ids per engine group (Mamba, then mapped attention)
 
 
-def only_moved(pair: PairPlan, geom, blocks: Mapping[int, Sequence[int]]) -> Blocks:
-    """`blocks` restricted to the groups `pair` moves (the ids one source packs or one decode rank scatters)."""
+def only_moved(pair: PairPlan, geom, blocks: Blocks) -> Blocks:
+    """`blocks` restricted to the groups `pair` moves (the ids one source packs or one decode rank scatters):
+    `blocks` itself where the pair moves all of its groups (not copied: on the host path of every request)."""
     keep = pair_groups(pair, geom)
-    return {g: list(ids) for g, ids in blocks.items() if g in keep}
+    if all(g in keep for g in blocks):
+        return blocks
+    return {g: ids for g, ids in blocks.items() if g in keep}
 
 
 def pair_groups(pair: PairPlan, geom) -> list[int]:
