@@ -198,3 +198,57 @@ def test_one_request_pushed_between_two_nixl_agents(spec):
     for agent, reg in regs:
         agent.deregister_memory(reg)
     pa.remove_remote_agent("D")
+
+
+def prefill_side(spec, decode_ranks: int = 1):
+    """A prefill rank's `Pushes` over a real `GrantDesk` with `decode_ranks` push decode ranks said hello
+    (connection r + 1 each), and the messages it sent them."""
+    pgeom = geometry(spec, 1, 0)
+    plans = AnyTPPlans(spec, "DS", "HND", 1 << 20, None, "no attention pages here")
+    stage = torch.zeros(1 << 24, dtype=torch.uint8)
+    sender = Sender(Copier(pgeom.storage, pgeom.pages, stage, "prefill", "torch"), LEASE_S, TIMEOUT_S,
+                    geometry=pgeom, plans=plans)  # fmt: skip
+    sent = []
+    desk = GrantDesk(sender, lambda cid, m: sent.append((cid, m)) or True)
+    for r in range(decode_ranks):
+        desk.hello({"engine_id": "D", "staging": [1 << 30, 1 << 24, 0], "tp_size": decode_ranks, "tp_rank": r}, r + 1)
+    return Pushes(types.SimpleNamespace(sender=sender, grants=desk)), desk, sent, pgeom
+
+
+def grant_of(pushes: Pushes, pgeom, d_tp: int, rank: int, req: str) -> dict:
+    sizes = pushes.sender.chunk(d_tp, rank, blocks(pgeom, 1)).unit_bytes
+    offs = [sum(sizes[:u]) for u in range(len(sizes))]
+    return M.grant(req, [(u, o, n) for u, (o, n) in enumerate(zip(offs, sizes))], time.monotonic() + LEASE_S,
+                   blocks(pgeom, 1))  # fmt: skip
+
+
+def test_the_match_waits_for_every_grant_and_a_withdrawal_ends_the_push(spec):
+    """Two decode ranks: the match waits while one grant is missing (the entry handed back by `on_grant`
+    once both came, not before); a decode rank that withdraws before the match makes the push give up and
+    the other rank's unused grant end with `push-end`, nothing written."""
+    pushes, desk, sent, pgeom = prefill_side(spec, 2)
+    d_tp = 2
+    desk.grant(grant_of(pushes, pgeom, d_tp, 0, "d1"), 1)
+    assert not pushes.match("p1", "D", "d1", [0, 1], ("p1", "ids", "reg")) and pushes.awaiting
+    assert pushes.on_grant("D", "d1") is None  # rank 1's grant still missing
+    desk.grant(grant_of(pushes, pgeom, d_tp, 1, "d1"), 2)
+    assert pushes.on_grant("D", "d1") == ("p1", "ids", "reg") and not pushes.awaiting and not sent
+    # withdrawn before the match: given up, the other rank's grant ended, nothing staged
+    desk.grant(grant_of(pushes, pgeom, d_tp, 0, "d2"), 1)
+    pushes.on_withdraw("D", 1, "d2")
+    assert not pushes.match("p2", "D", "d2", [0, 1], ("p2",))
+    assert [(cid, m["type"], m["req"]) for cid, m in sent] == [(1, M.PUSH_END, "d2")] and desk.kept == 2
+    assert pushes.poll(None, set(), lambda h: None) == ({}, {"p2"}) and pushes.sender.live_slots == 0
+
+
+def test_withdrawals_before_the_match_are_remembered_up_to_the_bound(spec, monkeypatch):
+    """At most MAX_WITHDRAWN withdrawals wait for their match (the oldest forgotten beyond it)."""
+    import hybrid_kv.mover.push_out as P
+
+    monkeypatch.setattr(P, "MAX_WITHDRAWN", 3)
+    pushes, *_ = prefill_side(spec)
+    for i in range(3):
+        pushes.on_withdraw("D", 0, f"d{i}")
+    assert list(pushes.withdrawn) == [("D", "d0"), ("D", "d1"), ("D", "d2")]
+    pushes.on_withdraw("D", 0, "d3")
+    assert list(pushes.withdrawn) == [("D", "d1"), ("D", "d2"), ("D", "d3")]
