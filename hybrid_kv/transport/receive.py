@@ -49,11 +49,7 @@ class DecodeRuns:
         for p, src in self.ep.sources.items():
             if mode == "packed":
                 part = ALL
-            elif (
-                mode == "auto"
-                and plan is not None
-                and pack_pays(plan, p, self.ep.rank, packed_t, self.ep.cost, self._concurrency)
-            ):
+            elif mode == "auto" and plan is not None and self._pack_pays(plan, p, packed_t):
                 part = ("small", threshold)
             else:
                 part = None
