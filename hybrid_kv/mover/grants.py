@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from hybrid_kv.mover.sender import Sender
 from hybrid_kv.staging import messages as M
+from hybrid_kv.staging.template import trim_oldest
 from hybrid_kv.staging.wire import ProtocolError
 
 MAX_GRANTS = 4096  # grants kept for requests this rank has not pushed yet
@@ -90,8 +91,7 @@ class GrantDesk:
             if now >= self._next_purge:
                 self._next_purge = now + PURGE_EVERY_S
                 self._grants = {k: g for k, g in self._grants.items() if g.until > now}
-            while len(self._grants) > MAX_GRANTS:
-                self._grants.pop(next(iter(self._grants)))
+            trim_oldest(self._grants, MAX_GRANTS)
         if self.on_grant is not None:
             self.on_grant(peer.engine_id, req)
 

@@ -10,6 +10,7 @@ import time
 from hybrid_kv.staging import messages as M
 from hybrid_kv.staging.auth import ClientAuth
 from hybrid_kv.staging.handshake import check_fingerprints
+from hybrid_kv.staging.template import trim_oldest
 from hybrid_kv.staging.wire import ProtocolError, expect, recv_msg, send_msg, wait_readable
 
 
@@ -57,13 +58,11 @@ class PrefillLink:
                     if now >= self._next_purge:
                         self._next_purge = now + self.PURGE_EVERY_S
                         self._drop_expired(now)
-                    while len(self._staged) > self.MAX_STAGED:
-                        self._staged.pop(next(iter(self._staged)))
+                    trim_oldest(self._staged, self.MAX_STAGED)
             elif head.get("type") == M.PUSH_END:
                 with self._staged_lock:
                     self._ended[str(head.get("req"))[: M.MAX_REQUEST_ID]] = str(head.get("why"))[:2000]
-                    while len(self._ended) > self.MAX_STAGED:
-                        self._ended.pop(next(iter(self._ended)))
+                    trim_oldest(self._ended, self.MAX_STAGED)
             else:
                 self._replies.put(head)
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from hybrid_kv.mover import log
 from hybrid_kv.mover.server import PrefillServer
 from hybrid_kv.staging.chunk import Blocks
+from hybrid_kv.staging.template import trim_oldest
 
 ALLOC_WAIT_S = 2.0  # the writer waits at most this long for staging (slots free as WRITEs end)
 MAX_WITHDRAWN = 4096  # requests given up by a decode rank before their match, remembered
@@ -87,8 +88,7 @@ class Pushes:
             entry = self.awaiting.pop((engine_id, d_req), None)
             if entry is None:
                 self.withdrawn[(engine_id, d_req)] = True
-                while len(self.withdrawn) > MAX_WITHDRAWN:
-                    self.withdrawn.pop(next(iter(self.withdrawn)))
+                trim_oldest(self.withdrawn, MAX_WITHDRAWN)
                 return
             self.given_up.add(entry[0])
         self.end_grants(engine_id, d_req, f"decode rank {rank} gave the request up; nothing was written")

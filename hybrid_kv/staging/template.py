@@ -184,14 +184,20 @@ def layouts_of(
     return pre, dec
 
 
+def trim_oldest(memo: dict, bound: int) -> None:
+    """Drop `memo`'s oldest entries (insertion order) beyond `bound`: memos, and what a rank keeps of its
+    peers' messages and requests, stay bounded whatever comes."""
+    while len(memo) > bound:
+        memo.pop(next(iter(memo)))
+
+
 def lru_get(memo: OrderedDict, key: tuple, bound: int, build: Callable, valid: Callable = lambda hit: True):
     """`memo[key]`, built on a miss (or when `valid` rejects the hit), least recently used dropped beyond
     `bound` entries."""
     hit = memo.get(key)
     if hit is None or not valid(hit):
         hit = memo[key] = build()
-        while len(memo) > bound:
-            memo.popitem(last=False)
+        trim_oldest(memo, bound)
     else:
         memo.move_to_end(key)
     return hit

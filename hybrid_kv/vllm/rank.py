@@ -41,6 +41,7 @@ from hybrid_kv.staging.auth import load_secret
 from hybrid_kv.staging.copier import Copier
 from hybrid_kv.staging.cost import CAL_BYTES, copy_gbps
 from hybrid_kv.staging.pool import LeasedPool
+from hybrid_kv.staging.template import trim_oldest
 from hybrid_kv.vllm.config import PackedConfig, refuse_unsupported, side_port
 from hybrid_kv.vllm.pages import model_spec
 
@@ -134,8 +135,7 @@ class PackedRank:
         self.stock._reap_expired_send_leases(done_sending)
         for req in done_sending - before:  # remembered so that a late pack can say why it is refused
             self._expired[req] = None
-            while len(self._expired) > MAX_EXPIRED:
-                self._expired.pop(next(iter(self._expired)))
+            trim_oldest(self._expired, MAX_EXPIRED)
 
     def _why_gone(self, req: str) -> str:
         if req in self._expired:
